@@ -1,0 +1,37 @@
+/* Every map the datapath uses, declared once with explicit key/value structs so that
+ * `bpftool map dump pinned /sys/fs/bpf/ambient/<node>/maps/<name>` prints them by field. */
+#pragma once
+
+#include "reasons.h"
+
+#define POD_CAPTURE 0x1 /* steer this pod's TCP through the agent */
+
+struct pod_key {
+    __u32 addr; /* pod IPv4 address, network order */
+};
+
+struct pod_info {
+    __u32 flags;              /* POD_* bits */
+    __u32 reserved;
+    __u64 outbound_captured;  /* connections (SYNs) steered to the outbound listener */
+    __u64 inbound_captured;   /* connections (SYNs) steered to the inbound listener */
+};
+
+struct port_key {
+    __u16 port; /* host order */
+    __u16 reserved;
+};
+
+struct port_rule {
+    __u32 flags; /* reserved for direction bits; presence alone excludes the port */
+};
+
+/* Enrolled pods of this node, keyed by address: the tc programs are shared by all pods. */
+BPF_TABLE("hash", struct pod_key, struct pod_info, pods, 4096);
+
+/* Destination ports that pod egress never steers (for example a node-local service). */
+BPF_TABLE("hash", struct port_key, struct port_rule, capture_exclude_ports, 256);
+
+/* Packets per verdict reason, indexed by enum verdict_reason (array maps take a plain u32
+ * key, so bpftool prints the number; `ambientctl verdicts` prints the name). */
+BPF_TABLE("percpu_array", __u32, __u64, verdicts, VERDICT_REASON_MAX);

@@ -1,0 +1,22 @@
+/* The reasons behind every decision the tc programs take. The Python side reads this enum
+ * from this file (agent/datapath/abi.py), so names and numbers have one source. */
+#pragma once
+
+enum verdict_reason {
+    PASS_NOT_TCP4 = 0,                 /* not TCP over IPv4: outside capture */
+    PASS_AGENT_MARK = 1,               /* the agent's own socket (mark 0x539) */
+    PASS_EXCLUDED_PORT = 2,            /* destination port excluded from capture */
+    PASS_NOT_ENROLLED = 3,             /* address not (or no longer) in the pods map */
+    REDIRECT_OUTBOUND = 4,             /* pod egress looped back to ingress for the agent */
+    DELIVER_OUTBOUND_LISTENER = 5,     /* new outbound connection given to 15001 */
+    DELIVER_OUTBOUND_ESTABLISHED = 6,  /* outbound packet given to its agent socket */
+    DELIVER_INBOUND_LISTENER = 7,      /* new inbound connection given to 15006 */
+    PASS_INBOUND_ESTABLISHED = 8,      /* inbound packet of a known connection */
+    PASS_HBONE = 9,                    /* inbound to 15008, the HBONE listener */
+    PASS_INBOUND_OTHER = 10,           /* non-SYN with no socket: the stack answers it */
+    DROP_MALFORMED = 11,               /* truncated IPv4/TCP header */
+    DROP_NO_LISTENER = 12,             /* agent listener absent: fail closed */
+    DROP_AGENT_PORT = 13,              /* inbound straight to 15001/15006 */
+    DROP_ASSIGN_FAILED = 14,           /* bpf_sk_assign refused the socket */
+    VERDICT_REASON_MAX = 15,
+};

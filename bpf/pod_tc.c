@@ -1,0 +1,149 @@
+/* tc programs on an enrolled pod's interface, inside the pod's network namespace.
+ *
+ * pod_egress (clsact egress): a TCP packet the pod sends, not from an agent socket and not
+ *   to an excluded port, is marked DELIVER_MARK and sent back in on the same interface.
+ * pod_ingress (clsact ingress):
+ *   - a packet carrying DELIVER_MARK came from that loop (a veth crossing from another netns
+ *     clears marks, so nothing genuine carries it): hand it to the socket of its connection,
+ *     or for a new connection to the agent's outbound listener (15001). The listener then
+ *     sees the original destination as its local address.
+ *   - anything else is genuinely inbound: packets of known connections and those to 15008
+ *     pass; a new connection to any other port goes to the inbound listener (15006).
+ * The pod netns routes DELIVER_MARK packets to `lo` (ip rule + local table), so the stack
+ * accepts the looped packets, whose destination is remote, as local. */
+
+#include "lib/common.h"
+#include "lib/verdict.h"
+
+/* Lookups run in the netns of the interface the program is attached to: the pod's. */
+static __always_inline struct bpf_sock *lookup_tcp(struct __sk_buff *skb,
+                                                   const struct tcp4_view *v, __u16 dport)
+{
+    struct bpf_sock_tuple tuple = {};
+    tuple.ipv4.saddr = v->saddr;
+    tuple.ipv4.daddr = v->daddr;
+    tuple.ipv4.sport = v->sport;
+    tuple.ipv4.dport = dport;
+    return bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
+}
+
+/* A socket of this exact connection: established, or a request socket mid-handshake.
+ * Listeners match by port only and TIME_WAIT sockets must yield to a new SYN. */
+static __always_inline struct bpf_sock *lookup_connection(struct __sk_buff *skb,
+                                                          const struct tcp4_view *v)
+{
+    struct bpf_sock *sk = lookup_tcp(skb, v, v->dport);
+    if (!sk)
+        return 0;
+    if (sk->state == BPF_TCP_LISTEN || sk->state == BPF_TCP_TIME_WAIT) {
+        bpf_sk_release(sk);
+        return 0;
+    }
+    return sk;
+}
+
+static __always_inline struct bpf_sock *lookup_listener(struct __sk_buff *skb,
+                                                        const struct tcp4_view *v, __u16 port)
+{
+    struct bpf_sock *sk = lookup_tcp(skb, v, bpf_htons(port));
+    if (!sk)
+        return 0;
+    if (sk->state != BPF_TCP_LISTEN) {
+        bpf_sk_release(sk);
+        return 0;
+    }
+    return sk;
+}
+
+/* Consumes the socket reference. */
+static __always_inline int assign(struct __sk_buff *skb, struct bpf_sock *sk,
+                                  enum verdict_reason reason)
+{
+    long err = bpf_sk_assign(skb, sk, 0);
+    bpf_sk_release(sk);
+    if (err)
+        return drop(DROP_ASSIGN_FAILED);
+    /* Looped packets carry the next hop's MAC; make the stack treat them as ours. */
+    bpf_skb_change_type(skb, PACKET_HOST);
+    skb->mark = DELIVER_MARK;
+    return verdict(reason, TC_ACT_OK);
+}
+
+static __always_inline struct pod_info *enrolled(__u32 addr)
+{
+    struct pod_key key = {.addr = addr};
+    struct pod_info *pod = pods.lookup(&key);
+    if (pod && (pod->flags & POD_CAPTURE))
+        return pod;
+    return 0;
+}
+
+int pod_egress(struct __sk_buff *skb)
+{
+    struct tcp4_view v = {};
+    enum parse_result parsed = parse_tcp4(skb, &v);
+    if (parsed == PARSE_OTHER)
+        return verdict(PASS_NOT_TCP4, TC_ACT_OK);
+    if (parsed == PARSE_MALFORMED)
+        return drop(DROP_MALFORMED);
+    if ((skb->mark & MARK_MASK) == AGENT_MARK)
+        return verdict(PASS_AGENT_MARK, TC_ACT_OK);
+    struct pod_info *pod = enrolled(v.saddr);
+    if (!pod)
+        return verdict(PASS_NOT_ENROLLED, TC_ACT_OK);
+    struct port_key port = {.port = bpf_ntohs(v.dport)};
+    if (capture_exclude_ports.lookup(&port))
+        return verdict(PASS_EXCLUDED_PORT, TC_ACT_OK);
+    if (v.syn && !v.ack)
+        __sync_fetch_and_add(&pod->outbound_captured, 1);
+    skb->mark = DELIVER_MARK;
+    return verdict(REDIRECT_OUTBOUND, bpf_redirect(skb->ifindex, BPF_F_INGRESS));
+}
+
+static __always_inline int deliver_outbound(struct __sk_buff *skb, const struct tcp4_view *v)
+{
+    struct bpf_sock *sk = lookup_connection(skb, v);
+    if (sk)
+        return assign(skb, sk, DELIVER_OUTBOUND_ESTABLISHED);
+    sk = lookup_listener(skb, v, PORT_OUTBOUND);
+    if (!sk)
+        return drop(DROP_NO_LISTENER);
+    return assign(skb, sk, DELIVER_OUTBOUND_LISTENER);
+}
+
+static __always_inline int deliver_inbound(struct __sk_buff *skb, const struct tcp4_view *v)
+{
+    struct bpf_sock *sk = lookup_connection(skb, v);
+    if (sk) {
+        bpf_sk_release(sk);
+        return verdict(PASS_INBOUND_ESTABLISHED, TC_ACT_OK);
+    }
+    __u16 dport = bpf_ntohs(v->dport);
+    if (dport == PORT_HBONE)
+        return verdict(PASS_HBONE, TC_ACT_OK);
+    if (dport == PORT_OUTBOUND || dport == PORT_INBOUND)
+        return drop(DROP_AGENT_PORT);
+    if (!v->syn || v->ack)
+        return verdict(PASS_INBOUND_OTHER, TC_ACT_OK);
+    struct pod_info *pod = enrolled(v->daddr);
+    if (!pod)
+        return verdict(PASS_NOT_ENROLLED, TC_ACT_OK);
+    sk = lookup_listener(skb, v, PORT_INBOUND);
+    if (!sk)
+        return drop(DROP_NO_LISTENER);
+    __sync_fetch_and_add(&pod->inbound_captured, 1);
+    return assign(skb, sk, DELIVER_INBOUND_LISTENER);
+}
+
+int pod_ingress(struct __sk_buff *skb)
+{
+    struct tcp4_view v = {};
+    enum parse_result parsed = parse_tcp4(skb, &v);
+    if (parsed == PARSE_OTHER)
+        return verdict(PASS_NOT_TCP4, TC_ACT_OK);
+    if (parsed == PARSE_MALFORMED)
+        return drop(DROP_MALFORMED);
+    if (skb->mark == DELIVER_MARK)
+        return deliver_outbound(skb, &v);
+    return deliver_inbound(skb, &v);
+}
