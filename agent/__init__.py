@@ -1,0 +1,1 @@
+"""ambient-agent: node agent of an Istio-ambient-style mesh with an eBPF datapath."""

@@ -131,8 +131,10 @@ static __always_inline int deliver_inbound(struct __sk_buff *skb, const struct t
     sk = lookup_listener(skb, v, PORT_INBOUND);
     if (!sk)
         return drop(DROP_NO_LISTENER);
-    __sync_fetch_and_add(&pod->inbound_captured, 1);
-    return assign(skb, sk, DELIVER_INBOUND_LISTENER);
+    int action = assign(skb, sk, DELIVER_INBOUND_LISTENER);
+    if (action == TC_ACT_OK)
+        __sync_fetch_and_add(&pod->inbound_captured, 1);
+    return action;
 }
 
 int pod_ingress(struct __sk_buff *skb)

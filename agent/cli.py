@@ -1,0 +1,119 @@
+"""`ambient-agent`: run the node agent, drive the local lab, show the demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+EPILOG = """examples:
+  ambient-agent run --config mesh.yaml --node node-1     run a node agent
+  ambient-agent lab up                                   2 nodes, 4 enrolled pods, 1 outsider
+  ambient-agent lab status --json                        nodes and pods with netns and IP
+  ambient-agent lab exec client-a -- ip addr             a command inside a pod (or node)
+  ambient-agent lab down                                 remove everything the lab made
+  ambient-agent demo                                     lab up, show capture, lab down
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ambient-agent",
+        description="Node agent of an Istio-ambient-style mesh with an eBPF datapath.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the node agent")
+    run.add_argument("--config", type=Path, required=True, help="local config file (YAML)")
+    run.add_argument("--node", required=True, help="this node's name, as in the config")
+    run.add_argument("--pin-dir", type=Path, help="bpffs directory for pins "
+                     "(default /sys/fs/bpf/ambient/<node>)")  # fmt: skip
+    run.add_argument("--state-dir", type=Path, default=Path("/run/ambient-agent"))
+    run.add_argument("--ready-file", type=Path, help="written once pods are enrolled")
+    run.add_argument("--keep-pins", action="store_true", help="leave pins on exit")
+    run.add_argument("--log-format", choices=("json", "console"), default="json")
+
+    lab = sub.add_parser("lab", help="a local cluster of netns nodes and pods")
+    lab_sub = lab.add_subparsers(dest="lab_command", required=True)
+    up = lab_sub.add_parser("up", help="build the lab and start a node agent per node")
+    up.add_argument("--topology", type=Path, help="topology YAML (docs/lab.md)")
+    up.add_argument("--no-agents", action="store_true", help="build the network only")
+    status = lab_sub.add_parser("status", help="show nodes, pods and agents")
+    status.add_argument("--json", action="store_true")
+    exe = lab_sub.add_parser("exec", help="run a command in a pod's or node's netns")
+    exe.add_argument("target", help="pod or node name")
+    exe.add_argument("argv", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
+    lab_sub.add_parser("down", help="stop agents, remove every netns and pin of the lab")
+    for p in (up, status, exe, lab_sub.choices["down"]):
+        p.add_argument("--name", default="lab", help="lab name (default: lab)")
+
+    demo = sub.add_parser("demo", help="bring the lab up, show capture, tear down")
+    demo.add_argument("--json", action="store_true", help="machine-readable result")
+    demo.add_argument("--name", default="demo", help="lab name (default: demo)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "run":
+        return _run(args)
+    if args.command == "lab":
+        return _lab(args)
+    from agent.demo import run_demo
+
+    return run_demo(args.name, json_output=args.json)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from agent import logs
+    from agent.app import run_agent
+    from agent.config import AgentConfig
+    from agent.datapath import abi
+    from agent.datapath.loader import DatapathError
+    from agent.state.local_config import ConfigError
+
+    logs.configure(json_lines=args.log_format == "json")
+    config = AgentConfig(
+        node=args.node,
+        config_file=args.config,
+        pin_dir=args.pin_dir or abi.DEFAULT_PIN_DIR / args.node,
+        state_dir=args.state_dir,
+        ready_file=args.ready_file,
+        keep_pins=args.keep_pins,
+    )
+    try:
+        return run_agent(config)
+    except (DatapathError, ConfigError) as exc:
+        print(f"ambient-agent: {exc}", file=sys.stderr)
+        return 2
+
+
+def _lab(args: argparse.Namespace) -> int:
+    from agent.lab import control
+    from agent.lab.network import LabError
+    from agent.lab.topology import TopologyError
+
+    try:
+        if args.lab_command == "up":
+            state = control.up(args.name, args.topology, agents_too=not args.no_agents)
+            print(control.describe(control.status(state.name)))
+        elif args.lab_command == "status":
+            report = control.status(args.name)
+            print(json.dumps(report, indent=2) if args.json else control.describe(report))
+        elif args.lab_command == "exec":
+            command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+            if not command:
+                raise LabError("lab exec needs a command: lab exec POD -- COMMAND [ARGS...]")
+            argv = control.exec_argv(args.name, args.target, command)
+            os.execvp(argv[0], argv)
+        elif args.lab_command == "down":
+            control.down(args.name)
+            print(f"lab {args.name}: down")
+    except (LabError, TopologyError) as exc:
+        print(f"ambient-agent lab: {exc}", file=sys.stderr)
+        return 1
+    return 0

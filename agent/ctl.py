@@ -1,0 +1,134 @@
+"""`ambientctl`: read what the kernel decided, from the pinned maps, through bpftool.
+
+Going through bpftool (not the agent) means the figures are the kernel's own, and work while
+the agent is down or stuck.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from agent.datapath import abi
+from agent.datapath.abi import VerdictReason
+
+EPILOG = """examples:
+  ambientctl pins                          every agent's pinned programs and maps
+  ambientctl pods                          enrolled pods and their capture counters
+  ambientctl verdicts --pin-dir /sys/fs/bpf/ambient/lab/node-1
+  ambientctl verdicts --json
+
+the maps also print field by field with bpftool itself:
+  bpftool map dump pinned /sys/fs/bpf/ambient/<node>/maps/pods
+"""
+
+
+class CtlError(Exception):
+    pass
+
+
+def pin_dirs(root: Path = abi.DEFAULT_PIN_DIR) -> list[Path]:
+    """Every agent instance under root: a directory with maps/ and progs/."""
+    if not root.exists():
+        return []
+    return sorted(p.parent for p in root.rglob("maps") if (p.parent / "progs").is_dir())
+
+
+def bpftool_dump(map_pin: Path) -> list[dict[str, Any]]:
+    if shutil.which("bpftool") is None:
+        raise CtlError("bpftool not found: apt-get install bpftool")
+    done = subprocess.run(
+        ["bpftool", "-j", "map", "dump", "pinned", str(map_pin)], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        raise CtlError(f"bpftool map dump pinned {map_pin}: {done.stderr.strip()}")
+    entries: list[dict[str, Any]] = json.loads(done.stdout or "[]")
+    return entries
+
+
+def read_pods(pin_dir: Path) -> list[dict[str, Any]]:
+    pods = []
+    for entry in bpftool_dump(pin_dir / "maps" / "pods"):
+        key, value = entry["formatted"]["key"], entry["formatted"]["value"]
+        pods.append(
+            {
+                "ip": socket.inet_ntoa(int(key["addr"]).to_bytes(4, "little")),
+                "capture": bool(value["flags"] & abi.POD_CAPTURE),
+                "outbound_captured": value["outbound_captured"],
+                "inbound_captured": value["inbound_captured"],
+            }
+        )
+    return sorted(pods, key=lambda p: socket.inet_aton(p["ip"]))
+
+
+def read_verdicts(pin_dir: Path) -> dict[str, int]:
+    counts = {}
+    for entry in bpftool_dump(pin_dir / "maps" / "verdicts"):
+        formatted = entry["formatted"]
+        total = sum(int(cpu["value"]) for cpu in formatted["values"])
+        counts[VerdictReason(int(formatted["key"])).name] = total
+    return counts
+
+
+def _targets(args: argparse.Namespace) -> list[Path]:
+    if args.pin_dir is not None:
+        if not (args.pin_dir / "maps").is_dir():
+            raise CtlError(f"{args.pin_dir}: no pinned maps there (is the agent running?)")
+        return [args.pin_dir]
+    found = pin_dirs()
+    if not found:
+        raise CtlError(f"no agent pins under {abi.DEFAULT_PIN_DIR} (is an agent running?)")
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="ambientctl",
+        description="Inspect the ambient agent's kernel state.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("command", choices=("pins", "pods", "verdicts"))
+    parser.add_argument("--pin-dir", type=Path, help="one agent's pin directory")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        report: dict[str, Any] = {}
+        for pin_dir in _targets(args):
+            if args.command == "pins":
+                report[str(pin_dir)] = sorted(
+                    str(p.relative_to(pin_dir)) for p in pin_dir.rglob("*") if not p.is_dir()
+                )
+            elif args.command == "pods":
+                report[str(pin_dir)] = read_pods(pin_dir)
+            else:
+                report[str(pin_dir)] = read_verdicts(pin_dir)
+    except CtlError as exc:
+        print(f"ambientctl: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    for pin_dir_name, body in report.items():
+        print(pin_dir_name)
+        if args.command == "pins":
+            for name in body:
+                print(f"  {name}")
+        elif args.command == "pods":
+            print(f"  {'ip':<16}{'capture':<9}{'outbound':>10}{'inbound':>10}")
+            for pod in body:
+                print(
+                    f"  {pod['ip']:<16}{'yes' if pod['capture'] else 'no':<9}"
+                    f"{pod['outbound_captured']:>10}{pod['inbound_captured']:>10}"
+                )
+        else:
+            for reason, count in body.items():
+                if count:
+                    print(f"  {reason:<30}{count:>12}")
+    return 0

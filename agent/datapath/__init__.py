@@ -1,0 +1,1 @@
+"""The kernel side: compiling, pinning and attaching the tc programs, and their maps."""

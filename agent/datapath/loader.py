@@ -1,0 +1,200 @@
+"""Compile the tc programs with BCC once per agent start and pin programs and maps.
+
+Pins live under `<pin_dir>/progs/<program>` and `<pin_dir>/maps/<map>`, with BTF, so
+`bpftool map dump pinned <pin_dir>/maps/pods` prints keys and values field by field.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from agent.datapath import abi
+
+# Helpers the programs call, with the first kernel that offers each to tc programs.
+HELPER_MIN_KERNEL = {
+    "bpf_skc_lookup_tcp": "5.2",
+    "bpf_sk_release": "4.20",
+    "bpf_sk_assign": "5.7",
+    "bpf_skb_change_type": "4.8",
+    "bpf_redirect": "4.4",
+    "bpf_skb_load_bytes": "4.5",
+}
+
+
+class DatapathError(Exception):
+    """The kernel side cannot start. The message says what is missing and how to fix it."""
+
+
+def render_source(program: str = "pod_tc.c", bpf_dir: Path = abi.BPF_DIR) -> str:
+    """The program with our own `#include "lib/..."` headers inlined.
+
+    BCC rewrites map calls (`pods.lookup(...)`) only in the text it is handed, not in
+    included files, so the project's headers are inlined here; system headers stay includes.
+    """
+    seen: set[Path] = set()
+
+    def expand(path: Path) -> str:
+        lines = []
+        for line in path.read_text().splitlines():
+            include = re.match(r'\s*#include\s+"([^"]+)"', line)
+            if include:
+                target = (path.parent / include[1]).resolve()
+                if target not in seen:
+                    seen.add(target)
+                    lines.append(f"/* ---- {target.relative_to(bpf_dir)} ---- */")
+                    lines.append(expand(target))
+                continue
+            if line.strip() != "#pragma once":
+                lines.append(line)
+        return "\n".join(lines)
+
+    return expand((bpf_dir / program).resolve())
+
+
+def preflight() -> None:
+    """Fail early, with the fix named, on what would otherwise be an obscure BCC error."""
+    if os.geteuid() != 0:
+        raise DatapathError("the datapath needs root (CAP_BPF, CAP_NET_ADMIN): run as root")
+    try:
+        import bcc  # noqa: F401
+    except ImportError as exc:
+        raise DatapathError(
+            f"bcc is not importable ({exc}): install Debian's python3-bpfcc and run from a "
+            "venv made with `/usr/bin/python3 -m venv --system-site-packages` (`make demo` "
+            "does both)"
+        ) from exc
+    release = os.uname().release
+    build = Path(f"/lib/modules/{release}/build")
+    if not (build / "Makefile").exists():
+        raise DatapathError(
+            f"no kernel headers for {release} at {build}: BCC needs them to compile the "
+            "programs. Install the kernel's headers package, or run scripts/bootstrap-host.sh "
+            "which links Debian's linux-headers-amd64 there (the programs use UAPI only)"
+        )
+    ensure_bpffs()
+
+
+def ensure_bpffs() -> None:
+    if _is_bpffs(abi.BPFFS_ROOT):
+        return
+    abi.BPFFS_ROOT.mkdir(parents=True, exist_ok=True)
+    if os.system(f"mount -t bpf bpf {abi.BPFFS_ROOT}") != 0 or not _is_bpffs(abi.BPFFS_ROOT):
+        raise DatapathError(f"cannot mount bpffs at {abi.BPFFS_ROOT}: `mount -t bpf bpf ...`")
+
+
+def _is_bpffs(path: Path) -> bool:
+    with open("/proc/self/mounts") as mounts:
+        return any(
+            fields[1] == str(path) and fields[2] == "bpf"
+            for fields in (line.split() for line in mounts)
+        )
+
+
+@contextlib.contextmanager
+def _stderr_captured() -> Iterator[list[str]]:
+    """libbcc prints compiler and verifier messages on fd 2; keep them for our error."""
+    captured: list[str] = []
+    with tempfile.TemporaryFile(mode="w+") as sink:
+        saved = os.dup(2)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            captured.append(sink.read())
+
+
+def _explain(log: str, what: str) -> DatapathError:
+    missing = re.search(r"unknown func (\w+)#\d+", log) or re.search(
+        r"invalid func unknown#(\d+)", log
+    )
+    if missing:
+        helper = missing[1]
+        since = HELPER_MIN_KERNEL.get(helper, "a newer kernel")
+        return DatapathError(
+            f"kernel {os.uname().release} does not offer the BPF helper {helper} to tc "
+            f"programs (needs Linux >= {since}): run the agent on a newer kernel"
+        )
+    if "Unable to find kernel headers" in log:
+        return DatapathError("BCC found no kernel headers: run scripts/bootstrap-host.sh")
+    tail = "\n".join(log.strip().splitlines()[-25:])
+    return DatapathError(f"{what} failed:\n{tail}")
+
+
+class LoadedDatapath:
+    """Programs and maps loaded into the kernel and pinned under `pin_dir`."""
+
+    def __init__(self, pin_dir: Path) -> None:
+        from bcc import BPF
+
+        self.pin_dir = pin_dir
+        self.source = render_source()
+        with _stderr_captured() as log:
+            try:
+                self._bpf = BPF(text=self.source.encode(), cflags=abi.cflags())
+            except Exception:
+                raise _explain("".join(log), "compiling bpf/pod_tc.c") from None
+        self.program_fds: dict[str, int] = {}
+        try:
+            for name in abi.PROGRAMS:
+                with _stderr_captured() as log:
+                    try:
+                        fn = self._bpf.load_func(name.encode(), BPF.SCHED_CLS)
+                    except Exception:
+                        raise _explain("".join(log), f"loading {name}") from None
+                self.program_fds[name] = fn.fd
+            self._pin_all()
+        except BaseException:
+            self._bpf.cleanup()
+            raise
+
+    def table(self, name: str) -> Any:
+        return self._bpf[name.encode()]
+
+    def _pin_all(self) -> None:
+        from bcc import libbcc
+
+        # A previous run's pins belong to programs that are being replaced: take their place.
+        self.unpin()
+        for kind, objects in (
+            ("progs", self.program_fds),
+            ("maps", {m: self.table(m).map_fd for m in abi.MAPS}),
+        ):
+            (self.pin_dir / kind).mkdir(parents=True, exist_ok=True)
+            for name, fd in objects.items():
+                path = self.pin_dir / kind / name
+                if libbcc.lib.bpf_obj_pin(fd, str(path).encode()) != 0:
+                    raise DatapathError(f"cannot pin {name} at {path}")
+
+    def unpin(self) -> None:
+        remove_pins(self.pin_dir)
+
+    def close(self, unpin: bool = True) -> None:
+        """Release our fds; with unpin, also the pins, so nothing outlives the agent."""
+        if unpin:
+            self.unpin()
+        self._bpf.cleanup()
+
+
+def remove_pins(pin_dir: Path) -> None:
+    """Remove pinned objects under pin_dir and the directories left empty up to bpffs."""
+    if pin_dir.exists():
+        for path in sorted(pin_dir.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+            if path.is_dir():
+                path.rmdir()
+            else:
+                path.unlink()
+        pin_dir.rmdir()
+    parent = pin_dir.parent
+    while parent != abi.BPFFS_ROOT and parent.is_relative_to(abi.BPFFS_ROOT):
+        with contextlib.suppress(OSError):
+            parent.rmdir()  # only succeeds when empty: other instances' pins stay
+        parent = parent.parent

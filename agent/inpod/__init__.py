@@ -1,0 +1,1 @@
+"""Work done inside an enrolled pod's network namespace: sockets, routing, sysctls."""

@@ -1,0 +1,226 @@
+"""Enroll and unenroll pods: listeners, routing, tc programs and the pods map entry.
+
+Enrolling is idempotent and ordered so capture starts last (the pods map entry), once the
+listeners that capture hands connections to exist. Unenrolling runs the other way round:
+the map entry goes first, so capture stops at once. A record of what was changed is written
+before the changes, so a restarted agent can undo the work of one that crashed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import ipaddress
+import json
+import socket
+from collections.abc import Callable, Coroutine
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from agent.datapath import abi, tc
+from agent.datapath.loader import LoadedDatapath
+from agent.drain import Drain
+from agent.inpod import routing, sockets
+from agent.inpod.netns import NetnsWorker
+from agent.proxy import listeners
+from agent.state.workload import Protocol, Workload
+
+log = structlog.get_logger("agent.enrollment")
+
+UNENROLL_GRACE = 1.0
+
+Handler = Callable[[Any, asyncio.StreamReader, asyncio.StreamWriter], Coroutine[Any, Any, None]]
+# (port, IP_TRANSPARENT, handler)
+LISTENERS: tuple[tuple[int, bool, Handler], ...] = (
+    (abi.PORT_OUTBOUND, True, listeners.handle_outbound),
+    (abi.PORT_INBOUND, True, listeners.handle_inbound),
+    (abi.PORT_HBONE, False, listeners.handle_hbone),
+)
+
+
+class EnrollmentError(Exception):
+    pass
+
+
+@dataclass
+class EnrollmentRecord:
+    uid: str
+    netns: str
+    interface: str
+    ips: list[str]
+    created_clsact: bool = False
+    sysctls: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class EnrolledPod:
+    workload: Workload
+    worker: NetnsWorker
+    record: EnrollmentRecord
+    servers: list[asyncio.Server] = field(default_factory=list)
+    connections: Drain = field(default_factory=Drain)
+
+    @property
+    def name(self) -> str:
+        return self.workload.name
+
+    @property
+    def namespace(self) -> str:
+        return self.workload.namespace
+
+
+def pod_key_addr(ip: str) -> int:
+    """struct pod_key.addr holds the address in network order; ctypes writes host order."""
+    return int.from_bytes(socket.inet_aton(ip), "little")
+
+
+class PodEnroller:
+    def __init__(self, datapath: LoadedDatapath, state_dir: Path) -> None:
+        self._datapath = datapath
+        self._records_dir = state_dir / "pods"
+        self._records_dir.mkdir(parents=True, exist_ok=True)
+        self.pods: dict[str, EnrolledPod] = {}
+
+    def _record_path(self, uid: str) -> Path:
+        return self._records_dir / (uid.replace("/", "_") + ".json")
+
+    @staticmethod
+    def _load_record(path: Path) -> EnrollmentRecord | None:
+        try:
+            return EnrollmentRecord(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def _save_record(self, record: EnrollmentRecord) -> None:
+        path = self._record_path(record.uid)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(record)))
+        tmp.replace(path)
+
+    def _ipv4s(self, workload: Workload) -> list[str]:
+        ips = [ip for ip in workload.ips if ipaddress.ip_address(ip).version == 4]
+        if not ips:
+            raise EnrollmentError(f"{workload.key}: no IPv4 address (the datapath is IPv4 only)")
+        return ips
+
+    async def enroll(self, workload: Workload) -> None:
+        if workload.uid in self.pods:
+            return
+        if workload.netns is None:
+            raise EnrollmentError(f"{workload.key}: no network namespace known for the pod")
+        ips = self._ipv4s(workload)
+        try:
+            worker = NetnsWorker(workload.netns)
+        except OSError as exc:
+            raise EnrollmentError(f"{workload.key}: {exc}") from exc
+        earlier = self._load_record(self._record_path(workload.uid))
+        record = EnrollmentRecord(
+            uid=workload.uid,
+            netns=workload.netns,
+            interface=workload.interface,
+            ips=ips,
+            created_clsact=earlier.created_clsact if earlier else False,
+            sysctls=earlier.sysctls if earlier else {},
+        )
+        pod = EnrolledPod(workload, worker, record)
+        try:
+            await self._setup(pod, earlier)
+        except BaseException as exc:
+            await self._teardown(pod)
+            if isinstance(exc, (OSError, ValueError)):
+                raise EnrollmentError(f"{workload.key}: enrolling failed: {exc}") from exc
+            raise
+        self.pods[workload.uid] = pod
+        log.info("pod enrolled", pod=workload.key, ips=ips, netns=workload.netns)
+
+    async def _setup(self, pod: EnrolledPod, earlier: EnrollmentRecord | None) -> None:
+        record = pod.record
+        self._save_record(record)  # before any change: a crash from here on is recoverable
+        for port, transparent, handler in LISTENERS:
+            try:
+                sock = await pod.worker.run(sockets.listener, port, transparent)
+            except OSError as exc:
+                raise OSError(exc.errno, f"cannot listen on {port} in the pod: {exc}") from exc
+            on_connect = functools.partial(self._accept, pod, handler)
+            pod.servers.append(await asyncio.start_server(on_connect, sock=sock))
+        record.sysctls = await asyncio.to_thread(
+            routing.apply, pod.worker, record.interface, earlier.sysctls if earlier else None
+        )
+        self._save_record(record)
+        created = await asyncio.to_thread(
+            tc.attach,
+            pod.worker,
+            record.interface,
+            self._datapath.program_fds["pod_ingress"],
+            self._datapath.program_fds["pod_egress"],
+        )
+        record.created_clsact = record.created_clsact or created
+        self._save_record(record)
+        pods = self._datapath.table("pods")
+        for ip in record.ips:
+            key = pods.Key(addr=pod_key_addr(ip))
+            value = pods.get(key) or pods.Leaf()
+            value.flags |= abi.POD_CAPTURE
+            pods[key] = value
+
+    @staticmethod
+    def _accept(
+        pod: EnrolledPod,
+        handler: Handler,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        pod.connections.spawn(handler(pod, reader, writer))
+
+    async def unenroll(self, uid: str) -> None:
+        pod = self.pods.pop(uid, None)
+        if pod is None:
+            return
+        await self._teardown(pod)
+        log.info("pod unenrolled", pod=pod.workload.key)
+
+    async def _teardown(self, pod: EnrolledPod) -> None:
+        """Undo whatever part of enrollment happened; each step tolerates absence."""
+        record = pod.record
+        pods = self._datapath.table("pods")
+        for ip in record.ips:
+            with contextlib.suppress(KeyError):
+                del pods[pods.Key(addr=pod_key_addr(ip))]
+        await asyncio.to_thread(tc.detach, pod.worker, record.interface, record.created_clsact)
+        if record.sysctls:
+            await asyncio.to_thread(routing.remove, pod.worker, record.sysctls)
+        for server in pod.servers:
+            server.close()
+        await pod.connections.close(UNENROLL_GRACE)
+        pod.worker.close()
+        self._record_path(record.uid).unlink(missing_ok=True)
+
+    async def unenroll_all(self) -> None:
+        for uid in list(self.pods):
+            await self.unenroll(uid)
+
+    async def recover(self, keep: set[str]) -> None:
+        """Undo enrollments a previous agent left behind for pods no longer wanted."""
+        for path in self._records_dir.glob("*.json"):
+            record = self._load_record(path)
+            if record is None:
+                path.unlink()  # unreadable: written halfway when an agent died
+                continue
+            if record.uid in keep:
+                continue
+            log.info("removing enrollment left by an earlier run", uid=record.uid)
+            try:
+                worker = NetnsWorker(record.netns)
+            except OSError:
+                path.unlink()  # the pod's netns is gone, and with it all we changed there
+                continue
+            orphan = Workload(
+                uid=record.uid, name=record.uid, namespace="", service_account="",
+                ips=tuple(record.ips), protocol=Protocol.HBONE, node="", netns=record.netns,
+                interface=record.interface,
+            )  # fmt: skip
+            await self._teardown(EnrolledPod(orphan, worker, record))

@@ -1,0 +1,149 @@
+"""Run one node agent per lab node, inside that node's network namespace.
+
+`nsenter --net` rather than `ip netns exec`: the latter also remounts /sys in a new mount
+namespace, which would hide bpffs (/sys/fs/bpf) and with it the agent's pins.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from agent.datapath import abi
+from agent.datapath.loader import remove_pins
+from agent.lab.network import STATE_ROOT, LabError, LabState
+
+READY_TIMEOUT = 90.0
+STOP_TIMEOUT = 15.0
+
+
+def lab_dir(name: str) -> Path:
+    return STATE_ROOT / name
+
+
+def lab_pin_root(name: str) -> Path:
+    return abi.DEFAULT_PIN_DIR / name
+
+
+def mesh_config(state: LabState) -> dict[str, Any]:
+    """The lab's pods in the local config shape (ztunnel's), with the netns of each pod."""
+    return {
+        "workloads": [
+            {
+                "uid": f"{state.name}//Pod/{pod.namespace}/{pod.name}",
+                "name": pod.name,
+                "namespace": pod.namespace,
+                "serviceAccount": pod.service_account,
+                "workloadIps": [pod.ip],
+                "protocol": "HBONE" if pod.ambient else "TCP",
+                "node": pod.node,
+                "netns": str(pod.netns_path),
+                "interface": pod.interface,
+            }
+            for pod in state.pods
+        ],
+        "services": [],
+        "policies": [],
+    }
+
+
+def start_agents(state: LabState) -> None:
+    """Start every node's agent, wait until each has enrolled its pods, record their pids."""
+    base = lab_dir(state.name)
+    config = base / "mesh.yaml"
+    config.write_text(yaml.safe_dump(mesh_config(state), sort_keys=False))
+    started: dict[str, tuple[subprocess.Popen[bytes], Path, Path]] = {}
+    for node in state.nodes:
+        log_path = base / f"agent-{node.name}.log"
+        ready = base / f"agent-{node.name}.ready"
+        ready.unlink(missing_ok=True)
+        argv = [
+            "nsenter", f"--net={node.netns_path}", "--",
+            sys.executable, "-m", "agent", "run",
+            "--node", node.name,
+            "--config", str(config),
+            "--pin-dir", str(lab_pin_root(state.name) / node.name),
+            "--state-dir", str(base / "agent-state"),
+            "--ready-file", str(ready),
+        ]  # fmt: skip
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )  # fmt: skip
+        started[node.name] = (proc, log_path, ready)
+        state.agents[node.name] = {"pid": proc.pid, "log": str(log_path)}
+    state.save()
+    deadline = time.monotonic() + READY_TIMEOUT
+    for node_name, (proc, log_path, ready) in started.items():
+        while not ready.exists():
+            if proc.poll() is not None:
+                raise LabError(
+                    f"agent for {node_name} exited with {proc.returncode}:\n{_tail(log_path)}"
+                )
+            if time.monotonic() > deadline:
+                raise LabError(f"agent for {node_name} not ready after {READY_TIMEOUT:.0f}s")
+            time.sleep(0.1)
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    with contextlib.suppress(OSError):
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    return "(no log)"
+
+
+def lab_agent_pids(name: str) -> list[int]:
+    """Agents of this lab, found by their --pin-dir, so a lost state file loses nothing."""
+    prefix = f"{lab_pin_root(name)}/".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"--pin-dir" in argv and any(arg.startswith(prefix) for arg in argv):
+            found.append(int(proc.name))
+    return found
+
+
+def stop_agents(name: str) -> None:
+    """SIGTERM (the agent unenrolls its pods and unpins), SIGKILL after a grace period,
+    then remove whatever pins a killed agent could not."""
+    pids = lab_agent_pids(name)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while (alive := _alive(pids)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in alive:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    while _alive(pids):
+        time.sleep(0.05)
+    remove_pins(lab_pin_root(name))
+
+
+def _alive(pids: list[int]) -> list[int]:
+    """Reaps our own exited children too, so they do not linger as zombies."""
+    alive = []
+    for pid in pids:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        try:
+            status = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if status != "Z":
+            alive.append(pid)
+    return alive

@@ -1,0 +1,113 @@
+"""Things a demo or test does inside the lab: serve in a pod, connect from a pod, read what
+the node agents logged about the connection."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.inpod.netns import NetnsWorker
+from agent.lab.network import LabState, PodState
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """One request/reply from a pod: where the client stood and what the server saw."""
+
+    client: str  # ip:port of the client socket
+    reply: str
+    server_saw: str  # the peer address the whoami server reported
+
+
+def pod(state: LabState, name: str) -> PodState:
+    for candidate in state.pods:
+        if candidate.name == name:
+            return candidate
+    raise KeyError(name)
+
+
+def talk(netns_path: Path, host: str, port: int, message: str, timeout: float = 5.0) -> Exchange:
+    """Connect from inside a netns, send a line, read the whoami reply."""
+
+    def inside() -> Exchange:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            local = sock.getsockname()
+            sock.sendall(message.encode() + b"\n")
+            reply = sock.makefile("r").readline().strip()
+        fields = dict(part.split("=", 1) for part in reply.split(" ") if "=" in part)
+        return Exchange(f"{local[0]}:{local[1]}", reply, fields.get("peer", ""))
+
+    worker = NetnsWorker(str(netns_path))
+    try:
+        return worker.call(inside)
+    finally:
+        worker.close()
+
+
+@contextlib.contextmanager
+def whoami_server(target: PodState, port: int = 8080) -> Iterator[subprocess.Popen[bytes]]:
+    """A whoami server in the pod for the duration of the block."""
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", target.netns, sys.executable, "-m", "agent.lab.whoami",
+         "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        _wait_listening(target, port, proc)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _wait_listening(target: PodState, port: int, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode() if proc.stderr else ""
+            raise RuntimeError(f"whoami in {target.name} exited: {err}")
+        listening = subprocess.run(
+            ["ip", "netns", "exec", target.netns, "ss", "-Hltn", f"sport = :{port}"],
+            capture_output=True, text=True,
+        ).stdout  # fmt: skip
+        if listening.strip():
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"whoami in {target.name} not listening on {port}")
+
+
+def agent_events(state: LabState, node: str) -> list[dict[str, Any]]:
+    log = Path(state.agents[node]["log"])
+    events = []
+    for line in log.read_text(errors="replace").splitlines():
+        with contextlib.suppress(ValueError):
+            events.append(json.loads(line))
+    return events
+
+
+def wait_for_event(
+    state: LabState, node: str, timeout: float = 5.0, **match: str
+) -> dict[str, Any] | None:
+    """The first event of the node's agent whose fields equal `match` (dots in keys as
+    __, e.g. src__addr="10.0.0.1:4000"), waiting up to `timeout` seconds for it."""
+    wanted = {key.replace("__", "."): value for key, value in match.items()}
+    deadline = time.monotonic() + timeout
+    while True:
+        for event in agent_events(state, node):
+            if all(event.get(key) == value for key, value in wanted.items()):
+                return event
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.05)

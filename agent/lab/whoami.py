@@ -1,0 +1,40 @@
+"""A small TCP server for lab pods: answers each line with the address it saw the client
+come from, so a demo or test can prove which source address reached the app."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+
+async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    peer = writer.get_extra_info("peername")
+    local = writer.get_extra_info("sockname")
+    try:
+        while line := await reader.readline():
+            writer.write(
+                f"peer={peer[0]}:{peer[1]} local={local[0]}:{local[1]} "
+                f"echo={line.decode(errors='replace').strip()}\n".encode()
+            )
+            await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
+async def _main(port: int) -> None:
+    server = await asyncio.start_server(_serve, "0.0.0.0", port)
+    async with server:
+        await server.serve_forever()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--port", type=int, default=8080)
+    args = parser.parse_args(argv)
+    asyncio.run(_main(args.port))
+
+
+if __name__ == "__main__":
+    main()
