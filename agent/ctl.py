@@ -132,3 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                 if count:
                     print(f"  {reason:<30}{count:>12}")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -7,6 +7,7 @@ enroll and unenroll pods at will; tests/test_lab_e2e.py runs real agent processe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import subprocess
 import threading
@@ -78,7 +79,7 @@ class Mesh:
         return next(p for p in read_pods(self.datapath.pin_dir) if p["ip"] == ip)
 
     def events(self, event: str) -> list[dict[str, Any]]:
-        return [e for e in self.logs.entries if e.get("event") == event]
+        return [dict(e) for e in self.logs.entries if e.get("event") == event]
 
 
 @pytest.fixture(scope="module")
@@ -168,12 +169,14 @@ def test_port_15008_reaches_the_hbone_listener(mesh: Mesh) -> None:
     before = mesh.verdicts()["PASS_HBONE"]
 
     def connect() -> str:
-        with socket.create_connection((server_b.ip, abi.PORT_HBONE), timeout=5) as sock:
+        # Bound first: the agent resets at once, and the RST may beat connect()'s return.
+        with socket.socket() as sock:
+            sock.settimeout(5)
+            sock.bind((outsider.ip, 0))
             local = sock.getsockname()
-            try:
+            with contextlib.suppress(ConnectionResetError):
+                sock.connect((server_b.ip, abi.PORT_HBONE))
                 sock.recv(1)
-            except ConnectionResetError:
-                pass
             return f"{local[0]}:{local[1]}"
 
     worker = NetnsWorker(str(outsider.netns_path))
@@ -226,7 +229,7 @@ def _footprint(netns: str) -> dict[str, str]:
             "net.ipv4.conf.eth0.accept_local",
             "net.ipv4.conf.eth0.rp_filter",
             "net.ipv4.conf.all.rp_filter",
-        ),  # fmt: skip
+        ),
         "sockets": run("ss", "-Hltn"),
     }
 

@@ -45,19 +45,39 @@ def cflags() -> list[str]:
     ]
 
 
-def _read_reasons(header: Path) -> dict[str, int]:
+def read_reasons(header: Path) -> dict[str, int]:
     body = re.search(r"enum verdict_reason\s*\{(.*?)\};", header.read_text(), re.S)
     if body is None:
         raise RuntimeError(f"{header}: no enum verdict_reason")
-    return {m[1]: int(m[2]) for m in re.finditer(r"^\s*(\w+)\s*=\s*(\d+),", body[1], re.M)}
+    found = {m[1]: int(m[2]) for m in re.finditer(r"^\s*(\w+)\s*=\s*(\d+),", body[1], re.M)}
+    found.pop("VERDICT_REASON_MAX", None)
+    return found
 
 
-VerdictReason = enum.IntEnum(  # type: ignore[misc]
-    "VerdictReason",
-    {
-        k: v
-        for k, v in _read_reasons(BPF_DIR / "lib" / "reasons.h").items()
-        if k != "VERDICT_REASON_MAX"
-    },
-)
-"""Why a tc program passed, steered or dropped a packet (mirrors enum verdict_reason)."""
+class VerdictReason(enum.IntEnum):
+    """Why a tc program passed, steered or dropped a packet: enum verdict_reason in
+    bpf/lib/reasons.h, which is the authority (checked below at import)."""
+
+    PASS_NOT_TCP4 = 0
+    PASS_AGENT_MARK = 1
+    PASS_EXCLUDED_PORT = 2
+    PASS_NOT_ENROLLED = 3
+    REDIRECT_OUTBOUND = 4
+    DELIVER_OUTBOUND_LISTENER = 5
+    DELIVER_OUTBOUND_ESTABLISHED = 6
+    DELIVER_INBOUND_LISTENER = 7
+    PASS_INBOUND_ESTABLISHED = 8
+    PASS_HBONE = 9
+    PASS_INBOUND_OTHER = 10
+    DROP_MALFORMED = 11
+    DROP_NO_LISTENER = 12
+    DROP_AGENT_PORT = 13
+    DROP_ASSIGN_FAILED = 14
+
+
+if (_c_reasons := read_reasons(BPF_DIR / "lib" / "reasons.h")) != {
+    r.name: r.value for r in VerdictReason
+}:
+    raise RuntimeError(
+        f"VerdictReason does not match {BPF_DIR / 'lib' / 'reasons.h'}: {_c_reasons}"
+    )

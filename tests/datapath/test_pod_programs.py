@@ -9,6 +9,7 @@ told apart by which listeners exist. Real delivery is covered by tests/test_capt
 
 from __future__ import annotations
 
+import functools
 import socket
 import subprocess
 import uuid
@@ -92,7 +93,7 @@ def bench(bench_module: Bench) -> Iterator[Bench]:
 @pytest.fixture
 def listeners(bench: Bench) -> Iterator[dict[int, socket.socket]]:
     socks = {
-        port: bench.worker.call(lambda port=port: sockets.listener(port, True))
+        port: bench.worker.call(functools.partial(sockets.listener, port, True))
         for port in (abi.PORT_OUTBOUND, abi.PORT_INBOUND)
     }
     yield socks
