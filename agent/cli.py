@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from agent.config import DEFAULT_STATE_ROOT
+
 EPILOG = """examples:
   ambient-agent run --config mesh.yaml --node node-1     run a node agent
   ambient-agent lab up                                   2 nodes, 4 enrolled pods, 1 outsider
@@ -32,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--node", required=True, help="this node's name, as in the config")
     run.add_argument("--pin-dir", type=Path, help="bpffs directory for pins "
                      "(default /sys/fs/bpf/ambient/<node>)")  # fmt: skip
-    run.add_argument("--state-dir", type=Path, default=Path("/run/ambient-agent"))
+    run.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_ROOT)
     run.add_argument("--ready-file", type=Path, help="written once pods are enrolled")
     run.add_argument("--keep-pins", action="store_true", help="leave pins on exit")
     run.add_argument("--log-format", choices=("json", "console"), default="json")

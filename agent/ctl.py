@@ -23,6 +23,7 @@ EPILOG = """examples:
   ambientctl pods                          enrolled pods and their capture counters
   ambientctl verdicts --pin-dir /sys/fs/bpf/ambient/lab/node-1
   ambientctl verdicts --json
+  ambientctl ebpf                          the C source the agent hands to BCC
 
 the maps also print field by field with bpftool itself:
   bpftool map dump pinned /sys/fs/bpf/ambient/<node>/maps/pods
@@ -94,10 +95,16 @@ def main(argv: list[str] | None = None) -> int:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("command", choices=("pins", "pods", "verdicts"))
+    parser.add_argument("command", choices=("pins", "pods", "verdicts", "ebpf"))
     parser.add_argument("--pin-dir", type=Path, help="one agent's pin directory")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if args.command == "ebpf":
+        from agent.datapath.loader import render_source
+
+        print(f"/* compiled by the agent with: {' '.join(abi.cflags())} */")
+        print(render_source())
+        return 0
     try:
         report: dict[str, Any] = {}
         for pin_dir in _targets(args):

@@ -11,7 +11,6 @@ from typing import Any
 class Drain:
     def __init__(self) -> None:
         self._tasks: set[asyncio.Task[Any]] = set()
-        self.draining = False
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str | None = None) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=name)
@@ -19,13 +18,8 @@ class Drain:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    @property
-    def active(self) -> int:
-        return len(self._tasks)
-
     async def close(self, grace: float) -> int:
         """Wait up to `grace` seconds, then cancel. Returns how many were cancelled."""
-        self.draining = True
         if not self._tasks:
             return 0
         _, pending = await asyncio.wait(set(self._tasks), timeout=grace)

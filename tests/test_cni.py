@@ -26,7 +26,7 @@ def test_unsupported_commands_fail_in_the_spec_error_format() -> None:
     done = run("ADD", stdin='{"cniVersion": "1.0.0", "name": "n", "type": "ambient-cni"}')
     assert done.returncode == 1
     error = json.loads(done.stdout)
-    assert error["code"] == 4 and "ADD is not supported" in error["msg"]
+    assert error["code"] == 100 and "ADD is not supported" in error["msg"]
 
 
 def test_missing_command_is_an_error() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -84,7 +85,8 @@ def ensure_bpffs() -> None:
     if _is_bpffs(abi.BPFFS_ROOT):
         return
     abi.BPFFS_ROOT.mkdir(parents=True, exist_ok=True)
-    if os.system(f"mount -t bpf bpf {abi.BPFFS_ROOT}") != 0 or not _is_bpffs(abi.BPFFS_ROOT):
+    mount = subprocess.run(["mount", "-t", "bpf", "bpf", str(abi.BPFFS_ROOT)], capture_output=True)
+    if mount.returncode != 0 or not _is_bpffs(abi.BPFFS_ROOT):
         raise DatapathError(f"cannot mount bpffs at {abi.BPFFS_ROOT}: `mount -t bpf bpf ...`")
 
 

@@ -28,10 +28,6 @@ def _enter(fd: int) -> None:
         raise OSError(err, f"setns: {os.strerror(err)}")
 
 
-def netns_inode(path: str) -> int:
-    return os.stat(path).st_ino
-
-
 class NetnsWorker:
     """Runs callables on a thread inside the network namespace at `path`."""
 

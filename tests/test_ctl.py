@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def test_ebpf_prints_the_source_handed_to_bcc_with_its_flags() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "agent.ctl", "ebpf"], capture_output=True, text=True, check=True
+    )
+    assert done.stdout.startswith("/* compiled by the agent with: -DAGENT_MARK=0x539")
+    assert "int pod_egress(struct __sk_buff *skb)" in done.stdout
+
+
+def test_inspection_without_pins_says_what_is_missing() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "agent.ctl", "pods", "--pin-dir", "/nonexistent/pins"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "no pinned maps there (is the agent running?)" in done.stderr
