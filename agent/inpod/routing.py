@@ -19,6 +19,14 @@ from pyroute2.netlink.exceptions import NetlinkError
 from agent.datapath import abi
 from agent.inpod.netns import NetnsWorker
 
+# ip rule fwmark DELIVER_MARK/MARK_MASK lookup DELIVER_ROUTE_TABLE pref DELIVER_RULE_PRIORITY
+DELIVER_RULE = {
+    "fwmark": abi.DELIVER_MARK,
+    "fwmask": abi.MARK_MASK,
+    "table": abi.DELIVER_ROUTE_TABLE,
+    "priority": abi.DELIVER_RULE_PRIORITY,
+}
+
 
 def _sysctls(ifname: str) -> dict[str, str]:
     return {
@@ -57,13 +65,7 @@ def _add_routing() -> None:
     with IPRoute() as ns:
         lo = int(ns.link_lookup(ifname="lo")[0])
         if not _has_rule(ns):
-            ns.rule(
-                "add",
-                fwmark=abi.DELIVER_MARK,
-                fwmask=abi.MARK_MASK,
-                table=abi.DELIVER_ROUTE_TABLE,
-                priority=abi.DELIVER_RULE_PRIORITY,
-            )
+            ns.rule("add", **DELIVER_RULE)
         ns.route(
             "replace",
             dst="0.0.0.0",
@@ -97,13 +99,7 @@ def remove(worker: NetnsWorker, original_sysctls: dict[str, str]) -> None:
 def _remove_routing() -> None:
     with IPRoute() as ns:
         while _has_rule(ns):
-            ns.rule(
-                "del",
-                fwmark=abi.DELIVER_MARK,
-                fwmask=abi.MARK_MASK,
-                table=abi.DELIVER_ROUTE_TABLE,
-                priority=abi.DELIVER_RULE_PRIORITY,
-            )
+            ns.rule("del", **DELIVER_RULE)
         try:
             ns.flush_routes(table=abi.DELIVER_ROUTE_TABLE)
         except NetlinkError as exc:
