@@ -1,0 +1,1 @@
+"""HBONE: TCP streams tunnelled as HTTP/2 CONNECT over mutual TLS (port 15008)."""
