@@ -19,7 +19,7 @@ import structlog
 
 from agent.inpod import sockets
 from agent.inpod.netns import NetnsWorker
-from agent.proxy.relay import relay, reset
+from agent.proxy.relay import SocketStream, relay, reset
 
 log = structlog.get_logger("agent.proxy")
 
@@ -91,7 +91,9 @@ async def _pass_through(
     sent = received = 0
     error = None
     try:
-        sent, received = await relay(reader, writer, up_reader, up_writer)
+        sent, received = await relay(
+            SocketStream(reader, writer), SocketStream(up_reader, up_writer)
+        )
     except (ConnectionError, OSError) as exc:
         error = str(exc)
     log.info(

@@ -1,0 +1,342 @@
+"""The asyncio shell around the HBONE protocol: one HTTP/2 connection, many tunnels.
+
+HboneConnection is an asyncio.Protocol: bytes from the transport go into the sans-IO
+protocol object, its events are dispatched to HboneStream objects, and whatever the protocol
+wants to send is written out. HboneStream is what the relay uses: read() / write() /
+write_eof() / reset(), with HTTP/2 flow control as the backpressure:
+- read() hands the window back (consumed) only when the caller takes the bytes, so a slow
+  reader stalls the peer rather than filling our memory;
+- write() waits for WindowOpened when the peer's window is full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import os
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import h2.errors
+import structlog
+
+from agent.hbone import protocol as p
+
+log = structlog.get_logger("agent.hbone")
+
+PING_INTERVAL = 10.0
+PING_TIMEOUT = 20.0
+
+
+class TunnelRefused(Exception):
+    def __init__(self, status: int) -> None:
+        super().__init__(f"HBONE CONNECT answered {status}")
+        self.status = status
+
+
+class HboneStream:
+    def __init__(self, connection: HboneConnection, stream_id: int) -> None:
+        self._conn = connection
+        self.stream_id = stream_id
+        self._chunks: collections.deque[tuple[bytes, int]] = collections.deque()
+        self._readable = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._peer_eof = False
+        self._reset_code: int | None = None
+        self.established: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.bytes_received = 0
+        self.bytes_sent = 0
+
+    # -- driven by the connection ----------------------------------------------------------
+
+    def _on_data(self, data: bytes, flow_length: int) -> None:
+        self._chunks.append((data, flow_length))
+        self._readable.set()
+
+    def _on_peer_eof(self) -> None:
+        self._peer_eof = True
+        self._readable.set()
+
+    def _on_reset(self, code: int) -> None:
+        self._reset_code = code
+        self._readable.set()
+        self._writable.set()
+        if not self.established.done():
+            self.established.set_exception(ConnectionResetError(f"HBONE stream reset ({code})"))
+
+    def _on_window(self) -> None:
+        self._writable.set()
+
+    # -- used by the relay -----------------------------------------------------------------
+
+    async def read(self) -> bytes:
+        """The next chunk; b"" once the peer half-closed. ConnectionResetError on reset."""
+        while not self._chunks:
+            if self._reset_code is not None:
+                raise ConnectionResetError(f"HBONE stream reset ({self._reset_code})")
+            if self._peer_eof:
+                return b""
+            self._readable.clear()
+            await self._readable.wait()
+        data, flow_length = self._chunks.popleft()
+        self._conn.consumed(self.stream_id, flow_length)
+        self.bytes_received += len(data)
+        return data
+
+    async def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            if self._reset_code is not None:
+                raise ConnectionResetError(f"HBONE stream reset ({self._reset_code})")
+            if self._conn.closed:
+                raise ConnectionResetError("HBONE connection closed")
+            taken = self._conn.send_data(self.stream_id, bytes(view))
+            self.bytes_sent += taken
+            view = view[taken:]
+            if view:
+                self._writable.clear()
+                await self._writable.wait()
+        await self._conn.drain()
+
+    def write_eof(self) -> None:
+        self._conn.end_stream(self.stream_id)
+
+    def reset(self) -> None:
+        self._conn.reset_stream(self.stream_id)
+
+    def close(self) -> None:
+        self._conn.stream_finished(self)
+
+
+TunnelHandler = Callable[[HboneStream, p.TunnelRequested, "HboneConnection"], Awaitable[None]]
+
+
+class HboneConnection(asyncio.Protocol):
+    """One HBONE connection, client or server side."""
+
+    def __init__(
+        self,
+        proto: p.HboneClient | p.HboneServer,
+        on_tunnel: TunnelHandler | None = None,
+        spawn: Callable[[Any], object] = asyncio.ensure_future,
+    ) -> None:
+        self.proto = proto
+        self._on_tunnel = on_tunnel
+        self._spawn = spawn
+        self._streams: dict[int, HboneStream] = {}
+        self._transport: asyncio.Transport | None = None
+        self._ready = asyncio.get_running_loop().create_future()
+        self.closed_event = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._pinger: asyncio.Task[None] | None = None
+        self._ping_acked: asyncio.Event = asyncio.Event()
+        self.goaway = False
+        self.idle_since: float | None = None
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        self._flush()
+        self._pinger = asyncio.ensure_future(self._keepalive())
+        self._ready.set_result(None)
+        self._mark_idle()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.proto.receive_data(data)
+        except p.HboneProtocolError as exc:
+            log.warning("hbone protocol error", error=str(exc), peer=self.peer)
+            self._flush()
+            self.abort()
+            return
+        for event in events:
+            self._dispatch(event)
+        self._flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for stream in list(self._streams.values()):
+            stream._on_reset(h2.errors.ErrorCodes.CONNECT_ERROR)
+        self._streams.clear()
+        if self._pinger is not None:
+            self._pinger.cancel()
+        self._drained.set()
+        self.closed_event.set()
+        if not self._ready.done():
+            self._ready.set_exception(exc or ConnectionResetError("closed"))
+
+    def pause_writing(self) -> None:
+        self._drained.clear()
+
+    def resume_writing(self) -> None:
+        self._drained.set()
+
+    # -- dispatch --------------------------------------------------------------------------
+
+    def _dispatch(self, event: p.Event) -> None:
+        if isinstance(event, p.TunnelRequested):
+            assert self._on_tunnel is not None
+            self._spawn(self._on_tunnel(self._new_stream(event.stream_id), event, self))
+            return
+        if isinstance(event, p.TunnelRefusedAutomatically):
+            log.info("hbone request refused", status=event.status, reason=event.reason,
+                     peer=self.peer)  # fmt: skip
+            return
+        if isinstance(event, p.PingAcknowledged):
+            self._ping_acked.set()
+            return
+        if isinstance(event, p.ConnectionClosed):
+            self.goaway = True
+            return
+        if isinstance(event, p.WindowOpened) and event.stream_id == 0:
+            for each in self._streams.values():
+                each._on_window()
+            return
+        stream = self._streams.get(event.stream_id)
+        if stream is None:
+            if isinstance(event, p.Data):  # late data: the connection window still needs it
+                self.proto.consumed(event.stream_id, event.flow_length)
+            return
+        if isinstance(event, p.TunnelEstablished):
+            if not stream.established.done():
+                stream.established.set_result(None)
+        elif isinstance(event, p.TunnelRejected):
+            if not stream.established.done():
+                stream.established.set_exception(TunnelRefused(event.status))
+            self.stream_finished(stream)
+        elif isinstance(event, p.Data):
+            stream._on_data(event.data, event.flow_length)
+        elif isinstance(event, p.PeerHalfClosed):
+            stream._on_peer_eof()
+        elif isinstance(event, p.StreamReset):
+            stream._on_reset(event.error_code)
+            self.stream_finished(stream)
+        elif isinstance(event, p.WindowOpened):
+            stream._on_window()
+
+    def _new_stream(self, stream_id: int) -> HboneStream:
+        stream = HboneStream(self, stream_id)
+        self._streams[stream_id] = stream
+        self.idle_since = None
+        return stream
+
+    def _mark_idle(self) -> None:
+        if not self._streams:
+            self.idle_since = asyncio.get_running_loop().time()
+
+    # -- calls from streams and owners -----------------------------------------------------
+
+    @property
+    def peer(self) -> str:
+        peer = self._transport.get_extra_info("peername") if self._transport else None
+        return f"{peer[0]}:{peer[1]}" if peer else "?"
+
+    @property
+    def closed(self) -> bool:
+        return self.closed_event.is_set() or self._transport is None
+
+    @property
+    def active_streams(self) -> int:
+        return len(self._streams)
+
+    def ssl_object(self) -> ssl.SSLObject | None:
+        if self._transport is None:
+            return None
+        obj = self._transport.get_extra_info("ssl_object")
+        return obj if isinstance(obj, ssl.SSLObject) else None
+
+    async def ready(self) -> None:
+        await self._ready
+
+    def _flush(self) -> None:
+        data = self.proto.data_to_send()
+        if data and self._transport is not None and not self._transport.is_closing():
+            self._transport.write(data)
+
+    async def drain(self) -> None:
+        """Wait while the transport's buffer is above its high-water mark."""
+        await self._drained.wait()
+
+    def send_data(self, stream_id: int, data: bytes) -> int:
+        taken = self.proto.send_data(stream_id, data)
+        self._flush()
+        return taken
+
+    def consumed(self, stream_id: int, flow_length: int) -> None:
+        self.proto.consumed(stream_id, flow_length)
+        self._flush()
+
+    def end_stream(self, stream_id: int) -> None:
+        self.proto.end_stream(stream_id)
+        self._flush()
+
+    def reset_stream(self, stream_id: int) -> None:
+        self.proto.reset_stream(stream_id)
+        self._flush()
+        if self._streams.pop(stream_id, None) is not None:
+            self._mark_idle()
+
+    def stream_finished(self, stream: HboneStream) -> None:
+        """The owner is done with the stream (both directions over or abandoned)."""
+        if self._streams.pop(stream.stream_id, None) is not None:
+            self._mark_idle()
+
+    # server side
+    def accept(self, stream: HboneStream) -> None:
+        assert isinstance(self.proto, p.HboneServer)
+        self.proto.accept(stream.stream_id)
+        self._flush()
+
+    def refuse(self, stream: HboneStream, status: int) -> None:
+        assert isinstance(self.proto, p.HboneServer)
+        self.proto.refuse(stream.stream_id, status)
+        self._flush()
+        self.stream_finished(stream)
+
+    # client side
+    def can_open_stream(self) -> bool:
+        return (
+            isinstance(self.proto, p.HboneClient)
+            and not self.closed
+            and not self.goaway
+            and self.proto.can_open_stream()
+        )
+
+    async def open_tunnel(self, authority: str, headers: dict[str, str]) -> HboneStream:
+        """CONNECT; returns once the peer answered 200. TunnelRefused for other answers."""
+        assert isinstance(self.proto, p.HboneClient)
+        stream_id = self.proto.open_tunnel(authority, headers)
+        stream = self._new_stream(stream_id)
+        self._flush()
+        await stream.established
+        return stream
+
+    async def _keepalive(self) -> None:
+        """PING every 10 s; a peer that answers none for 20 s is dropped."""
+        with contextlib.suppress(asyncio.CancelledError):
+            while not self.closed:
+                await asyncio.sleep(PING_INTERVAL)
+                self._ping_acked.clear()
+                self.proto.ping(os.urandom(8))
+                self._flush()
+                try:
+                    await asyncio.wait_for(self._ping_acked.wait(), PING_TIMEOUT)
+                except TimeoutError:
+                    log.warning("hbone peer missed keepalive, closing", peer=self.peer)
+                    self.abort()
+                    return
+
+    def close(self) -> None:
+        """GOAWAY, then close once written."""
+        if self._transport is not None and not self._transport.is_closing():
+            self.proto.close()
+            self._flush()
+            self._transport.close()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()

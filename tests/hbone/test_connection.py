@@ -1,0 +1,136 @@
+"""The HBONE asyncio shell over loopback TCP: streams, half-close, flow-control backpressure.
+TLS and identities are covered in tests/hbone/test_tls_tunnel.py."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import pytest
+
+from agent.hbone import protocol as p
+from agent.hbone.connection import HboneConnection, HboneStream, TunnelRefused
+
+Handler = Callable[[HboneStream, p.TunnelRequested, HboneConnection], Awaitable[None]]
+
+
+async def echo(stream: HboneStream, request: p.TunnelRequested, conn: HboneConnection) -> None:
+    conn.accept(stream)
+    while data := await stream.read():
+        await stream.write(data)
+    stream.write_eof()
+    stream.close()
+
+
+@asynccontextmanager
+async def hbone_pair(handler: Handler = echo) -> AsyncIterator[HboneConnection]:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: HboneConnection(p.HboneServer(), on_tunnel=handler), "127.0.0.1", 0
+    )
+    port = server.sockets[0].getsockname()[1]
+    _, client = await loop.create_connection(lambda: HboneConnection(p.HboneClient()),
+                                             "127.0.0.1", port)  # fmt: skip
+    try:
+        await client.ready()
+        yield client
+    finally:
+        client.close()
+        server.close()
+        await server.wait_closed()
+
+
+def test_tunnel_round_trip_with_half_close() -> None:
+    async def main() -> None:
+        async with hbone_pair() as client:
+            stream = await client.open_tunnel("10.0.0.2:80", {"forwarded": 'for="1.2.3.4"'})
+            await stream.write(b"ping")
+            stream.write_eof()
+            received = b""
+            while chunk := await stream.read():
+                received += chunk
+            assert received == b"ping"
+            stream.close()
+            assert client.active_streams == 0
+
+    asyncio.run(main())
+
+
+def test_refusal_surfaces_as_tunnel_refused_with_status() -> None:
+    async def refuse(stream: HboneStream, req: p.TunnelRequested, conn: HboneConnection) -> None:
+        conn.refuse(stream, 503)
+
+    async def main() -> None:
+        async with hbone_pair(refuse) as client:
+            with pytest.raises(TunnelRefused) as caught:
+                await client.open_tunnel("10.0.0.2:80", {})
+            assert caught.value.status == 503
+
+    asyncio.run(main())
+
+
+def test_many_streams_byte_exact_in_both_directions() -> None:
+    size = 8 * 1024 * 1024
+
+    async def one(client: HboneConnection) -> None:
+        payload = os.urandom(size)
+        stream = await client.open_tunnel("10.0.0.2:80", {})
+        digest = hashlib.sha256()
+
+        async def reader() -> None:
+            while chunk := await stream.read():
+                digest.update(chunk)
+
+        read_task = asyncio.ensure_future(reader())
+        await stream.write(payload)
+        stream.write_eof()
+        await read_task
+        stream.close()
+        assert digest.hexdigest() == hashlib.sha256(payload).hexdigest()
+
+    async def main() -> None:
+        async with hbone_pair() as client:
+            await asyncio.gather(*(one(client) for _ in range(4)))
+
+    asyncio.run(main())
+
+
+def test_a_stalled_reader_stalls_the_writer_at_the_window() -> None:
+    """The server never reads: the client's writes stop after the stream window, instead of
+    the bytes piling up in either agent's memory."""
+    stalled = asyncio.Event()
+
+    async def never_read(stream: HboneStream, r: p.TunnelRequested, c: HboneConnection) -> None:
+        c.accept(stream)
+        await stalled.wait()
+
+    async def main() -> None:
+        async with hbone_pair(never_read) as client:
+            stream = await client.open_tunnel("10.0.0.2:80", {})
+            written = 0
+            chunk = b"x" * 65536
+            with pytest.raises(TimeoutError):
+                while True:
+                    await asyncio.wait_for(stream.write(chunk), 0.5)
+                    written += len(chunk)
+            assert written <= p.STREAM_WINDOW
+            stalled.set()
+
+    asyncio.run(main())
+
+
+def test_peer_reset_reaches_the_reader() -> None:
+    async def reset(stream: HboneStream, r: p.TunnelRequested, c: HboneConnection) -> None:
+        c.accept(stream)
+        stream.reset()
+
+    async def main() -> None:
+        async with hbone_pair(reset) as client:
+            stream = await client.open_tunnel("10.0.0.2:80", {})
+            with pytest.raises(ConnectionResetError):
+                await asyncio.wait_for(stream.read(), 5)
+
+    asyncio.run(main())
