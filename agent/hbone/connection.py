@@ -237,7 +237,9 @@ class HboneConnection(asyncio.Protocol):
 
     @property
     def closed(self) -> bool:
-        return self.closed_event.is_set() or self._transport is None
+        return (
+            self.closed_event.is_set() or self._transport is None or self._transport.is_closing()
+        )
 
     @property
     def active_streams(self) -> int:
