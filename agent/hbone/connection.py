@@ -121,9 +121,12 @@ class HboneConnection(asyncio.Protocol):
         proto: p.HboneClient | p.HboneServer,
         on_tunnel: TunnelHandler | None = None,
         spawn: Callable[[Any], object] = asyncio.ensure_future,
+        verify_peer: Callable[[ssl.SSLObject | None], object] | None = None,
     ) -> None:
         self.proto = proto
         self._on_tunnel = on_tunnel
+        self._verify_peer = verify_peer
+        self.peer_identity: object = None
         self._spawn = spawn
         self._streams: dict[int, HboneStream] = {}
         self._transport: asyncio.Transport | None = None
@@ -141,6 +144,14 @@ class HboneConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
+        if self._verify_peer is not None:
+            # Right after the TLS handshake, before a single HTTP/2 byte is processed.
+            try:
+                self.peer_identity = self._verify_peer(self.ssl_object())
+            except Exception as exc:
+                log.warning("hbone peer refused", peer=self.peer, error=str(exc))
+                transport.abort()
+                return
         self._flush()
         self._pinger = asyncio.ensure_future(self._keepalive())
         self._ready.set_result(None)

@@ -1,29 +1,38 @@
 """Load the local config file (ztunnel's LOCAL_XDS_PATH shape: workloads, services, policies).
 
-Errors name the file, the line and the reason. Services and policies are checked for shape
-here and interpreted by the tunnel and policy layers.
+Errors name the file, the line and the reason. Workloads and services are parsed here;
+policies are checked for shape only and interpreted by the policy layer.
 """
 
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from agent.state.workload import Protocol, Workload
+from agent.state.service import Service
+from agent.state.workload import DEFAULT_TRUST_DOMAIN, Protocol, Workload
 
 
 class ConfigError(Exception):
-    pass
+    """A config the agent refuses: where (the file, and the line when known) and why."""
+
+    def __init__(self, source: str, line: int | None, reason: str) -> None:
+        self.source = source
+        self.line = line
+        self.reason = reason
+        where = source if line is None else f"{source}:{line}"
+        super().__init__(f"{where}: {reason}")
 
 
 @dataclass(frozen=True, slots=True)
 class LocalConfig:
     workloads: tuple[Workload, ...]
-    services: tuple[dict[str, Any], ...]
+    services: tuple[Service, ...]
     policies: tuple[dict[str, Any], ...]
 
 
@@ -33,16 +42,22 @@ _WORKLOAD_KEYS = {
     "workloadName", "workloadType", "trustDomain", "clusterId", "status",
 }  # fmt: skip
 
+# The last four are ztunnel's and accepted so its configs load; nothing here reads them yet.
+_SERVICE_KEYS = {
+    "name", "namespace", "hostname", "vips", "ports",
+    "subjectAltNames", "waypoint", "loadBalancer", "ipFamilies",
+}  # fmt: skip
 
-def _line(node: yaml.Node) -> int:
-    return node.start_mark.line + 1
+_NULL_TAG = "tag:yaml.org,2002:null"
 
 
 def load_local_config(path: Path) -> LocalConfig:
     try:
         text = path.read_text()
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+        raise ConfigError(str(path), None, f"cannot read: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(path), None, f"cannot read: not UTF-8 ({exc.reason})") from exc
     return parse_local_config(text, str(path))
 
 
@@ -51,77 +66,271 @@ def parse_local_config(text: str, source: str) -> LocalConfig:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{source}{where}: invalid YAML: {problem}") from exc
+        line = mark.line + 1 if mark is not None else None
+        raise ConfigError(source, line, f"invalid YAML: {problem}") from exc
     if root is None:
         return LocalConfig((), (), ())
     if not isinstance(root, yaml.MappingNode):
-        raise ConfigError(f"{source}:{_line(root)}: top level must be a mapping")
+        raise _error(source, root, "top level must be a mapping")
     sections: dict[str, yaml.Node] = {}
     for key_node, value_node in root.value:
         key = key_node.value
         if key not in ("workloads", "services", "policies"):
-            raise ConfigError(
-                f"{source}:{_line(key_node)}: unknown key {key!r} "
-                "(expected workloads, services, policies)"
+            raise _error(
+                source, key_node, f"unknown key {key!r} (expected workloads, services, policies)"
             )
         if not isinstance(value_node, yaml.SequenceNode):
-            raise ConfigError(f"{source}:{_line(value_node)}: {key} must be a list")
+            raise _error(source, value_node, f"{key} must be a list")
         sections[key] = value_node
-    workloads = tuple(_workload(item, source) for item in _items(sections.get("workloads")))
-    seen: dict[str, int] = {}
-    for node, workload in zip(_items(sections.get("workloads")), workloads, strict=True):
-        if workload.uid in seen:
-            raise ConfigError(
-                f"{source}:{_line(node)}: duplicate workload uid {workload.uid!r} "
-                f"(first at line {seen[workload.uid]})"
-            )
-        seen[workload.uid] = _line(node)
-    loader = yaml.SafeLoader("")
-    services = tuple(loader.construct_document(n) for n in _items(sections.get("services")))
-    policies = tuple(loader.construct_document(n) for n in _items(sections.get("policies")))
+
+    workload_nodes = _items(sections.get("workloads"))
+    workloads = tuple(_workload(node, source) for node in workload_nodes)
+    workload_entries = list(zip(workload_nodes, workloads, strict=True))
+    _require_unique(source, "workload uid", [(node, [w.uid]) for node, w in workload_entries])
+    # One address, one workload: otherwise a lookup by address (policy, telemetry) would
+    # pick one of them silently.
+    _require_unique(source, "workload IP", [(node, w.ips) for node, w in workload_entries])
+
+    service_nodes = _items(sections.get("services"))
+    services = tuple(_service(node, source) for node in service_nodes)
+    service_entries = list(zip(service_nodes, services, strict=True))
+    _require_unique(source, "service", [(node, [s.key]) for node, s in service_entries])
+    # Likewise one VIP and port, one service, or the destination of a connection is ambiguous.
+    _require_unique(
+        source,
+        "service VIP and port",
+        [
+            (node, [_host_port(vip, port) for vip in s.vips for port in s.ports])
+            for node, s in service_entries
+        ],
+    )
+
+    policy_nodes = _items(sections.get("policies"))
+    policies = tuple(_policy(node, source) for node in policy_nodes)
+    _require_unique(
+        source,
+        "policy",
+        [
+            (node, [f"{p['namespace']}/{p['name']}"])
+            for node, p in zip(policy_nodes, policies, strict=True)
+        ],
+    )
     return LocalConfig(workloads, services, policies)
+
+
+def _require_unique(
+    source: str, what: str, entries: Iterable[tuple[yaml.Node, Iterable[str]]]
+) -> None:
+    first_line: dict[str, int] = {}
+    for node, keys in entries:
+        for key in keys:
+            if key in first_line:
+                raise _error(
+                    source, node, f"duplicate {what} {key!r} (first at line {first_line[key]})"
+                )
+            first_line[key] = _line(node)
+
+
+def _host_port(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def _line(node: yaml.Node) -> int:
+    return node.start_mark.line + 1
+
+
+def _error(source: str, node: yaml.Node, reason: str) -> ConfigError:
+    return ConfigError(source, _line(node), reason)
 
 
 def _items(node: yaml.Node | None) -> list[yaml.Node]:
     return list(node.value) if isinstance(node, yaml.SequenceNode) else []
 
 
+def _fields(node: yaml.MappingNode) -> dict[str, yaml.Node]:
+    """A mapping's value nodes by key, so that errors can point at the offending line."""
+    return {str(key.value): value for key, value in node.value}
+
+
+def _construct(source: str, node: yaml.Node) -> Any:
+    # Composing only checks syntax; turning nodes into values can still fail (an unknown tag,
+    # a date like 2024-02-30), and that must be a ConfigError with a line like any other.
+    try:
+        return yaml.SafeLoader("").construct_document(node)
+    except (yaml.YAMLError, ValueError) as exc:
+        mark = getattr(exc, "problem_mark", None) or node.start_mark
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(source, mark.line + 1, problem) from exc
+
+
+def _present(fields: dict[str, yaml.Node], key: str) -> yaml.Node | None:
+    """The key's value node, or None when the key is absent or written as null."""
+    node = fields.get(key)
+    return None if node is None or node.tag == _NULL_TAG else node
+
+
+def _string(source: str, node: yaml.Node, what: str) -> str:
+    value = _construct(source, node)
+    if not isinstance(value, str) or not value:
+        raise _error(source, node, f"{what} must be a non-empty string")
+    return value
+
+
+def _ip(value: object) -> str | None:
+    """The address in canonical form, so that lookups match however it was written."""
+    if not isinstance(value, str):
+        return None  # ip_address() would also take an int, which no config means
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        return None
+
+
 def _workload(node: yaml.Node, source: str) -> Workload:
-    where = f"{source}:{_line(node)}"
     if not isinstance(node, yaml.MappingNode):
-        raise ConfigError(f"{where}: a workload must be a mapping")
-    data = yaml.SafeLoader("").construct_mapping(node, deep=True)
+        raise _error(source, node, "a workload must be a mapping")
+    data = _construct(source, node)
     unknown = sorted(str(key) for key in set(data) - _WORKLOAD_KEYS)
     if unknown:
-        raise ConfigError(f"{where}: workload has unknown keys {unknown}")
+        raise _error(source, node, f"workload has unknown keys {unknown}")
     for required in ("name", "namespace", "workloadIps", "node"):
         if required not in data:
-            raise ConfigError(f"{where}: workload is missing {required!r}")
+            raise _error(source, node, f"workload is missing {required!r}")
     ips = data["workloadIps"]
     if not isinstance(ips, list) or not ips:
-        raise ConfigError(f"{where}: workloadIps must be a non-empty list")
+        raise _error(source, node, "workloadIps must be a non-empty list")
+    canonical_ips: list[str] = []
     for ip in ips:
-        try:
-            ipaddress.ip_address(ip)
-        except ValueError:
-            raise ConfigError(f"{where}: {ip!r} in workloadIps is not an IP address") from None
+        canonical = _ip(ip)
+        if canonical is None:
+            raise _error(source, node, f"{ip!r} in workloadIps is not an IP address")
+        canonical_ips.append(canonical)
     try:
         protocol = Protocol(data.get("protocol", "TCP"))
     except ValueError:
-        raise ConfigError(
-            f"{where}: protocol {data.get('protocol')!r} must be HBONE or TCP"
+        raise _error(
+            source, node, f"protocol {data.get('protocol')!r} must be HBONE or TCP"
         ) from None
+    fields = _fields(node)
+    trust_domain = DEFAULT_TRUST_DOMAIN
+    if (trust_domain_node := _present(fields, "trustDomain")) is not None:
+        trust_domain = _string(source, trust_domain_node, "trustDomain")
+    services: dict[str, Any] = {}
+    if (services_node := _present(fields, "services")) is not None:
+        services = _workload_services(source, services_node)
+    waypoint: dict[str, Any] | None = None
+    if (waypoint_node := _present(fields, "waypoint")) is not None:
+        if not isinstance(waypoint_node, yaml.MappingNode):
+            raise _error(source, waypoint_node, "waypoint must be a mapping")
+        waypoint = _construct(source, waypoint_node)
     name, namespace = str(data["name"]), str(data["namespace"])
     return Workload(
         uid=str(data.get("uid", f"local//Pod/{namespace}/{name}")),
         name=name,
         namespace=namespace,
         service_account=str(data.get("serviceAccount", "default")),
-        ips=tuple(str(ip) for ip in ips),
+        ips=tuple(canonical_ips),
         protocol=protocol,
         node=str(data["node"]),
         netns=str(data["netns"]) if "netns" in data else None,
         interface=str(data.get("interface", "eth0")),
+        trust_domain=trust_domain,
+        services=services,
+        waypoint=waypoint,
     )
+
+
+def _workload_services(source: str, node: yaml.Node) -> dict[str, Any]:
+    """ztunnel's "namespace/hostname" -> port map. The keys are checked because a malformed
+    one would silently match no service; the port maps are left to the tunnel layer."""
+    if not isinstance(node, yaml.MappingNode):
+        raise _error(source, node, "workload services must be a mapping of namespace/hostname")
+    for key_node, _ in node.value:
+        key = _construct(source, key_node)
+        namespace, slash, hostname = key.partition("/") if isinstance(key, str) else ("", "", "")
+        if not (namespace and slash and hostname):
+            raise _error(
+                source, key_node, f"workload service {key!r} must be written namespace/hostname"
+            )
+    services: dict[str, Any] = _construct(source, node)
+    return services
+
+
+def _service(node: yaml.Node, source: str) -> Service:
+    if not isinstance(node, yaml.MappingNode):
+        raise _error(source, node, "a service must be a mapping")
+    fields = _fields(node)
+    unknown = sorted(set(fields) - _SERVICE_KEYS)
+    if unknown:
+        raise _error(source, node, f"service has unknown keys {unknown}")
+    for required in ("name", "namespace"):
+        if required not in fields:
+            raise _error(source, node, f"service is missing {required!r}")
+    name = _string(source, fields["name"], "service name")
+    namespace = _string(source, fields["namespace"], "service namespace")
+    hostname = f"{name}.{namespace}.svc.cluster.local"
+    if (hostname_node := _present(fields, "hostname")) is not None:
+        hostname = _string(source, hostname_node, "service hostname")
+    return Service(
+        name=name,
+        namespace=namespace,
+        hostname=hostname,
+        vips=_vips(source, _present(fields, "vips")),
+        ports=_ports(source, _present(fields, "ports")),
+    )
+
+
+def _vips(source: str, node: yaml.Node | None) -> tuple[str, ...]:
+    if node is None:
+        return ()  # headless: reached by its workloads' addresses only
+    if not isinstance(node, yaml.SequenceNode):
+        raise _error(source, node, "vips must be a list")
+    vips: list[str] = []
+    for item in node.value:
+        written = _construct(source, item)
+        # ztunnel writes "network/ip" ("/10.0.0.1" on the default network). Networks are not
+        # modelled, so only the address is kept.
+        ip = _ip(written.rpartition("/")[2]) if isinstance(written, str) else None
+        if ip is None:
+            raise _error(
+                source, item, f"{written!r} in vips is not an IP address (ip or network/ip)"
+            )
+        vips.append(ip)
+    return tuple(vips)
+
+
+def _ports(source: str, node: yaml.Node | None) -> dict[int, int]:
+    if node is None:
+        return {}
+    if not isinstance(node, yaml.MappingNode):
+        raise _error(source, node, "ports must be a mapping of service port to target port")
+    ports: dict[int, int] = {}
+    for port_node, target_node in node.value:
+        port, target = _construct(source, port_node), _construct(source, target_node)
+        if not _is_port(port):
+            raise _error(source, port_node, f"service port {port!r} must be an integer 1..65535")
+        if not _is_port(target):
+            raise _error(source, target_node, f"target port {target!r} must be an integer 1..65535")
+        if port in ports:
+            # YAML would silently keep the last one; a repeated port is a mistake.
+            raise _error(source, port_node, f"duplicate service port {port}")
+        ports[port] = target
+    return ports
+
+
+def _is_port(value: object) -> bool:
+    # bool is an int subclass, and `80: yes` is not a port.
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535
+
+
+def _policy(node: yaml.Node, source: str) -> dict[str, Any]:
+    if not isinstance(node, yaml.MappingNode):
+        raise _error(source, node, "a policy must be a mapping")
+    fields = _fields(node)
+    for required in ("name", "namespace"):
+        if required not in fields:
+            raise _error(source, node, f"policy is missing {required!r}")
+        _string(source, fields[required], f"policy {required}")
+    policy: dict[str, Any] = _construct(source, node)
+    return policy

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from enum import StrEnum
+from types import MappingProxyType
+from typing import Any
+
+DEFAULT_TRUST_DOMAIN = "cluster.local"
 
 
 class Protocol(StrEnum):
     HBONE = "HBONE"  # in the mesh: traffic is captured and tunnelled
     TCP = "TCP"  # out of the mesh: plain TCP, never captured
+
+
+def _no_services() -> Mapping[str, Any]:
+    return MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +33,15 @@ class Workload:
     # CNI plugin reports them; in a local config they are written down.
     netns: str | None = None
     interface: str = "eth0"
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
+    # ztunnel's shape, kept raw until the tunnel layer needs more: "namespace/hostname" ->
+    # {service port: target port}. Mappings have no hash, so these two stay out of it.
+    services: Mapping[str, Any] = field(default_factory=_no_services, hash=False)
+    waypoint: dict[str, Any] | None = field(default=None, hash=False)
+
+    def __post_init__(self) -> None:
+        # Read-only copy: snapshots are shared by every reader of the state store.
+        object.__setattr__(self, "services", MappingProxyType(dict(self.services)))
 
     @property
     def captured(self) -> bool:

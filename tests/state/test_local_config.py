@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from agent.state.local_config import ConfigError, load_local_config, parse_local_config
+from agent.state.service import Service
 from agent.state.workload import Protocol
 
 VALID = """\
@@ -82,3 +83,182 @@ def test_invalid_config_names_file_line_and_reason(text: str, message: str) -> N
 def test_unreadable_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_local_config(tmp_path / "missing.yaml")
+
+
+MESH = """\
+workloads:
+  - name: server
+    namespace: default
+    workloadIps: [10.0.0.3]
+    protocol: HBONE
+    node: node-1
+    trustDomain: example.org
+    services:
+      default/echo.example.com: {80: 8080}
+    waypoint: {destination: "/10.0.0.50", hboneMtlsPort: 15008}
+services:
+  - name: echo
+    namespace: default
+    hostname: echo.example.com
+    vips: ["/10.96.0.10", "net1/10.96.0.11"]
+    ports:
+      80: 8080
+      443: 8443
+  - name: plain
+    namespace: other
+policies:
+  - {name: allow-sleep, namespace: default, action: Allow, rules: []}
+"""
+
+
+def test_services_are_parsed_with_vips_reduced_to_the_ip() -> None:
+    echo, plain = parse_local_config(MESH, "mesh.yaml").services
+    assert echo == Service(
+        name="echo",
+        namespace="default",
+        hostname="echo.example.com",
+        vips=("10.96.0.10", "10.96.0.11"),
+        ports={80: 8080, 443: 8443},
+    )
+    assert echo.key == "default/echo.example.com"
+    assert echo.target_port(443) == 8443 and echo.target_port(8080) is None
+    assert plain.hostname == "plain.other.svc.cluster.local"
+    assert plain.vips == () and dict(plain.ports) == {}
+
+
+def test_workload_keeps_trust_domain_services_and_waypoint() -> None:
+    (server,) = parse_local_config(MESH, "mesh.yaml").workloads
+    assert server.trust_domain == "example.org"
+    assert dict(server.services) == {"default/echo.example.com": {80: 8080}}
+    assert server.waypoint == {"destination": "/10.0.0.50", "hboneMtlsPort": 15008}
+
+
+def test_workload_defaults_for_new_fields() -> None:
+    _, legacy = parse_local_config(VALID, "mesh.yaml").workloads
+    assert legacy.trust_domain == "cluster.local"
+    assert dict(legacy.services) == {} and legacy.waypoint is None
+
+
+def test_policies_stay_raw_mappings() -> None:
+    (policy,) = parse_local_config(MESH, "mesh.yaml").policies
+    assert policy == {"name": "allow-sleep", "namespace": "default", "action": "Allow", "rules": []}
+
+
+def test_service_ports_are_read_only() -> None:
+    ports = {80: 8080}
+    service = Service("a", "b", "a.b", ("10.0.0.1",), ports)
+    ports[81] = 1  # the caller's dict is copied, so this does not reach the service
+    assert dict(service.ports) == {80: 8080}
+    with pytest.raises(TypeError):
+        service.ports[81] = 1  # type: ignore[index]
+
+
+SERVICE = "services:\n  - name: s\n    namespace: n\n"
+WORKLOAD = "workloads:\n  - name: a\n    namespace: b\n    node: n\n    workloadIps: [1.2.3.4]\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("services:\n  - 3\n", "mesh.yaml:2: a service must be a mapping"),
+        ("services:\n  - {name: s}\n", "mesh.yaml:2: service is missing 'namespace'"),
+        (
+            "services:\n  - {name: s, namespace: n, vip: []}\n",
+            "mesh.yaml:2: service has unknown keys ['vip']",
+        ),
+        (SERVICE + "    hostname: 7\n", "mesh.yaml:4: service hostname must be a non-empty string"),
+        (
+            "services:\n  - {name: '', namespace: n}\n",
+            "mesh.yaml:2: service name must be a non-empty string",
+        ),
+        (SERVICE + "    vips: 10.0.0.1\n", "mesh.yaml:4: vips must be a list"),
+        (
+            SERVICE + "    vips:\n      - /10.0.0.1\n      - net/10.0.0.x\n",
+            "mesh.yaml:6: 'net/10.0.0.x' in vips is not an IP address",
+        ),
+        (SERVICE + "    ports: [80]\n", "mesh.yaml:4: ports must be a mapping"),
+        (
+            SERVICE + "    ports:\n      80: 8080\n      '81': 8081\n",
+            "mesh.yaml:6: service port '81' must be an integer 1..65535",
+        ),
+        (
+            SERVICE + "    ports:\n      80: 8080\n      81: 70000\n",
+            "mesh.yaml:6: target port 70000 must be an integer 1..65535",
+        ),
+        (SERVICE + "    ports:\n      80: yes\n", "mesh.yaml:5: target port True must be"),
+        (
+            SERVICE + "    ports:\n      80: 1\n      80: 2\n",
+            "mesh.yaml:6: duplicate service port 80",
+        ),
+        (
+            "services:\n  - {name: s, namespace: n}\n  - {name: s, namespace: n}\n",
+            "mesh.yaml:3: duplicate service 'n/s.n.svc.cluster.local' (first at line 2)",
+        ),
+        (
+            "services:\n  - {name: s, namespace: n, vips: [10.0.0.1], ports: {80: 1}}\n"
+            "  - {name: t, namespace: n, vips: [/10.0.0.1], ports: {80: 2}}\n",
+            "mesh.yaml:3: duplicate service VIP and port '10.0.0.1:80' (first at line 2)",
+        ),
+        (WORKLOAD + "    services: [a]\n", "mesh.yaml:6: workload services must be a mapping"),
+        (
+            WORKLOAD + "    services:\n      echo: {80: 8080}\n",
+            "mesh.yaml:7: workload service 'echo' must be written namespace/hostname",
+        ),
+        (WORKLOAD + "    waypoint: [x]\n", "mesh.yaml:6: waypoint must be a mapping"),
+        (WORKLOAD + "    trustDomain: {}\n", "mesh.yaml:6: trustDomain must be a non-empty string"),
+        (
+            WORKLOAD + "  - {name: c, namespace: b, node: n, workloadIps: [1.2.3.4]}\n",
+            "mesh.yaml:6: duplicate workload IP '1.2.3.4' (first at line 2)",
+        ),
+        ("policies:\n  - []\n", "mesh.yaml:2: a policy must be a mapping"),
+        ("policies:\n  - {name: p}\n", "mesh.yaml:2: policy is missing 'namespace'"),
+        (
+            "policies:\n  - name: p\n    namespace: [n]\n",
+            "mesh.yaml:3: policy namespace must be a non-empty string",
+        ),
+        (
+            "policies:\n  - {name: p, namespace: n}\n  - {name: p, namespace: n}\n",
+            "mesh.yaml:3: duplicate policy 'n/p' (first at line 2)",
+        ),
+        # Well-formed YAML whose values cannot be built is still a line-numbered error (for a
+        # bad date, the line of the entry holding it).
+        ("workloads:\n  - !pod {name: a}\n", "mesh.yaml:2: could not determine a constructor"),
+        (
+            "policies:\n  - {name: p, namespace: n,\n     since: 2024-02-30}\n",
+            "mesh.yaml:2: day is out of range",
+        ),
+    ],
+)
+def test_invalid_services_workload_fields_and_policies(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_local_config(text, "mesh.yaml")
+    assert str(caught.value).startswith(message)
+    assert caught.value.source == "mesh.yaml" and caught.value.line is not None
+
+
+def test_null_optional_fields_mean_absent() -> None:
+    config = parse_local_config(
+        WORKLOAD + "    services:\n    waypoint: null\n" + SERVICE + "    vips:\n    ports:\n",
+        "mesh.yaml",
+    )
+    assert config.workloads[0].waypoint is None and dict(config.workloads[0].services) == {}
+    assert config.services[0].vips == () and dict(config.services[0].ports) == {}
+
+
+def test_config_error_carries_file_line_and_reason() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_local_config("services:\n  - {name: s}\n", "mesh.yaml")
+    error = caught.value
+    assert (error.source, error.line, error.reason) == (
+        "mesh.yaml",
+        2,
+        "service is missing 'namespace'",
+    )
+
+
+def test_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "mesh.yaml"
+    path.write_bytes(b"workloads: [\xff]\n")
+    with pytest.raises(ConfigError, match="not UTF-8") as caught:
+        load_local_config(path)
+    assert caught.value.line is None

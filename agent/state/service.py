@@ -1,0 +1,36 @@
+"""Services, in the shape of ztunnel's local config."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+
+def _no_ports() -> Mapping[int, int]:
+    return MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    name: str
+    namespace: str
+    # The name clients use, and the second half of the "namespace/hostname" key by which a
+    # workload's `services` mapping says it backs this service.
+    hostname: str
+    # Bare IP addresses: ztunnel's "network/ip" form is reduced to the IP when parsed.
+    vips: tuple[str, ...] = ()
+    # Service port -> target port on the backing workloads. Read-only, because snapshots are
+    # shared by every reader; left out of the hash since a mapping has none.
+    ports: Mapping[int, int] = field(default_factory=_no_ports, hash=False)
+
+    def __post_init__(self) -> None:
+        # Copy so that the caller's dict, if it keeps one, cannot change a published service.
+        object.__setattr__(self, "ports", MappingProxyType(dict(self.ports)))
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.hostname}"
+
+    def target_port(self, port: int) -> int | None:
+        return self.ports.get(port)
