@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 
 import structlog
 
 from agent.config import AgentConfig
 from agent.datapath import loader
+from agent.identity.ca import CertificateAuthority
+from agent.identity.manager import IdentityManager, LocalCaClient
 from agent.inpod.enrollment import EnrollmentError, PodEnroller
-from agent.state.local_config import load_local_config
+from agent.proxy.inpod_proxy import InPodProxy
+from agent.state.local_source import LocalConfigSource
+from agent.state.store import MeshState, StateStore
+from agent.state.workload import Workload
 
 log = structlog.get_logger("agent")
 
@@ -19,6 +25,8 @@ class NodeAgent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.stopping = asyncio.Event()
+        self._state_changed = asyncio.Event()
+        self.failures = 0
 
     def stop(self, sig: signal.Signals) -> None:
         log.info("signal received", signal=sig.name)
@@ -27,41 +35,75 @@ class NodeAgent:
     async def run(self) -> int:
         cfg = self.config
         loader.preflight()
-        state = load_local_config(cfg.config_file)
+        store = StateStore()
+        source = LocalConfigSource(cfg.config_file, store)
+        source.load_initial()  # a broken config at start is fatal; later ones are rejected
+        ca = CertificateAuthority.load_or_create(cfg.ca_dir, cfg.trust_domain)
+        identities = IdentityManager(LocalCaClient(ca, cfg.certificate_ttl), ca.root_pem)
         datapath = await asyncio.to_thread(loader.LoadedDatapath, cfg.pin_dir)
         log.info("datapath loaded", pin_dir=str(cfg.pin_dir), programs=list(datapath.program_fds))
-        enroller = PodEnroller(datapath, cfg.state_dir / cfg.node)
-        failures = 0
+        proxy = InPodProxy(store, identities)
+        enroller = PodEnroller(datapath, cfg.state_dir / cfg.node, proxy)
+        tasks: list[asyncio.Task[None]] = []
         try:
-            local = [w for w in state.workloads if w.node == cfg.node and w.captured]
-            await enroller.recover(keep={w.uid for w in local})
-            for workload in local:
-                try:
-                    await enroller.enroll(workload)
-                except EnrollmentError as exc:
-                    failures += 1
-                    log.error("pod not enrolled", error=str(exc))
+            await enroller.recover(keep={w.uid for w in self._wanted(store.current)})
+            await self._reconcile(enroller, store.current)
+            store.subscribe(lambda old, new: self._state_changed.set())
+            tasks.append(asyncio.create_task(source.run(self.stopping)))
+            tasks.append(asyncio.create_task(self._follow_state(enroller, store)))
             if cfg.ready_file is not None:
                 cfg.ready_file.write_text(f"{len(enroller.pods)}\n")
-            log.info("agent ready", node=cfg.node, enrolled=len(enroller.pods), failed=failures)
+            log.info("agent ready", node=cfg.node, enrolled=len(enroller.pods),
+                     failed=self.failures)  # fmt: skip
             await self.stopping.wait()
             log.info("agent stopping", node=cfg.node)
         finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             for pod in enroller.pods.values():
                 for server in pod.servers:
                     server.close()
             for pod in enroller.pods.values():
                 cancelled = await pod.connections.close(cfg.drain_grace)
                 if cancelled:
-                    log.warning(
-                        "connections cut at shutdown", pod=pod.workload.key, count=cancelled
-                    )
+                    log.warning("connections cut at shutdown", pod=pod.workload.key,
+                                count=cancelled)  # fmt: skip
             await enroller.unenroll_all()
+            await proxy.close()
+            await identities.close()
             datapath.close(unpin=not cfg.keep_pins)
             if cfg.ready_file is not None:
                 cfg.ready_file.unlink(missing_ok=True)
             log.info("agent stopped", node=cfg.node)
-        return 1 if failures else 0
+        return 1 if self.failures else 0
+
+    def _wanted(self, state: MeshState) -> list[Workload]:
+        return [w for w in state.workloads_on(self.config.node) if w.captured]
+
+    async def _follow_state(self, enroller: PodEnroller, store: StateStore) -> None:
+        while True:
+            await self._state_changed.wait()
+            self._state_changed.clear()
+            await self._reconcile(enroller, store.current)
+
+    async def _reconcile(self, enroller: PodEnroller, state: MeshState) -> None:
+        """Enroll what the state wants on this node, unenroll the rest; a pod whose
+        workload changed is enrolled afresh."""
+        wanted = {w.uid: w for w in self._wanted(state)}
+        for uid, pod in list(enroller.pods.items()):
+            if wanted.get(uid) != pod.workload:
+                await enroller.unenroll(uid)
+        for workload in wanted.values():
+            if workload.uid in enroller.pods:
+                continue
+            try:
+                await enroller.enroll(workload)
+            except EnrollmentError as exc:
+                self.failures += 1
+                log.error("pod not enrolled", error=str(exc))
 
 
 def run_agent(config: AgentConfig) -> int:

@@ -6,9 +6,11 @@ import argparse
 import json
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 
-from agent.config import DEFAULT_STATE_ROOT
+from agent.config import DEFAULT_CA_DIR, DEFAULT_STATE_ROOT
+from agent.identity.spiffe import DEFAULT_TRUST_DOMAIN
 
 EPILOG = """examples:
   ambient-agent run --config mesh.yaml --node node-1     run a node agent
@@ -37,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_ROOT)
     run.add_argument("--ready-file", type=Path, help="written once pods are enrolled")
     run.add_argument("--keep-pins", action="store_true", help="leave pins on exit")
+    run.add_argument("--ca-dir", type=Path, default=DEFAULT_CA_DIR,
+                     help="built-in CA state; agents sharing it trust each other")  # fmt: skip
+    run.add_argument("--trust-domain", default=DEFAULT_TRUST_DOMAIN)
+    run.add_argument("--cert-ttl", type=float, default=24 * 3600,
+                     help="workload certificate lifetime in seconds (rotated at half)")  # fmt: skip
     run.add_argument("--log-format", choices=("json", "console"), default="json")
 
     lab = sub.add_parser("lab", help="a local cluster of netns nodes and pods")
@@ -76,6 +83,7 @@ def _run(args: argparse.Namespace) -> int:
     from agent.config import AgentConfig
     from agent.datapath import abi
     from agent.datapath.loader import DatapathError
+    from agent.identity.ca import CaError
     from agent.state.local_config import ConfigError
 
     logs.configure(json_lines=args.log_format == "json")
@@ -86,10 +94,13 @@ def _run(args: argparse.Namespace) -> int:
         state_dir=args.state_dir,
         ready_file=args.ready_file,
         keep_pins=args.keep_pins,
+        ca_dir=args.ca_dir,
+        trust_domain=args.trust_domain,
+        certificate_ttl=timedelta(seconds=args.cert_ttl),
     )
     try:
         return run_agent(config)
-    except (DatapathError, ConfigError) as exc:
+    except (DatapathError, ConfigError, CaError) as exc:
         print(f"ambient-agent: {exc}", file=sys.stderr)
         return 2
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 from agent.datapath import abi
+from agent.identity.spiffe import DEFAULT_TRUST_DOMAIN
 
 DEFAULT_STATE_ROOT = Path("/run/ambient-agent")
+DEFAULT_CA_DIR = Path("/var/lib/ambient-agent/ca")
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,3 +23,8 @@ class AgentConfig:
     drain_grace: float = 5.0
     # Keep programs and maps pinned after exit (for inspection); the default cleans up.
     keep_pins: bool = False
+    # The built-in CA for standalone use: its directory keeps trust across restarts, and
+    # agents that share it trust each other.
+    ca_dir: Path = DEFAULT_CA_DIR
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
+    certificate_ttl: timedelta = timedelta(hours=24)

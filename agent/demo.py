@@ -1,4 +1,4 @@
-"""`ambient-agent demo`: bring the lab up, show capture in both directions, tear down.
+"""`ambient-agent demo`: bring the lab up, send traffic along the mesh's three paths, tear down.
 
 Each step says what the kernel and the agent did, with the evidence: the agent's own log of
 the captured connection (original destination), the address the server saw, and the kernel's
@@ -16,8 +16,9 @@ from typing import Any
 
 from agent.ctl import read_pods, read_verdicts
 from agent.datapath import abi
+from agent.identity.spiffe import DEFAULT_TRUST_DOMAIN
 from agent.lab import agents, control, probes
-from agent.lab.network import LabState
+from agent.lab.network import LabState, PodState
 
 APP_PORT = 8080
 
@@ -27,7 +28,6 @@ class Step:
     title: str
     client: str
     server: str
-    expected_listener: int
     checks: dict[str, bool] = field(default_factory=dict)
     facts: dict[str, Any] = field(default_factory=dict)
 
@@ -36,33 +36,56 @@ class Step:
         return bool(self.checks) and all(self.checks.values())
 
 
-def _connection(
-    state: LabState, title: str, client: str, server: str, node: str, direction: str
-) -> Step:
+def _identity(pod: PodState) -> str:
+    return f"spiffe://{DEFAULT_TRUST_DOMAIN}/ns/{pod.namespace}/sa/{pod.service_account}"
+
+
+def _connection(state: LabState, title: str, client: str, server: str, route: str) -> Step:
+    """One request from `client` to `server`'s app, and what each agent says it did."""
     source, target = probes.pod(state, client), probes.pod(state, server)
-    listener = abi.PORT_OUTBOUND if direction == "outbound" else abi.PORT_INBOUND
-    step = Step(title, client, server, listener)
-    exchange = probes.talk(source.netns_path, target.ip, APP_PORT, f"hello from {client}")
-    event = probes.wait_for_event(
-        state, node, event="connection complete", direction=direction,
-        src__addr=exchange.client,
-    )  # fmt: skip
+    step = Step(title, client, server)
+    request = f"hello from {client}"
+    exchange = probes.talk(source.netns_path, target.ip, APP_PORT, request)
+
+    def complete(node: str, direction: str) -> dict[str, Any] | None:
+        return probes.wait_for_event(state, node, event="connection complete",
+                                     direction=direction, src__addr=exchange.client)  # fmt: skip
+
+    outbound = complete(source.node, "outbound") if source.ambient else None
+    inbound = complete(target.node, "inbound")
+    verified = route == "hbone"
     step.facts = {
+        "path": (f"{client} --[{source.node} agent :15001]--> HBONE mTLS "
+                 f"{target.ip}:{abi.PORT_HBONE} --[{target.node} agent]--> {server}:{APP_PORT}"
+                 if verified else
+                 f"{client} --plaintext--> [{target.node} agent :15006] --> {server}:{APP_PORT}"),
         "client": exchange.client,
         "server_saw": exchange.server_saw,
-        "reply": exchange.reply,
-        "captured_by": f"{node} agent, {direction} listener :{listener}" if event else None,
-        "original_destination": event.get("dst.addr") if event else None,
-        "bytes_sent": event.get("bytes_sent") if event else None,
-        "bytes_received": event.get("bytes_recv") if event else None,
-    }
+        "original_destination": inbound.get("dst.addr") if inbound else None,
+        "source_identity_verified_by_server": inbound.get("src.identity") if inbound else None,
+        "destination_identity_verified_by_client": (
+            outbound.get("dst.identity") if outbound else None
+        ),
+        "bytes_client_to_server": inbound.get("bytes_sent") if inbound else None,
+        "bytes_server_to_client": inbound.get("bytes_recv") if inbound else None,
+    }  # fmt: skip
     step.checks = {
-        "captured by the node agent": event is not None,
-        "original destination kept": event is not None
-        and event.get("dst.addr") == f"{target.ip}:{APP_PORT}",
+        f"captured by the {target.node} agent ({route})": inbound is not None
+        and inbound.get("route") == route,
+        "original destination kept": step.facts["original_destination"]
+        == f"{target.ip}:{APP_PORT}",
         "server saw the client's own address": exchange.server_saw.split(":")[0] == source.ip,
-        "reply came back": exchange.reply.startswith("peer="),
+        "bytes counted match the application's": step.facts["bytes_client_to_server"]
+        == len(request) + 1
+        and step.facts["bytes_server_to_client"] == len(exchange.reply) + 1,
     }
+    if verified:
+        step.checks["server verified the client's SPIFFE identity"] = step.facts[
+            "source_identity_verified_by_server"
+        ] == _identity(source)
+        step.checks["client verified the server's SPIFFE identity"] = step.facts[
+            "destination_identity_verified_by_client"
+        ] == _identity(target)
     return step
 
 
@@ -82,21 +105,33 @@ def _print(steps: list[Step], kernel: dict[str, Any]) -> None:
     for number, step in enumerate(steps, 1):
         f = step.facts
         print(f"\n[{number}] {step.title}")
-        print(f"    {step.client} {f['client']} -> {step.server}")
-        print(f"    captured by:          {f['captured_by'] or 'NOT CAPTURED'}")
+        print(f"    path:                 {f['path']}")
         print(f"    original destination: {f['original_destination']}")
-        print(f"    server saw source:    {f['server_saw']}")
-        print(f"    bytes (client->server / server->client): "
-              f"{f['bytes_sent']} / {f['bytes_received']}")  # fmt: skip
+        if "client verified the server's SPIFFE identity" in step.checks:
+            print(
+                f"    client identity:      {f['source_identity_verified_by_server']} "
+                "(verified by the server)"
+            )
+            print(
+                f"    server identity:      {f['destination_identity_verified_by_client']} "
+                "(verified by the client)"
+            )
+        print(f"    server saw source:    {f['server_saw']}  (client socket {f['client']})")
+        print(
+            f"    bytes:                {f['bytes_client_to_server']} to the server, "
+            f"{f['bytes_server_to_client']} back"
+        )
         for check, ok in step.checks.items():
             print(f"    {'ok  ' if ok else 'FAIL'} {check}")
     print("\nkernel state (read from the pinned maps with bpftool):")
     for node, body in kernel.items():
         print(f"  {node}: {body['pin_dir']}")
         for pod in body["pods"]:
-            print(f"    pod {pod['ip']:<14} capture={'on' if pod['capture'] else 'off'} "
-                  f"outbound_captured={pod['outbound_captured']} "
-                  f"inbound_captured={pod['inbound_captured']}")  # fmt: skip
+            print(
+                f"    pod {pod['ip']:<14} capture={'on' if pod['capture'] else 'off'} "
+                f"outbound_captured={pod['outbound_captured']} "
+                f"inbound_captured={pod['inbound_captured']}"
+            )
         for reason, count in body["verdicts"].items():
             print(f"    verdict {reason:<30} {count:>6} packets")
 
@@ -113,17 +148,17 @@ def run_demo(name: str, json_output: bool = False) -> int:
               "tc programs)...", file=log)  # fmt: skip
         state = control.up(name, None)
         print(control.describe(control.status(name)), file=log)
-        outsider, server_b = probes.pod(state, "outsider"), probes.pod(state, "server-b")
-        with probes.whoami_server(outsider, APP_PORT), probes.whoami_server(server_b, APP_PORT):
+        with (
+            probes.whoami_server(probes.pod(state, "server-b"), APP_PORT),
+            probes.whoami_server(probes.pod(state, "server-a"), APP_PORT),
+        ):
             steps = [
-                _connection(
-                    state, "enrolled pod -> out-of-mesh pod on another node (outbound capture)",
-                    "client-a", "outsider", "node-1", "outbound",
-                ),
-                _connection(
-                    state, "out-of-mesh pod -> enrolled pod (inbound plaintext capture)",
-                    "outsider", "server-b", "node-2", "inbound",
-                ),
+                _connection(state, "pod on node-1 -> pod on node-2 (HBONE, mutual TLS)",
+                            "client-a", "server-b", "hbone"),
+                _connection(state, "pod -> pod on the same node (HBONE)",
+                            "client-a", "server-a", "hbone"),
+                _connection(state, "out-of-mesh pod -> enrolled pod (plaintext, captured)",
+                            "outsider", "server-b", "passthrough"),
             ]  # fmt: skip
         kernel = _kernel_state(state)
     except KeyboardInterrupt:

@@ -41,18 +41,27 @@ def lab_name() -> Iterator[str]:
     cli("lab", "down", "--name", name, check=False)
 
 
-def test_demo_shows_capture_both_ways_and_cleans_up(lab_name: str) -> None:
+def test_demo_shows_the_three_paths_with_verified_identities_and_cleans_up(
+    lab_name: str,
+) -> None:
     done = cli("demo", "--json", "--name", lab_name, check=False)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["ok"] is True
-    outbound, inbound = result["steps"]
-    assert outbound["facts"]["original_destination"] == "10.240.2.4:8080"
-    assert inbound["facts"]["original_destination"] == "10.240.2.2:8080"
-    assert inbound["facts"]["server_saw"].startswith("10.240.2.4:")
+    cross, same, plaintext = result["steps"]
+    for step in (cross, same):
+        assert step["facts"]["source_identity_verified_by_server"] == (
+            "spiffe://cluster.local/ns/default/sa/client-a"
+        )
+        assert step["facts"]["server_saw"].startswith("10.240.1.2:")
+    assert cross["facts"]["destination_identity_verified_by_client"].endswith("/sa/server-b")
+    assert same["facts"]["destination_identity_verified_by_client"].endswith("/sa/server-a")
+    assert plaintext["facts"]["server_saw"].startswith("10.240.2.4:")
+    assert all(all(step["checks"].values()) for step in result["steps"])
     kernel = result["kernel"]
-    assert kernel["node-1"]["verdicts"]["DELIVER_OUTBOUND_LISTENER"] >= 1
+    assert kernel["node-1"]["verdicts"]["DELIVER_OUTBOUND_LISTENER"] >= 2
     assert kernel["node-2"]["verdicts"]["DELIVER_INBOUND_LISTENER"] >= 1
+    assert kernel["node-2"]["verdicts"]["PASS_HBONE"] >= 1
     assert_nothing_left(lab_name)
 
 

@@ -122,10 +122,12 @@ class HboneConnection(asyncio.Protocol):
         on_tunnel: TunnelHandler | None = None,
         spawn: Callable[[Any], object] = asyncio.ensure_future,
         verify_peer: Callable[[ssl.SSLObject | None], object] | None = None,
+        on_closed: Callable[[HboneConnection], None] | None = None,
     ) -> None:
         self.proto = proto
         self._on_tunnel = on_tunnel
         self._verify_peer = verify_peer
+        self._on_closed = on_closed
         self.peer_identity: object = None
         self._spawn = spawn
         self._streams: dict[int, HboneStream] = {}
@@ -177,6 +179,8 @@ class HboneConnection(asyncio.Protocol):
             self._pinger.cancel()
         self._drained.set()
         self.closed_event.set()
+        if self._on_closed is not None:
+            self._on_closed(self)
         if not self._ready.done():
             self._ready.set_exception(exc or ConnectionResetError("closed"))
 
@@ -248,9 +252,7 @@ class HboneConnection(asyncio.Protocol):
 
     @property
     def closed(self) -> bool:
-        return (
-            self.closed_event.is_set() or self._transport is None or self._transport.is_closing()
-        )
+        return self.closed_event.is_set() or self._transport is None or self._transport.is_closing()
 
     @property
     def active_streams(self) -> int:

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import ipaddress
 import json
 import socket
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,19 +25,18 @@ from agent.datapath.loader import LoadedDatapath
 from agent.drain import Drain
 from agent.inpod import routing, sockets
 from agent.inpod.netns import NetnsWorker
-from agent.proxy import listeners
+from agent.proxy.inpod_proxy import InPodProxy
 from agent.state.workload import Protocol, Workload
 
 log = structlog.get_logger("agent.enrollment")
 
 UNENROLL_GRACE = 1.0
 
-Handler = Callable[[Any, asyncio.StreamReader, asyncio.StreamWriter], Coroutine[Any, Any, None]]
-# (port, IP_TRANSPARENT, handler)
-LISTENERS: tuple[tuple[int, bool, Handler], ...] = (
-    (abi.PORT_OUTBOUND, True, listeners.handle_outbound),
-    (abi.PORT_INBOUND, True, listeners.handle_inbound),
-    (abi.PORT_HBONE, False, listeners.handle_hbone),
+# (port, IP_TRANSPARENT): the capture listeners take connections for foreign addresses.
+LISTENERS: tuple[tuple[int, bool], ...] = (
+    (abi.PORT_OUTBOUND, True),
+    (abi.PORT_INBOUND, True),
+    (abi.PORT_HBONE, False),
 )
 
 
@@ -62,7 +60,11 @@ class EnrolledPod:
     worker: NetnsWorker
     record: EnrollmentRecord
     servers: list[asyncio.Server] = field(default_factory=list)
+    listen_sockets: list[socket.socket] = field(default_factory=list)
     connections: Drain = field(default_factory=Drain)
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> object:
+        return self.connections.spawn(coro)
 
     @property
     def name(self) -> str:
@@ -79,8 +81,9 @@ def pod_key_addr(ip: str) -> int:
 
 
 class PodEnroller:
-    def __init__(self, datapath: LoadedDatapath, state_dir: Path) -> None:
+    def __init__(self, datapath: LoadedDatapath, state_dir: Path, proxy: InPodProxy) -> None:
         self._datapath = datapath
+        self._proxy = proxy
         self._records_dir = state_dir / "pods"
         self._records_dir.mkdir(parents=True, exist_ok=True)
         self.pods: dict[str, EnrolledPod] = {}
@@ -140,13 +143,15 @@ class PodEnroller:
     async def _setup(self, pod: EnrolledPod, earlier: EnrollmentRecord | None) -> None:
         record = pod.record
         self._save_record(record)  # before any change: a crash from here on is recoverable
-        for port, transparent, handler in LISTENERS:
+        by_port = {}
+        for port, transparent in LISTENERS:
             try:
                 sock = await pod.worker.run(sockets.listener, port, transparent)
             except OSError as exc:
                 raise OSError(exc.errno, f"cannot listen on {port} in the pod: {exc}") from exc
-            on_connect = functools.partial(self._accept, pod, handler)
-            pod.servers.append(await asyncio.start_server(on_connect, sock=sock))
+            pod.listen_sockets.append(sock)
+            by_port[port] = sock
+        pod.servers = await self._proxy.serve(pod, by_port)
         record.sysctls = await asyncio.to_thread(
             routing.apply, pod.worker, record.interface, earlier.sysctls if earlier else None
         )
@@ -167,15 +172,6 @@ class PodEnroller:
             value.flags |= abi.POD_CAPTURE
             pods[key] = value
 
-    @staticmethod
-    def _accept(
-        pod: EnrolledPod,
-        handler: Handler,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-    ) -> None:
-        pod.connections.spawn(handler(pod, reader, writer))
-
     async def unenroll(self, uid: str) -> None:
         pod = self.pods.pop(uid, None)
         if pod is None:
@@ -195,6 +191,9 @@ class PodEnroller:
             await asyncio.to_thread(routing.remove, pod.worker, record.sysctls)
         for server in pod.servers:
             server.close()
+        for sock in pod.listen_sockets:
+            sock.close()  # those no server took over yet
+        self._proxy.release(pod)
         await pod.connections.close(UNENROLL_GRACE)
         pod.worker.close()
         self._record_path(record.uid).unlink(missing_ok=True)

@@ -19,6 +19,8 @@ import yaml
 
 from agent.datapath import abi
 from agent.datapath.loader import remove_pins
+from agent.identity.ca import CertificateAuthority
+from agent.identity.spiffe import DEFAULT_TRUST_DOMAIN
 from agent.lab.network import STATE_ROOT, LabError, LabState
 
 READY_TIMEOUT = 90.0
@@ -60,6 +62,8 @@ def start_agents(state: LabState) -> None:
     base = lab_dir(state.name)
     config = base / "mesh.yaml"
     config.write_text(yaml.safe_dump(mesh_config(state), sort_keys=False))
+    # One CA for the lab, made before the agents start so they do not race to create it.
+    CertificateAuthority.load_or_create(base / "ca", DEFAULT_TRUST_DOMAIN)
     started: dict[str, tuple[subprocess.Popen[bytes], Path, Path]] = {}
     for node in state.nodes:
         log_path = base / f"agent-{node.name}.log"
@@ -73,6 +77,7 @@ def start_agents(state: LabState) -> None:
             "--pin-dir", str(lab_pin_root(state.name) / node.name),
             "--state-dir", str(base / "agent-state"),
             "--ready-file", str(ready),
+            "--ca-dir", str(base / "ca"),
         ]  # fmt: skip
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(

@@ -1,0 +1,370 @@
+"""What happens to the connections the tc programs capture, for every enrolled pod.
+
+- 15001 (outbound): the connection's local address is its original destination. A
+  destination in the mesh (a workload with protocol HBONE) is reached through HBONE: mutual
+  TLS with the source pod's certificate to the destination's 15008, the destination's
+  identity checked, CONNECT to ip:port. Anything else is passed through as plain TCP, from
+  inside the pod netns, as ztunnel does for destinations outside the mesh.
+- 15006 (inbound plaintext): connected to the pod's app with the client's own address as
+  source (IP_TRANSPARENT).
+- 15008 (inbound HBONE): the client must present a certificate of our trust domain; each
+  CONNECT must name this pod's address (else 400); the app is connected to with the client's
+  address as source; 200 only once that connection exists (else 503).
+Every connection ends with one "connection complete" log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import ssl
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import structlog
+
+from agent.datapath import abi
+from agent.hbone import protocol as hbone
+from agent.hbone.connection import HboneConnection, HboneStream, TunnelRefused
+from agent.hbone.pool import HboneClientPool, PoolKey
+from agent.identity import tls
+from agent.identity.manager import IdentityManager, WorkloadCertificate
+from agent.identity.spiffe import SpiffeId
+from agent.inpod import sockets
+from agent.inpod.netns import NetnsWorker
+from agent.proxy.relay import SocketStream, relay, reset
+from agent.state.store import StateStore
+from agent.state.workload import Workload
+
+log = structlog.get_logger("agent.proxy")
+
+CONNECT_TIMEOUT = 10.0
+HANDSHAKE_TIMEOUT = 10.0
+
+
+class Pod(Protocol):
+    """What the proxy needs of an enrolled pod."""
+
+    @property
+    def workload(self) -> Workload: ...
+    @property
+    def worker(self) -> NetnsWorker: ...
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> object: ...
+
+
+def identity_of(workload: Workload) -> SpiffeId:
+    return SpiffeId(workload.trust_domain, workload.namespace, workload.service_account)
+
+
+def _addr(endpoint: tuple[str, int]) -> str:
+    return hbone.format_authority(endpoint[0], endpoint[1])
+
+
+def _endpoints(writer: asyncio.StreamWriter) -> tuple[tuple[str, int], tuple[str, int]]:
+    peer, local = writer.get_extra_info("peername"), writer.get_extra_info("sockname")
+    return (peer[0], peer[1]), (local[0], local[1])
+
+
+async def connect_from(
+    worker: NetnsWorker, dst: tuple[str, int], source_ip: str | None = None
+) -> socket.socket:
+    """A connected agent socket inside the pod's netns; with source_ip, bound to that
+    (foreign) address so the peer sees the original client."""
+    sock = await worker.run(sockets.upstream, (source_ip, 0) if source_ip else None)
+    try:
+        loop = asyncio.get_running_loop()
+        await asyncio.wait_for(loop.sock_connect(sock, dst), CONNECT_TIMEOUT)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+@dataclass
+class _Access:
+    """The "connection complete" access log line, filled as the connection goes."""
+
+    direction: str
+    pod: Workload
+    src: str
+    dst: str
+    started: float
+    fields: dict[str, Any]
+
+    def done(self, sent: int = 0, received: int = 0, error: str | None = None) -> None:
+        log.info(
+            "connection complete",
+            direction=self.direction,
+            pod=self.pod.key,
+            bytes_sent=sent,
+            bytes_recv=received,
+            duration_ms=round((time.monotonic() - self.started) * 1000, 3),
+            error=error,
+            **{"src.addr": self.src, "dst.addr": self.dst},
+            **self.fields,
+        )
+
+
+class InPodProxy:
+    def __init__(self, store: StateStore, identities: IdentityManager) -> None:
+        self._store = store
+        self._identities = identities
+        self._pods_by_ip: dict[str, Pod] = {}
+        self._server_contexts: dict[SpiffeId, ssl.SSLContext] = {}
+        self._client_contexts: dict[SpiffeId, ssl.SSLContext] = {}
+        self._hbone_connections: dict[str, set[HboneConnection]] = {}
+        self.pool = HboneClientPool(self._dial)
+        identities.on_rotate(self._rotated)
+
+    # -- pod lifecycle ---------------------------------------------------------------------
+
+    async def serve(self, pod: Pod, listeners: dict[int, socket.socket]) -> list[asyncio.Server]:
+        """Start serving the pod's three listeners (created in its netns by enrollment)."""
+        workload = pod.workload
+        identity = identity_of(workload)
+        cert = await self._identities.get(identity)
+        self._contexts_for(cert)
+        for ip in workload.ips:
+            self._pods_by_ip[ip] = pod
+        loop = asyncio.get_running_loop()
+        conns = self._hbone_connections.setdefault(workload.uid, set())
+
+        def accept(handler: Callable[[Pod, Any, Any], Coroutine[Any, Any, None]]) -> Any:
+            return lambda reader, writer: pod.spawn(handler(pod, reader, writer))
+
+        def hbone_connection() -> HboneConnection:
+            conn = HboneConnection(
+                hbone.HboneServer(),
+                on_tunnel=lambda stream, request, c: self._tunnel_in(pod, stream, request, c),
+                spawn=pod.spawn,
+                verify_peer=self._verify_client,
+                on_closed=conns.discard,
+            )
+            conns.add(conn)
+            return conn
+
+        return [
+            await asyncio.start_server(accept(self._outbound), sock=listeners[abi.PORT_OUTBOUND]),
+            await asyncio.start_server(accept(self._inbound), sock=listeners[abi.PORT_INBOUND]),
+            await loop.create_server(
+                hbone_connection, sock=listeners[abi.PORT_HBONE],
+                ssl=self._server_contexts[identity], ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
+            ),
+        ]  # fmt: skip
+
+    def release(self, pod: Pod) -> None:
+        """The pod is gone from this node: close its tunnels and forget it."""
+        for ip in pod.workload.ips:
+            if self._pods_by_ip.get(ip) is pod:
+                del self._pods_by_ip[ip]
+        for conn in self._hbone_connections.pop(pod.workload.uid, set()):
+            conn.close()
+        identity = identity_of(pod.workload)
+        if not any(identity_of(p.workload) == identity for p in self._pods_by_ip.values()):
+            self._identities.forget(identity)
+            self._server_contexts.pop(identity, None)
+            self._client_contexts.pop(identity, None)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    # -- identities ------------------------------------------------------------------------
+
+    def _contexts_for(self, cert: WorkloadCertificate) -> None:
+        roots = self._identities.roots_pem
+        if cert.identity not in self._server_contexts:
+            self._server_contexts[cert.identity] = tls.server_context(cert, roots)
+        if cert.identity not in self._client_contexts:
+            self._client_contexts[cert.identity] = tls.client_context(cert, roots)
+
+    def _rotated(self, cert: WorkloadCertificate) -> None:
+        """New handshakes use the new certificate; established connections keep theirs."""
+        server = self._server_contexts.get(cert.identity)
+        if server is not None:
+            tls.load_certificate(server, cert)  # the listener holds this very context
+        if cert.identity in self._client_contexts:
+            self._client_contexts[cert.identity] = tls.client_context(
+                cert, self._identities.roots_pem
+            )
+        log.info("certificate rotated", identity=cert.identity.uri,
+                 not_after=cert.not_after.isoformat())  # fmt: skip
+
+    def _verify_client(self, ssl_object: ssl.SSLObject | None) -> SpiffeId:
+        if ssl_object is None:
+            raise tls.PeerIdentityError("not a TLS connection")
+        # The handshake already checked the chain against our roots; the trust domain is the
+        # remaining condition (ztunnel: same trust domain, any workload).
+        peer = tls.peer_identity(ssl_object)
+        own = {identity.trust_domain for identity in self._server_contexts}
+        if peer.trust_domain not in own:
+            raise tls.PeerIdentityError(f"client {peer.uri} is outside trust domains {own}")
+        return peer
+
+    # -- outbound (15001) ------------------------------------------------------------------
+
+    async def _outbound(
+        self, pod: Pod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        src, dst = _endpoints(writer)
+        _captured(pod, "outbound", src, dst)
+        target = self._store.current.workload_by_ip(dst[0])
+        if target is not None and target.captured:
+            await self._tunnel_out(pod, target, reader, writer, src, dst)
+        else:
+            await self._pass_through(pod, "outbound", reader, writer, src, dst, None)
+
+    async def _tunnel_out(
+        self,
+        pod: Pod,
+        target: Workload,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        src: tuple[str, int],
+        dst: tuple[str, int],
+    ) -> None:
+        source_id, target_id = identity_of(pod.workload), identity_of(target)
+        hbone_addr = (dst[0], abi.PORT_HBONE)
+        access = _Access("outbound", pod.workload, _addr(src), _addr(dst), time.monotonic(), {
+            "route": "hbone", "dst.hbone_addr": _addr(hbone_addr),
+            "src.identity": source_id.uri, "dst.identity": target_id.uri,
+            "dst.workload": target.name, "dst.namespace": target.namespace,
+        })  # fmt: skip
+        key = PoolKey(source_id.uri, frozenset({target_id.uri}), hbone_addr, src[0])
+        headers = {
+            hbone.FORWARDED: f'for="{_addr(src)}"',
+            hbone.TRACEPARENT: f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01",
+        }
+        try:
+            stream, _ = await self.pool.open_tunnel(key, _addr(dst), headers)
+        except TunnelRefused as exc:
+            reset(writer)  # the pod sees what a refused connection looks like
+            access.done(error=f"tunnel refused: {exc.status}")
+            return
+        except (OSError, ssl.SSLError, tls.PeerIdentityError, TimeoutError) as exc:
+            reset(writer)
+            access.done(error=f"tunnel failed: {exc or type(exc).__name__}")
+            return
+        try:
+            sent, received = await relay(SocketStream(reader, writer), stream)
+        except (ConnectionError, OSError) as exc:
+            access.done(stream.bytes_sent, stream.bytes_received, str(exc))
+            return
+        access.done(sent, received)
+
+    async def _dial(self, key: PoolKey) -> HboneConnection:
+        """A new HBONE connection from the source pod's netns (mark 0x539: not captured)."""
+        pod = self._pods_by_ip[key.source_ip]
+        context = self._client_contexts[SpiffeId.parse(key.source_identity)]
+        expected = [SpiffeId.parse(uri) for uri in key.destination_identities]
+        sock = await connect_from(pod.worker, key.destination)
+        loop = asyncio.get_running_loop()
+        try:
+            _, conn = await loop.create_connection(
+                lambda: HboneConnection(
+                    hbone.HboneClient(),
+                    verify_peer=lambda obj: tls.verify_server_identity(_tls(obj), expected),
+                ),
+                sock=sock, ssl=context, server_hostname="",
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
+            )  # fmt: skip
+        except BaseException:
+            sock.close()
+            raise
+        if conn.peer_identity is None:  # verify_peer refused it and aborted the transport
+            raise tls.PeerIdentityError(
+                f"server at {_addr(key.destination)} is not {sorted(key.destination_identities)}"
+            )
+        return conn
+
+    # -- inbound plaintext (15006) ---------------------------------------------------------
+
+    async def _inbound(
+        self, pod: Pod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        src, dst = _endpoints(writer)
+        _captured(pod, "inbound", src, dst)
+        await self._pass_through(pod, "inbound", reader, writer, src, dst, src[0])
+
+    async def _pass_through(
+        self,
+        pod: Pod,
+        direction: str,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        src: tuple[str, int],
+        dst: tuple[str, int],
+        source_ip: str | None,
+    ) -> None:
+        access = _Access(direction, pod.workload, _addr(src), _addr(dst), time.monotonic(),
+                         {"route": "passthrough"})  # fmt: skip
+        try:
+            up = await connect_from(pod.worker, dst, source_ip)
+        except (OSError, TimeoutError) as exc:
+            reset(writer)
+            access.done(error=f"upstream connect failed: {exc or type(exc).__name__}")
+            return
+        up_reader, up_writer = await asyncio.open_connection(sock=up)
+        try:
+            sent, received = await relay(
+                SocketStream(reader, writer), SocketStream(up_reader, up_writer)
+            )
+        except (ConnectionError, OSError) as exc:
+            access.done(error=str(exc))
+            return
+        access.done(sent, received)
+
+    # -- inbound HBONE (15008) -------------------------------------------------------------
+
+    async def _tunnel_in(
+        self, pod: Pod, stream: HboneStream, request: hbone.TunnelRequested, conn: HboneConnection
+    ) -> None:
+        peer = conn.peer
+        client_ip = peer.rsplit(":", 1)[0].strip("[]")
+        peer_id = conn.peer_identity
+        source = _forwarded_for(request.headers.get(hbone.FORWARDED, "")) or peer
+        access = _Access("inbound", pod.workload, source, request.authority, time.monotonic(), {
+            "route": "hbone", "src.hbone_addr": peer,
+            "src.identity": peer_id.uri if isinstance(peer_id, SpiffeId) else None,
+            "dst.identity": identity_of(pod.workload).uri,
+        })  # fmt: skip
+        if request.host not in pod.workload.ips:
+            conn.refuse(stream, 400)
+            access.done(error=f"authority {request.authority} is not this pod's address")
+            return
+        try:
+            up = await connect_from(pod.worker, (request.host, request.port), client_ip)
+        except (OSError, TimeoutError) as exc:
+            conn.refuse(stream, 503)
+            access.done(error=f"upstream connect failed: {exc or type(exc).__name__}")
+            return
+        conn.accept(stream)
+        up_reader, up_writer = await asyncio.open_connection(sock=up)
+        try:
+            sent, received = await relay(stream, SocketStream(up_reader, up_writer))
+        except (ConnectionError, OSError) as exc:
+            access.done(stream.bytes_sent, stream.bytes_received, str(exc))
+            return
+        access.done(sent, received)
+
+
+def _captured(pod: Pod, direction: str, src: tuple[str, int], dst: tuple[str, int]) -> None:
+    log.info("connection captured", direction=direction, pod=pod.workload.key,
+             **{"src.addr": _addr(src), "dst.addr": _addr(dst)})  # fmt: skip
+
+
+def _forwarded_for(value: str) -> str | None:
+    """The client address from `forwarded: for="ip:port"` (RFC 7239), as ztunnel sends it."""
+    for element in value.split(";"):
+        name, _, address = element.strip().partition("=")
+        if name.lower() == "for" and address:
+            return address.strip('"')
+    return None
+
+
+def _tls(obj: ssl.SSLObject | None) -> ssl.SSLObject:
+    if obj is None:
+        raise tls.PeerIdentityError("not a TLS connection")
+    return obj
