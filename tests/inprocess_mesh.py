@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
@@ -97,6 +98,14 @@ class Mesh:
             for e in list(self.logs.entries)
             if e.get("event") == event and all(e.get(k) == v for k, v in wanted.items())
         ]
+
+    def wait_events(self, event: str, timeout: float = 5.0, **fields: Any) -> list[dict[str, Any]]:
+        """events(), waiting up to `timeout` for at least one: access lines are written when
+        the agent's side of a connection finishes, a moment after the client's."""
+        deadline = time.monotonic() + timeout
+        while not (found := self.events(event, **fields)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return found
 
 
 def mesh_fixture(prefix: str) -> Iterator[Mesh]:
