@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
+from agent.inpod.netns import NetnsWorker
+from agent.lab import probes
 from agent.lab.agents import lab_agent_pids, lab_pin_root
+from agent.lab.network import load_state
+from tests import bulk
 
 pytestmark = pytest.mark.kernel
 
@@ -117,3 +126,123 @@ def test_lab_exec_names_the_unknown_target(lab_name: str) -> None:
     done = cli("lab", "exec", "--name", lab_name, "nosuchpod", "--", "true", check=False)
     assert done.returncode == 1
     assert "no node or pod 'nosuchpod'" in done.stderr
+
+
+# ---- with real agent processes --------------------------------------------------------------
+
+
+def _agent_pids(name: str) -> dict[str, int]:
+    status = _status(name)
+    return {node: info["pid"] for node, info in status["agents"].items()}
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def _enrolled_ips(name: str, node: str) -> list[str]:
+    pins = str(lab_pin_root(name) / node)
+    out = subprocess.run(
+        [sys.executable, "-m", "agent.ctl", "pods", "--json", "--pin-dir", pins],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    return [p["ip"] for p in json.loads(out)[pins]]
+
+
+def _wait(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    partial = path.with_suffix(".partial")
+    partial.write_text(text)
+    partial.replace(path)
+
+
+def test_config_changes_enroll_and_release_pods_without_restart(lab_name: str) -> None:
+    cli("lab", "up", "--name", lab_name)
+    config = Path(f"/run/ambient-lab/{lab_name}/mesh.yaml")
+    original = config.read_text()
+    mesh = yaml.safe_load(original)
+    client_b = next(w for w in mesh["workloads"] if w["name"] == "client-b")
+    assert "10.240.2.3" in _enrolled_ips(lab_name, "node-2")
+
+    client_b["protocol"] = "TCP"  # take client-b out of the mesh
+    _write_atomically(config, yaml.safe_dump(mesh))
+    assert _wait(lambda: "10.240.2.3" not in _enrolled_ips(lab_name, "node-2"))
+    qdisc = cli("lab", "exec", "--name", lab_name, "client-b", "--", "tc", "qdisc", "show")
+    assert "clsact" not in qdisc.stdout
+
+    _write_atomically(config, "workloads: [\n")  # broken: refused, last good state kept
+    log = Path(f"/run/ambient-lab/{lab_name}/agent-node-2.log")
+    assert _wait(lambda: '"config rejected"' in log.read_text())
+    rejected = [json.loads(line) for line in log.read_text().splitlines()
+                if '"config rejected"' in line][-1]  # fmt: skip
+    assert "mesh.yaml:2" in json.dumps(rejected)
+    assert "10.240.2.2" in _enrolled_ips(lab_name, "node-2")
+
+    _write_atomically(config, original)  # client-b back in
+    assert _wait(lambda: "10.240.2.3" in _enrolled_ips(lab_name, "node-2"))
+
+
+def test_one_gib_each_way_byte_exact_through_agent_processes(lab_name: str) -> None:
+    cli("lab", "up", "--name", lab_name)
+    state = load_state(lab_name)
+    assert state is not None
+    client, server = probes.pod(state, "client-a"), probes.pod(state, "server-b")
+    size = 1024 * 1024 * 1024
+    server_digest = bulk.serve_once(server.netns_path, 9000, seed=2, size=size)
+    client_digest = bulk.transfer(client.netns_path, server.ip, 9000, 1, size)
+    assert server_digest() == bulk.expected_digest(1, size)
+    assert client_digest == bulk.expected_digest(2, size)
+
+
+def test_a_stalled_reader_keeps_agent_memory_bounded(lab_name: str) -> None:
+    """The app in server-b accepts and never reads; client-a writes as fast as it can. The
+    HTTP/2 windows must stop the writer instead of the agents buffering the difference."""
+    cli("lab", "up", "--name", lab_name)
+    state = load_state(lab_name)
+    assert state is not None
+    client, server = probes.pod(state, "client-a"), probes.pod(state, "server-b")
+    pids = _agent_pids(lab_name)
+    before = {node: _rss_kib(pid) for node, pid in pids.items()}
+
+    server_worker = NetnsWorker(str(server.netns_path))
+    listener = server_worker.call(lambda: socket.create_server(("0.0.0.0", 9100)))
+    accepted: list[socket.socket] = []
+    threading.Thread(target=lambda: accepted.append(listener.accept()[0]), daemon=True).start()
+
+    def flood() -> int:
+        sent = 0
+        block = b"s" * 65536
+        with socket.create_connection((server.ip, 9100), timeout=10) as sock:
+            sock.settimeout(2.0)  # a send blocked this long means backpressure reached us
+            deadline = time.monotonic() + 20
+            with contextlib.suppress(TimeoutError):
+                while time.monotonic() < deadline:
+                    sent += sock.send(block)
+        return sent
+
+    client_worker = NetnsWorker(str(client.netns_path))
+    try:
+        sent = client_worker.call(flood)
+        after = {node: _rss_kib(pid) for node, pid in pids.items()}
+    finally:
+        client_worker.close()
+        for sock in accepted:
+            sock.close()
+        listener.close()
+        server_worker.close()
+    # In flight at most: socket buffers on 4 sockets, one 4 MiB stream window, relay chunks.
+    assert sent < 48 * 1024 * 1024, f"{sent} bytes accepted with nobody reading"
+    for node in pids:
+        growth_mib = (after[node] - before[node]) / 1024
+        assert growth_mib < 64, f"agent on {node} grew {growth_mib:.0f} MiB"

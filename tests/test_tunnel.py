@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import random
 import socket
 import ssl
-import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -29,6 +26,7 @@ from agent.identity.spiffe import SpiffeId
 from agent.inpod.netns import NetnsWorker
 from agent.lab import probes
 from agent.state.store import MeshState
+from tests import bulk
 from tests.inprocess_mesh import APP, Mesh, mesh_fixture, whoami_everywhere
 
 pytestmark = pytest.mark.kernel
@@ -266,71 +264,18 @@ def test_certificate_rotation_keeps_live_connections_and_new_handshakes_use_it(
     assert mesh.events("certificate rotated", identity=server_id.uri)
 
 
-BULK = 256 * 1024 * 1024  # per direction; the 1 GiB run is in tests/test_lab_e2e.py
-BLOCK = 1024 * 1024
-
-
-def pattern(seed: int, size: int) -> Iterator[bytes]:
-    rng = random.Random(seed)
-    for _ in range(size // BLOCK):
-        yield rng.randbytes(BLOCK)
-
-
-def send_pattern(sock: socket.socket, seed: int, size: int, then_fin: bool) -> None:
-    for block in pattern(seed, size):
-        sock.sendall(block)
-    if then_fin:
-        sock.shutdown(socket.SHUT_WR)
-
-
-def sink_source_server(mesh: Mesh, pod: str, port: int, size: int) -> Callable[[], str]:
-    """One connection: hash everything it receives while it sends `size` bytes of
-    pattern(2); returns the received bytes' sha256 once done."""
-    listener = in_pod(mesh, pod, lambda: socket.create_server(("0.0.0.0", port)))
-    result: list[str] = []
-
-    def serve() -> None:
-        conn, _ = listener.accept()
-        with conn:
-            digest = hashlib.sha256()
-            sender = threading.Thread(target=send_pattern, args=(conn, 2, size, False))
-            sender.start()
-            while chunk := conn.recv(1 << 20):
-                digest.update(chunk)
-            sender.join()
-            conn.shutdown(socket.SHUT_WR)
-            result.append(digest.hexdigest())
-        listener.close()
-
-    thread = threading.Thread(target=serve)
-    thread.start()
-
-    def wait() -> str:
-        thread.join(timeout=300)
-        return result[0]
-
-    return wait
+BULK = 256 * 1024 * 1024  # per direction; the 1 GiB run with agent processes: test_lab_e2e.py
 
 
 def test_bulk_transfer_is_byte_exact_both_ways(mesh: Mesh) -> None:
-    server_digest = sink_source_server(mesh, "server-b", 9000, BULK)
-
-    def client() -> str:
-        digest = hashlib.sha256()
-        with socket.create_connection((mesh.pod("server-b").ip, 9000), timeout=60) as sock:
-            sender = threading.Thread(target=send_pattern, args=(sock, 1, BULK, True))
-            sender.start()
-            while chunk := sock.recv(1 << 20):
-                digest.update(chunk)
-            sender.join()
-        return digest.hexdigest()
-
+    server_b = mesh.pod("server-b")
+    server_digest = bulk.serve_once(server_b.netns_path, 9000, seed=2, size=BULK)
     started = time.monotonic()
-    received_by_client = in_pod(mesh, "client-a", client)
-    assert server_digest() == hashlib.sha256(b"".join(pattern(1, BULK))).hexdigest()
-    assert received_by_client == hashlib.sha256(b"".join(pattern(2, BULK))).hexdigest()
+    client_digest = bulk.transfer(mesh.pod("client-a").netns_path, server_b.ip, 9000, 1, BULK)
+    assert server_digest() == bulk.expected_digest(1, BULK)
+    assert client_digest == bulk.expected_digest(2, BULK)
     complete = mesh.wait_events(
-        "connection complete", direction="inbound", dst__addr="10.240.2.2:9000"
+        "connection complete", direction="inbound", dst__addr=f"{server_b.ip}:9000"
     )
     assert complete[-1]["bytes_sent"] == BULK and complete[-1]["bytes_recv"] == BULK
     print(f"2 x {BULK >> 20} MiB through HBONE in {time.monotonic() - started:.1f}s")
