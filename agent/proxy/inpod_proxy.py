@@ -233,8 +233,12 @@ class InPodProxy:
             "dst.workload": target.name, "dst.namespace": target.namespace,
         })  # fmt: skip
         key = PoolKey(source_id.uri, frozenset({target_id.uri}), hbone_addr, src[0])
+        source = pod.workload
         headers = {
             hbone.FORWARDED: f'for="{_addr(src)}"',
+            # Who is calling, for the destination's telemetry (ztunnel's baggage keys).
+            hbone.BAGGAGE: f"k8s.namespace.name={source.namespace},"
+            f"k8s.pod.name={source.name},service.name={source.name}",
             hbone.TRACEPARENT: f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01",
         }
         try:
