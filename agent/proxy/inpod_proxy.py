@@ -133,7 +133,7 @@ class InPodProxy:
         conns = self._hbone_connections.setdefault(workload.uid, set())
 
         def accept(handler: Callable[[Pod, Any, Any], Coroutine[Any, Any, None]]) -> Any:
-            return lambda reader, writer: pod.spawn(handler(pod, reader, writer))
+            return lambda reader, writer: pod.spawn(_guarded(handler(pod, reader, writer), writer))
 
         def hbone_connection() -> HboneConnection:
             conn = HboneConnection(
@@ -260,7 +260,9 @@ class InPodProxy:
 
     async def _dial(self, key: PoolKey) -> HboneConnection:
         """A new HBONE connection from the source pod's netns (mark 0x539: not captured)."""
-        pod = self._pods_by_ip[key.source_ip]
+        pod = self._pods_by_ip.get(key.source_ip)
+        if pod is None:
+            raise ConnectionAbortedError(f"source pod {key.source_ip} is no longer enrolled")
         context = self._client_contexts[SpiffeId.parse(key.source_identity)]
         expected = [SpiffeId.parse(uri) for uri in key.destination_identities]
         sock = await connect_from(pod.worker, key.destination)
@@ -352,6 +354,18 @@ class InPodProxy:
             access.done(stream.bytes_sent, stream.bytes_received, str(exc))
             return
         access.done(sent, received)
+
+
+async def _guarded(handler: Coroutine[Any, Any, None], writer: asyncio.StreamWriter) -> None:
+    """A bug in a handler must not leave the pod's connection hanging: log it, reset it."""
+    try:
+        await handler
+    except asyncio.CancelledError:
+        reset(writer)
+        raise
+    except Exception:
+        log.exception("connection handler failed")
+        reset(writer)
 
 
 def _captured(pod: Pod, direction: str, src: tuple[str, int], dst: tuple[str, int]) -> None:
