@@ -18,7 +18,8 @@ EPILOG = """examples:
   ambient-agent lab status --json                        nodes and pods with netns and IP
   ambient-agent lab exec client-a -- ip addr             a command inside a pod (or node)
   ambient-agent lab down                                 remove everything the lab made
-  ambient-agent demo                                     lab up, show capture, lab down
+  ambient-agent demo                                     lab up, show the mesh's paths, down
+  ambient-agent bench                                    mesh vs no mesh: throughput, latency
 """
 
 
@@ -60,7 +61,12 @@ def _parser() -> argparse.ArgumentParser:
     for p in (up, status, exe, lab_sub.choices["down"]):
         p.add_argument("--name", default="lab", help="lab name (default: lab)")
 
-    demo = sub.add_parser("demo", help="bring the lab up, show capture, tear down")
+    bench = sub.add_parser("bench", help="measure the mesh against no mesh on the lab")
+    bench.add_argument("--json", action="store_true", help="machine-readable result")
+    bench.add_argument("--quick", action="store_true", help="short runs (for tests)")
+    bench.add_argument("--name", default="bench", help="lab name (default: bench)")
+
+    demo = sub.add_parser("demo", help="bring the lab up, show the mesh's paths, tear down")
     demo.add_argument("--json", action="store_true", help="machine-readable result")
     demo.add_argument("--name", default="demo", help="lab name (default: demo)")
     return parser
@@ -72,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     if args.command == "lab":
         return _lab(args)
+    if args.command == "bench":
+        from agent.bench import run_bench
+
+        return run_bench(args.name, json_output=args.json, quick=args.quick)
     from agent.demo import run_demo
 
     return run_demo(args.name, json_output=args.json)

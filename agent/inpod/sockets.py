@@ -17,8 +17,12 @@ LISTEN_BACKLOG = 4096
 def listener(port: int, transparent: bool) -> socket.socket:
     """A listener on 0.0.0.0:port. The tc programs hand it connections for any address
     (bpf_sk_assign); IP_TRANSPARENT lets it accept those not addressed to the pod."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP explicitly: asyncio turns Nagle off only on sockets whose proto says TCP,
+    # and accepted sockets inherit the listener's. With Nagle on, a small HTTP/2 frame waits
+    # for the peer's delayed ACK: 40 ms on every new connection.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, abi.AGENT_MARK)
         if transparent:
@@ -35,7 +39,7 @@ def listener(port: int, transparent: bool) -> socket.socket:
 def upstream(source: tuple[str, int] | None = None) -> socket.socket:
     """An unconnected client socket; with `source`, bound transparently to that foreign
     address so the peer sees the original client (used toward the pod's own app)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, abi.AGENT_MARK)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

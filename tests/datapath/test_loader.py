@@ -69,3 +69,20 @@ def test_missing_helper_is_explained_with_the_kernel_it_needs() -> None:
 def test_other_load_failures_keep_the_verifier_tail() -> None:
     error = loader._explain("R1 invalid mem access 'scalar'\n", "loading pod_egress")
     assert "loading pod_egress failed" in str(error) and "invalid mem access" in str(error)
+
+
+@pytest.mark.kernel  # SO_MARK needs CAP_NET_ADMIN
+def test_agent_sockets_turn_nagle_off_for_what_they_accept() -> None:
+    """Accepted sockets inherit the listener's TCP_NODELAY; with Nagle on, HBONE's small
+    frames waited 40 ms for delayed ACKs on every new connection."""
+    import socket
+
+    from agent.inpod import sockets
+
+    with sockets.listener(0, transparent=False) as listener:
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)):
+            listener.setblocking(True)
+            accepted, _ = listener.accept()
+            with accepted:
+                assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
