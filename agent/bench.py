@@ -40,7 +40,6 @@ ECHO_PORT = 9000
 RR_SIZE = 1024
 CONN_SIZE = 64
 IO_TIMEOUT = 5.0  # one send or receive; a stalled exchange fails instead of hanging
-SERVER_START_TIMEOUT = 15.0
 CLIENT = "client-a"
 CROSS_NODE_SERVER = "server-b"
 SAME_NODE_SERVER = "server-a"
@@ -192,56 +191,13 @@ def _measure(name: str, mode: str, settings: Settings, log: TextIO) -> ModeResul
 # -- servers in the server pods ------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _server(target: PodState, port: int, argv: list[str]) -> Iterator[None]:
-    """A server process in the pod's netns for the duration of the block, always stopped."""
-    proc = subprocess.Popen(
-        ["ip", "netns", "exec", target.netns, *argv],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        _wait_listening(target, port, proc, argv[0])
-        yield
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
-
-
 def _iperf_server(target: PodState) -> contextlib.AbstractContextManager[None]:
-    return _server(target, IPERF_PORT, ["iperf3", "-s", "-p", str(IPERF_PORT)])
+    return probes.pod_server(target, IPERF_PORT, ["iperf3", "-s", "-p", str(IPERF_PORT)])
 
 
 def _echo_server(target: PodState) -> contextlib.AbstractContextManager[None]:
     code = f"from agent.bench import serve_echo; serve_echo({ECHO_PORT})"
-    return _server(target, ECHO_PORT, [sys.executable, "-c", code])
-
-
-def _wait_listening(target: PodState, port: int, proc: subprocess.Popen[bytes], what: str) -> None:
-    deadline = time.monotonic() + SERVER_START_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-            raise BenchError(f"{what} in {target.name} exited with {proc.returncode}: {err}")
-        listening = subprocess.run(
-            ["ip", "netns", "exec", target.netns, "ss", "-Hltn", f"sport = :{port}"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout
-        if listening.strip():
-            return
-        time.sleep(0.05)
-    raise BenchError(
-        f"{what} in {target.name} not listening on {port} after {SERVER_START_TIMEOUT:.0f}s"
-    )
+    return probes.pod_server(target, ECHO_PORT, [sys.executable, "-c", code])
 
 
 def serve_echo(port: int) -> None:

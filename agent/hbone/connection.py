@@ -47,8 +47,6 @@ class HboneStream:
         self._reset_code: int | None = None
         self._reset_cause: BaseException | None = None
         self.established: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.bytes_received = 0
-        self.bytes_sent = 0
 
     # -- driven by the connection ----------------------------------------------------------
 
@@ -92,7 +90,6 @@ class HboneStream:
             await self._readable.wait()
         data, flow_length = self._chunks.popleft()
         self._conn.consumed(self.stream_id, flow_length)
-        self.bytes_received += len(data)
         return data
 
     async def write(self, data: bytes) -> None:
@@ -103,7 +100,6 @@ class HboneStream:
             if self._conn.closed:
                 raise ConnectionResetError("HBONE connection closed")
             taken = self._conn.send_data(self.stream_id, bytes(view))
-            self.bytes_sent += taken
             view = view[taken:]
             if view:
                 self._writable.clear()

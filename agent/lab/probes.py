@@ -52,17 +52,24 @@ def talk(netns_path: Path, host: str, port: int, message: str, timeout: float = 
         worker.close()
 
 
+class PodServerError(RuntimeError):
+    pass
+
+
+SERVER_START_TIMEOUT = 15.0
+
+
 @contextlib.contextmanager
-def whoami_server(target: PodState, port: int = 8080) -> Iterator[subprocess.Popen[bytes]]:
-    """A whoami server in the pod for the duration of the block."""
+def pod_server(target: PodState, port: int, argv: list[str]) -> Iterator[None]:
+    """A server process in the pod's netns, listening on `port` for the duration of the
+    block, and always stopped afterwards."""
     proc = subprocess.Popen(
-        ["ip", "netns", "exec", target.netns, sys.executable, "-m", "agent.lab.whoami",
-         "--port", str(port)],
+        ["ip", "netns", "exec", target.netns, *argv],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        _wait_listening(target, port, proc)
-        yield proc
+        _wait_listening(target, port, proc, argv[0])
+        yield
     finally:
         proc.terminate()
         try:
@@ -70,22 +77,30 @@ def whoami_server(target: PodState, port: int = 8080) -> Iterator[subprocess.Pop
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
 
 
-def _wait_listening(target: PodState, port: int, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 15
+def whoami_server(target: PodState, port: int = 8080) -> contextlib.AbstractContextManager[None]:
+    return pod_server(target, port, [sys.executable, "-m", "agent.lab.whoami", "--port", str(port)])
+
+
+def _wait_listening(target: PodState, port: int, proc: subprocess.Popen[bytes], what: str) -> None:
+    deadline = time.monotonic() + SERVER_START_TIMEOUT
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            err = proc.stderr.read().decode() if proc.stderr else ""
-            raise RuntimeError(f"whoami in {target.name} exited: {err}")
+            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+            raise PodServerError(f"{what} in {target.name} exited with {proc.returncode}: {err}")
         listening = subprocess.run(
             ["ip", "netns", "exec", target.netns, "ss", "-Hltn", f"sport = :{port}"],
-            capture_output=True, text=True,
+            capture_output=True, text=True, timeout=10,
         ).stdout  # fmt: skip
         if listening.strip():
             return
         time.sleep(0.05)
-    raise RuntimeError(f"whoami in {target.name} not listening on {port}")
+    raise PodServerError(
+        f"{what} in {target.name} not listening on {port} after {SERVER_START_TIMEOUT:.0f}s"
+    )
 
 
 def agent_events(state: LabState, node: str) -> list[dict[str, Any]]:

@@ -35,7 +35,7 @@ from agent.identity.manager import IdentityManager, WorkloadCertificate
 from agent.identity.spiffe import SpiffeId
 from agent.inpod import sockets
 from agent.inpod.netns import NetnsWorker
-from agent.proxy.relay import SocketStream, relay, reset
+from agent.proxy.relay import RelayResult, SocketStream, relay, reset
 from agent.state.store import StateStore
 from agent.state.workload import Workload
 
@@ -94,15 +94,17 @@ class _Access:
     started: float
     fields: dict[str, Any]
 
-    def done(self, sent: int = 0, received: int = 0, error: str | None = None) -> None:
+    def done(self, relayed: RelayResult | None = None, error: str | None = None) -> None:
+        """bytes_sent: client to server; bytes_recv: server to client (relays are always
+        called with the client side first)."""
         log.info(
             "connection complete",
             direction=self.direction,
             pod=self.pod.key,
-            bytes_sent=sent,
-            bytes_recv=received,
+            bytes_sent=relayed.a_to_b if relayed else 0,
+            bytes_recv=relayed.b_to_a if relayed else 0,
             duration_ms=round((time.monotonic() - self.started) * 1000, 3),
-            error=error,
+            error=error or (relayed.error if relayed else None),
             **{"src.addr": self.src, "dst.addr": self.dst},
             **self.fields,
         )
@@ -251,12 +253,7 @@ class InPodProxy:
             reset(writer)
             access.done(error=f"tunnel failed: {exc or type(exc).__name__}")
             return
-        try:
-            sent, received = await relay(SocketStream(reader, writer), stream)
-        except (ConnectionError, OSError) as exc:
-            access.done(stream.bytes_sent, stream.bytes_received, str(exc))
-            return
-        access.done(sent, received)
+        access.done(await relay(SocketStream(reader, writer), stream))
 
     async def _dial(self, key: PoolKey) -> HboneConnection:
         """A new HBONE connection from the source pod's netns (mark 0x539: not captured)."""
@@ -313,14 +310,7 @@ class InPodProxy:
             access.done(error=f"upstream connect failed: {exc or type(exc).__name__}")
             return
         up_reader, up_writer = await asyncio.open_connection(sock=up)
-        try:
-            sent, received = await relay(
-                SocketStream(reader, writer), SocketStream(up_reader, up_writer)
-            )
-        except (ConnectionError, OSError) as exc:
-            access.done(error=str(exc))
-            return
-        access.done(sent, received)
+        access.done(await relay(SocketStream(reader, writer), SocketStream(up_reader, up_writer)))
 
     # -- inbound HBONE (15008) -------------------------------------------------------------
 
@@ -348,12 +338,7 @@ class InPodProxy:
             return
         conn.accept(stream)
         up_reader, up_writer = await asyncio.open_connection(sock=up)
-        try:
-            sent, received = await relay(stream, SocketStream(up_reader, up_writer))
-        except (ConnectionError, OSError) as exc:
-            access.done(stream.bytes_sent, stream.bytes_received, str(exc))
-            return
-        access.done(sent, received)
+        access.done(await relay(stream, SocketStream(up_reader, up_writer)))
 
 
 async def _guarded(handler: Coroutine[Any, Any, None], writer: asyncio.StreamWriter) -> None:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import socket
 import struct
+from dataclasses import dataclass
 from typing import Protocol
 
 CHUNK = 256 * 1024
@@ -57,28 +58,36 @@ def reset(writer: asyncio.StreamWriter) -> None:
     writer.transport.abort()
 
 
-async def _pump(source: ByteStream, sink: ByteStream) -> int:
-    copied = 0
-    while data := await source.read():
-        await sink.write(data)
-        copied += len(data)
-    sink.write_eof()
-    return copied
+@dataclass(frozen=True, slots=True)
+class RelayResult:
+    a_to_b: int  # bytes, also those moved before an error
+    b_to_a: int
+    error: str | None  # why it ended early: a reset or socket error on either side
 
 
-async def relay(a: ByteStream, b: ByteStream) -> tuple[int, int]:
-    """Returns (bytes a→b, bytes b→a). A reset on either side resets the other."""
-    a_to_b = asyncio.ensure_future(_pump(a, b))
-    b_to_a = asyncio.ensure_future(_pump(b, a))
+async def relay(a: ByteStream, b: ByteStream) -> RelayResult:
+    """Copy both ways until both directions are done. A reset on either side resets the
+    other, and is reported in the result rather than raised."""
+    moved = [0, 0]
+
+    async def pump(source: ByteStream, sink: ByteStream, direction: int) -> None:
+        while data := await source.read():
+            await sink.write(data)
+            moved[direction] += len(data)
+        sink.write_eof()
+
+    a_to_b = asyncio.ensure_future(pump(a, b, 0))
+    b_to_a = asyncio.ensure_future(pump(b, a, 1))
+    error = None
     try:
         await asyncio.gather(a_to_b, b_to_a)
-    except (ConnectionError, OSError):
+    except (ConnectionError, OSError) as exc:
         a_to_b.cancel()
         b_to_a.cancel()
         a.reset()
         b.reset()
-        raise
+        error = str(exc) or type(exc).__name__
     finally:
         a.close()
         b.close()
-    return a_to_b.result(), b_to_a.result()
+    return RelayResult(moved[0], moved[1], error)

@@ -179,7 +179,6 @@ class OurHboneServer:
         self.refused_peers: list[Exception] = []
         self.requests: list[p.TunnelRequested] = []
         self.tunnel_peers: list[object] = []
-        self.relayed: list[tuple[int, int]] = []
         self._server: asyncio.Server | None = None
         self._conns: set[HboneConnection] = set()
         self._tasks: set[asyncio.Future[Any]] = set()
@@ -233,7 +232,7 @@ class OurHboneServer:
             return
         conn.accept(stream)
         with contextlib.suppress(ConnectionError, OSError):
-            self.relayed.append(await relay(stream, SocketStream(reader, writer)))
+            await relay(stream, SocketStream(reader, writer))
 
     async def close(self) -> None:
         if self._server is not None:
