@@ -110,8 +110,14 @@ def run_agent(config: AgentConfig) -> int:
     async def main() -> int:
         agent = NodeAgent(config)
         loop = asyncio.get_running_loop()
+        log.info("event loop", implementation=type(loop).__module__.split(".")[0])
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, agent.stop, sig)
         return await agent.run()
 
-    return asyncio.run(main())
+    try:
+        import uvloop  # optional extra; measured no faster here (docs/performance.md)
+    except ImportError:
+        return asyncio.run(main())
+    result: int = uvloop.run(main())
+    return result

@@ -17,7 +17,7 @@ import contextlib
 import os
 import ssl
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import h2.errors
 import structlog
@@ -151,15 +151,15 @@ class HboneConnection(asyncio.Protocol):
     # -- asyncio.Protocol ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # A stream transport (uvloop's do not subclass asyncio.Transport, hence no isinstance).
+        self._transport = cast(asyncio.Transport, transport)
         if self._verify_peer is not None:
             # Right after the TLS handshake, before a single HTTP/2 byte is processed.
             try:
                 self.peer_identity = self._verify_peer(self.ssl_object())
             except Exception as exc:
                 log.warning("hbone peer refused", peer=self.peer, error=str(exc))
-                transport.abort()
+                self._transport.abort()
                 return
         self._flush()
         self._pinger = asyncio.ensure_future(self._keepalive())
