@@ -1,0 +1,1 @@
+"""L4 authorization: Istio AuthorizationPolicy semantics, compiled into kernel maps."""
