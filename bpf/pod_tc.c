@@ -8,12 +8,14 @@
  *     or for a new connection to the agent's outbound listener (15001). The listener then
  *     sees the original destination as its local address.
  *   - anything else is genuinely inbound: packets of known connections and those to 15008
- *     pass; a new connection to any other port goes to the inbound listener (15006).
+ *     pass; a new connection to any other port is authorized by L4 policy (lib/authorize.h)
+ *     and, if allowed, goes to the inbound listener (15006), else is dropped.
  * The pod netns routes DELIVER_MARK packets to `lo` (ip rule + local table), so the stack
  * accepts the looped packets, whose destination is remote, as local. */
 
 #include "lib/common.h"
 #include "lib/verdict.h"
+#include "lib/authorize.h"
 
 /* Lookups run in the netns of the interface the program is attached to: the pod's. */
 static __always_inline struct bpf_sock *lookup_tcp(struct __sk_buff *skb,
@@ -128,6 +130,12 @@ static __always_inline int deliver_inbound(struct __sk_buff *skb, const struct t
     struct pod_info *pod = enrolled(v->daddr);
     if (!pod)
         return verdict(PASS_NOT_ENROLLED, TC_ACT_OK);
+    /* Plaintext has no verified identity: a known workload's address stands for it. A denied
+     * connection ends here, without waking userspace. */
+    struct policy_decision decision;
+    authorize(v->saddr, v->daddr, bpf_ntohs(v->dport), plaintext_identity(v->saddr), &decision);
+    if (!decision.allow)
+        return drop(DROP_POLICY_DENIED);
     sk = lookup_listener(skb, v, PORT_INBOUND);
     if (!sk)
         return drop(DROP_NO_LISTENER);

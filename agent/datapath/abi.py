@@ -28,8 +28,15 @@ BPF_DIR = Path(os.environ.get("AMBIENT_BPF_DIR", Path(__file__).resolve().parent
 BPFFS_ROOT = Path("/sys/fs/bpf")
 DEFAULT_PIN_DIR = BPFFS_ROOT / "ambient"
 
-PROGRAMS = ("pod_ingress", "pod_egress")
-MAPS = ("pods", "capture_exclude_ports", "verdicts")
+PROGRAM_FILES = ("pod_tc.c", "agent_connect.c")
+TC_PROGRAMS = ("pod_ingress", "pod_egress")
+CGROUP_CONNECT4_PROGRAM = "agent_connect4"
+PROGRAMS = (*TC_PROGRAMS, CGROUP_CONNECT4_PROGRAM)
+MAPS = (
+    "pods", "capture_exclude_ports", "verdicts", "pol_config", "pol_workloads", "pol_identities",
+    "pol_src_ips", "pol_dst_ips", "pol_ports", "pol_terms", "workload_identities", "policy_stats",
+    "upstream_peers",
+)  # fmt: skip
 
 # Flag bits of struct pod_info.flags.
 POD_CAPTURE = 0x1
@@ -73,6 +80,7 @@ class VerdictReason(enum.IntEnum):
     DROP_NO_LISTENER = 12
     DROP_AGENT_PORT = 13
     DROP_ASSIGN_FAILED = 14
+    DROP_POLICY_DENIED = 15
 
 
 if (_c_reasons := read_reasons(BPF_DIR / "lib" / "reasons.h")) != {

@@ -32,11 +32,14 @@ class DatapathError(Exception):
     """The kernel side cannot start. The message says what is missing and how to fix it."""
 
 
-def render_source(program: str = "pod_tc.c", bpf_dir: Path = abi.BPF_DIR) -> str:
-    """The program with our own `#include "lib/..."` headers inlined.
+def render_source(
+    programs: tuple[str, ...] = abi.PROGRAM_FILES, bpf_dir: Path = abi.BPF_DIR
+) -> str:
+    """The programs as one text, with our own `#include "lib/..."` headers inlined once.
 
-    BCC rewrites map calls (`pods.lookup(...)`) only in the text it is handed, not in
-    included files, so the project's headers are inlined here; system headers stay includes.
+    One text, so the programs share one set of maps. BCC rewrites map calls
+    (`pods.lookup(...)`) only in the text it is handed, not in included files, hence the
+    inlining; system headers stay includes.
     """
     seen: set[Path] = set()
 
@@ -55,7 +58,9 @@ def render_source(program: str = "pod_tc.c", bpf_dir: Path = abi.BPF_DIR) -> str
                 lines.append(line)
         return "\n".join(lines)
 
-    return expand((bpf_dir / program).resolve())
+    return "\n".join(
+        f"/* ==== {name} ==== */\n" + expand((bpf_dir / name).resolve()) for name in programs
+    )
 
 
 def preflight() -> None:
@@ -135,7 +140,7 @@ class LoadedDatapath:
     """Programs and maps loaded into the kernel and pinned under `pin_dir`."""
 
     def __init__(self, pin_dir: Path) -> None:
-        from bcc import BPF
+        from bcc import BPF, BPFAttachType
 
         self.pin_dir = pin_dir
         self.source = render_source()
@@ -143,16 +148,24 @@ class LoadedDatapath:
             try:
                 self._bpf = BPF(text=self.source.encode(), cflags=abi.cflags())
             except Exception:
-                raise _explain("".join(log), "compiling bpf/pod_tc.c") from None
+                raise _explain("".join(log), f"compiling {', '.join(abi.PROGRAM_FILES)}") from None
         self.program_fds: dict[str, int] = {}
+        self._functions: dict[str, Any] = {}
         try:
             for name in abi.PROGRAMS:
                 with _stderr_captured() as log:
                     try:
-                        fn = self._bpf.load_func(name.encode(), BPF.SCHED_CLS)
+                        if name == abi.CGROUP_CONNECT4_PROGRAM:
+                            fn = self._bpf.load_func(
+                                name.encode(), BPF.CGROUP_SOCK_ADDR,
+                                attach_type=BPFAttachType.CGROUP_INET4_CONNECT,
+                            )  # fmt: skip
+                        else:
+                            fn = self._bpf.load_func(name.encode(), BPF.SCHED_CLS)
                     except Exception:
                         raise _explain("".join(log), f"loading {name}") from None
                 self.program_fds[name] = fn.fd
+                self._functions[name] = fn
             self._pin_all()
         except BaseException:
             self._bpf.cleanup()
@@ -161,6 +174,15 @@ class LoadedDatapath:
     def table(self, name: str) -> Any:
         return self._bpf[name.encode()]
 
+    def map_fd(self, name: str) -> int:
+        """Also for maps bcc has no Python table type for (socket-local storage)."""
+        from bcc import libbcc
+
+        fd = int(libbcc.lib.bpf_table_fd(self._bpf.module, name.encode()))
+        if fd < 0:
+            raise DatapathError(f"no map {name} in the loaded programs")
+        return fd
+
     def _pin_all(self) -> None:
         from bcc import libbcc
 
@@ -168,7 +190,7 @@ class LoadedDatapath:
         self.unpin()
         for kind, objects in (
             ("progs", self.program_fds),
-            ("maps", {m: self.table(m).map_fd for m in abi.MAPS}),
+            ("maps", {m: self.map_fd(m) for m in abi.MAPS}),
         ):
             (self.pin_dir / kind).mkdir(parents=True, exist_ok=True)
             for name, fd in objects.items():

@@ -49,6 +49,7 @@ def mesh_config(state: LabState) -> dict[str, Any]:
                 "node": pod.node,
                 "netns": str(pod.netns_path),
                 "interface": pod.interface,
+                "labels": dict(pod.labels),
             }
             for pod in state.pods
         ],

@@ -38,7 +38,7 @@ class LocalConfig:
 
 _WORKLOAD_KEYS = {
     "uid", "name", "namespace", "serviceAccount", "workloadIps", "protocol", "node",
-    "services", "waypoint", "netns", "interface", "canonicalName", "canonicalRevision",
+    "services", "waypoint", "netns", "interface", "canonicalName", "canonicalRevision", "labels",
     "workloadName", "workloadType", "trustDomain", "clusterId", "status",
 }  # fmt: skip
 
@@ -224,6 +224,14 @@ def _workload(node: yaml.Node, source: str) -> Workload:
         if not isinstance(waypoint_node, yaml.MappingNode):
             raise _error(source, waypoint_node, "waypoint must be a mapping")
         waypoint = _construct(source, waypoint_node)
+    labels: dict[str, str] = {}
+    if (labels_node := _present(fields, "labels")) is not None:
+        raw = _construct(source, labels_node) if isinstance(labels_node, yaml.MappingNode) else None
+        if not isinstance(raw, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in raw.items()
+        ):
+            raise _error(source, labels_node, "labels must map strings to strings")
+        labels = raw
     name, namespace = str(data["name"]), str(data["namespace"])
     return Workload(
         uid=str(data.get("uid", f"local//Pod/{namespace}/{name}")),
@@ -238,6 +246,7 @@ def _workload(node: yaml.Node, source: str) -> Workload:
         trust_domain=trust_domain,
         services=services,
         waypoint=waypoint,
+        labels=labels,
     )
 
 

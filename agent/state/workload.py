@@ -16,7 +16,7 @@ class Protocol(StrEnum):
     TCP = "TCP"  # out of the mesh: plain TCP, never captured
 
 
-def _no_services() -> Mapping[str, Any]:
+def _empty_mapping() -> Mapping[str, Any]:
     return MappingProxyType({})
 
 
@@ -36,12 +36,15 @@ class Workload:
     trust_domain: str = DEFAULT_TRUST_DOMAIN
     # ztunnel's shape, kept raw until the tunnel layer needs more: "namespace/hostname" ->
     # {service port: target port}. Mappings have no hash, so these two stay out of it.
-    services: Mapping[str, Any] = field(default_factory=_no_services, hash=False)
+    services: Mapping[str, Any] = field(default_factory=_empty_mapping, hash=False)
     waypoint: dict[str, Any] | None = field(default=None, hash=False)
+    # Pod labels: what AuthorizationPolicy selectors match.
+    labels: Mapping[str, str] = field(default_factory=_empty_mapping, hash=False)
 
     def __post_init__(self) -> None:
-        # Read-only copy: snapshots are shared by every reader of the state store.
+        # Read-only copies: snapshots are shared by every reader of the state store.
         object.__setattr__(self, "services", MappingProxyType(dict(self.services)))
+        object.__setattr__(self, "labels", MappingProxyType(dict(self.labels)))
 
     @property
     def captured(self) -> bool:

@@ -3,6 +3,7 @@
 #pragma once
 
 #include "reasons.h"
+#include "policy.h"
 
 #define POD_CAPTURE 0x1 /* steer this pod's TCP through the agent */
 
@@ -35,3 +36,23 @@ BPF_TABLE("hash", struct port_key, struct port_rule, capture_exclude_ports, 256)
 /* Packets per verdict reason, indexed by enum verdict_reason (array maps take a plain u32
  * key, so bpftool prints the number; `ambientctl verdicts` prints the name). */
 BPF_TABLE("percpu_array", __u32, __u64, verdicts, VERDICT_REASON_MAX);
+
+/* ---- L4 authorization (see policy.h) ---- */
+BPF_ARRAY(pol_config, struct pol_config, 1);
+BPF_TABLE("hash", struct pol_workload_key, struct pol_workload, pol_workloads, 2048);
+BPF_TABLE("hash", struct pol_identity_key, struct policy_mask, pol_identities, 65536);
+BPF_LPM_TRIE(pol_src_ips, struct pol_lpm_key, struct policy_mask, 65536);
+BPF_LPM_TRIE(pol_dst_ips, struct pol_lpm_key, struct policy_mask, 16384);
+BPF_TABLE("hash", struct pol_port_key, struct policy_mask, pol_ports, 65536);
+BPF_TABLE("hash", struct pol_term_key, __u32, pol_terms, 65536);
+/* Known workloads' addresses -> identity number, for plaintext sources. */
+BPF_TABLE("hash", struct workload_identity_key, __u32, workload_identities, 65536);
+/* Decisions per (policy, reason); the agent names the policies. */
+BPF_TABLE("percpu_hash", struct policy_stat_key, __u64, policy_stats, 16384);
+
+/* HBONE upstream sockets: the peer the agent verified, read by agent_connect4. */
+struct upstream_peer {
+    __u32 identity; /* the verified peer's identity number */
+    __u32 src_addr; /* the client's IPv4, network order */
+};
+BPF_SK_STORAGE(upstream_peers, struct upstream_peer);

@@ -18,5 +18,6 @@ enum verdict_reason {
     DROP_NO_LISTENER = 12,             /* agent listener absent: fail closed */
     DROP_AGENT_PORT = 13,              /* inbound straight to 15001/15006 */
     DROP_ASSIGN_FAILED = 14,           /* bpf_sk_assign refused the socket */
-    VERDICT_REASON_MAX = 15,
+    DROP_POLICY_DENIED = 15,           /* plaintext inbound denied by L4 policy */
+    VERDICT_REASON_MAX = 16,
 };

@@ -1,0 +1,317 @@
+"""Compile authorization policies into the kernel's lookup tables (bpf/lib/policy.h).
+
+For each destination workload W on this node, the policies that apply to it are expanded
+into conjunctive terms (a rule's clauses are ANDed, a clause's matches ORed, so a rule is the
+product of its clauses' matches). Each term gets a bit, numbered per W. Then, per dimension of
+a connection, every value class gets the mask of the terms it satisfies:
+
+- source identity: each identity number (0 = unauthenticated);
+- source IP and destination IP: the CIDRs the terms name, plus 0.0.0.0/0, in an LPM trie.
+  CIDRs nest or are disjoint, so an address whose longest listed prefix is `c` lies inside
+  exactly the listed networks that contain `c`;
+- destination port: each port the terms name, plus 0 for every other port.
+
+The kernel ANDs the four masks and reads the answer off W's DENY/ALLOW masks: a constant
+number of lookups however many policies there are. String matching on principals and
+namespaces happens here, once per identity, never per connection.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TypeVar
+
+from agent.identity.spiffe import SpiffeId
+from agent.policy.model import (
+    Action,
+    IpNetwork,
+    Match,
+    Policy,
+    Rule,
+    WorkloadSelectorTarget,
+    applies_to,
+)
+from agent.state.workload import Workload
+
+MASK_WORDS = 4
+MAX_TERMS = 64 * MASK_WORDS
+ANY_V4 = ipaddress.IPv4Network("0.0.0.0/0")
+
+# flags of struct pol_workload
+HAS_ALLOW = 0x1
+DRY_HAS_ALLOW = 0x2
+FALLBACK = 0x4
+
+UNAUTHENTICATED = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Term:
+    policy: Policy
+    matches: tuple[Match, ...]  # all must hold
+
+
+@dataclass
+class WorkloadTables:
+    """Everything the kernel needs for one destination workload W."""
+
+    wid: int
+    addresses: tuple[str, ...]
+    flags: int = 0
+    deny: int = 0
+    allow: int = 0
+    dry_deny: int = 0
+    dry_allow: int = 0
+    terms: list[Term] = field(default_factory=list)
+    by_identity: dict[int, int] = field(default_factory=dict)
+    by_src: dict[ipaddress.IPv4Network, int] = field(default_factory=dict)
+    by_dst: dict[ipaddress.IPv4Network, int] = field(default_factory=dict)
+    by_port: dict[int, int] = field(default_factory=dict)  # 0: every other port
+    fallback_reason: str | None = None
+
+
+@dataclass
+class CompiledPolicies:
+    workloads: list[WorkloadTables]
+    workload_identities: dict[str, int]  # address -> identity number (plaintext sources)
+    policy_numbers: dict[str, int]  # "ns/name" -> number used in the kernel's counters
+
+
+class IdentityNumbers:
+    """Stable numbers for identities (0 = unauthenticated): the kernel keys masks by them
+    and the agent tags HBONE upstream sockets with them, so they survive recompiles."""
+
+    def __init__(self) -> None:
+        self._numbers: dict[SpiffeId, int] = {}
+
+    def number(self, identity: SpiffeId) -> int:
+        if identity not in self._numbers:
+            self._numbers[identity] = len(self._numbers) + 1
+        return self._numbers[identity]
+
+    def known(self) -> dict[SpiffeId | None, int]:
+        known: dict[SpiffeId | None, int] = {None: UNAUTHENTICATED}
+        for identity, number in self._numbers.items():
+            known[identity] = number
+        return known
+
+
+class PolicyNumbers:
+    """Stable numbers for policies (0 = none), for the kernel's per-policy counters."""
+
+    def __init__(self) -> None:
+        self._numbers: dict[str, int] = {}
+
+    def number(self, key: str) -> int:
+        if key not in self._numbers:
+            self._numbers[key] = len(self._numbers) + 1
+        return self._numbers[key]
+
+    def names(self) -> dict[int, str]:
+        return {number: key for key, number in self._numbers.items()}
+
+
+# ---- term expansion -------------------------------------------------------------------------
+
+
+def expand_rule(rule: Rule) -> list[tuple[Match, ...]] | None:
+    """The rule as a list of conjunctions; [] when it can never match. None when it expands
+    past MAX_TERMS."""
+    choices: list[list[tuple[Match, ...]]] = []
+    for clause in rule:
+        if not clause:
+            continue  # an empty clause matches anything
+        matches = [m for m in clause if not m.is_empty()]
+        if not matches:
+            return []  # ztunnel skips empty match groups: this clause can never match
+        choices.append([(m,) for m in matches])
+    size = 1
+    for options in choices:
+        size *= len(options)
+        if size > MAX_TERMS:
+            return None
+    return [tuple(itertools.chain.from_iterable(combo)) for combo in itertools.product(*choices)]
+
+
+# ---- per-dimension predicates (ztunnel's rbac.rs, field by field) -----------------------------
+
+
+T = TypeVar("T")
+
+
+def _field(positive: tuple[T, ...], negative: tuple[T, ...], holds: Callable[[T], bool]) -> bool:
+    return (not positive or any(holds(v) for v in positive)) and not (
+        negative and any(holds(v) for v in negative)
+    )
+
+
+def identity_holds(match: Match, identity: SpiffeId | None) -> bool:
+    namespace = identity.namespace if identity else ""
+    return (
+        _field(match.namespaces, match.not_namespaces, lambda s: s.matches(namespace))
+        and _field(
+            match.service_accounts,
+            match.not_service_accounts,
+            lambda sa: (
+                identity is not None
+                and (identity.namespace, identity.service_account)
+                == (sa.namespace, sa.service_account)
+            ),
+        )
+        # ztunnel strips "spiffe://" first and fails without an identity, whatever the matcher
+        and _field(
+            match.principals,
+            match.not_principals,
+            lambda s: identity is not None and s.matches(identity.principal),
+        )
+    )
+
+
+def _inside(inner: ipaddress.IPv4Network) -> Callable[[IpNetwork], bool]:
+    return lambda net: isinstance(net, ipaddress.IPv4Network) and inner.subnet_of(net)
+
+
+def src_holds(match: Match, cls: ipaddress.IPv4Network) -> bool:
+    return _field(match.source_ips, match.not_source_ips, _inside(cls))
+
+
+def dst_holds(match: Match, cls: ipaddress.IPv4Network) -> bool:
+    return _field(match.destination_ips, match.not_destination_ips, _inside(cls))
+
+
+def port_holds(match: Match, port: int) -> bool:
+    return _field(match.destination_ports, match.not_destination_ports, lambda p: p == port)
+
+
+def _classes(
+    terms: list[Term], pick: Callable[[Match], Iterable[IpNetwork]]
+) -> set[ipaddress.IPv4Network]:
+    found = {ANY_V4}
+    for term in terms:
+        for match in term.matches:
+            found.update(n for n in pick(match) if isinstance(n, ipaddress.IPv4Network))
+    return found
+
+
+def _identity_of(identity: SpiffeId | None, match: Match) -> bool:
+    return identity_holds(match, identity)
+
+
+def _src_of(cls: ipaddress.IPv4Network, match: Match) -> bool:
+    return src_holds(match, cls)
+
+
+def _dst_of(cls: ipaddress.IPv4Network, match: Match) -> bool:
+    return dst_holds(match, cls)
+
+
+def _port_of(port: int, match: Match) -> bool:
+    return port_holds(match, port)
+
+
+def _mask(terms: list[Term], holds: Callable[[Match], bool]) -> int:
+    mask = 0
+    for bit, term in enumerate(terms):
+        if all(holds(m) for m in term.matches):
+            mask |= 1 << bit
+    return mask
+
+
+# ---- compile ----------------------------------------------------------------------------------
+
+
+def compile_workload(
+    wid: int,
+    workload: Workload,
+    labels: Mapping[str, str],
+    policies: Iterable[Policy],
+    identities: Mapping[SpiffeId | None, int],
+) -> WorkloadTables:
+    target = WorkloadSelectorTarget(workload.namespace, dict(labels))
+    applicable = sorted(
+        (p for p in policies if applies_to(p, target)), key=lambda p: (p.namespace, p.name)
+    )
+    tables = WorkloadTables(wid, tuple(ip for ip in workload.ips if ":" not in ip))
+    for policy in applicable:
+        if policy.action is Action.ALLOW:
+            tables.flags |= DRY_HAS_ALLOW if policy.dry_run else HAS_ALLOW
+        for rule in policy.rules:
+            expanded = expand_rule(rule)
+            if expanded is None or len(tables.terms) + len(expanded) > MAX_TERMS:
+                tables.flags |= FALLBACK
+                tables.fallback_reason = (
+                    f"the policies for {workload.key} expand past {MAX_TERMS} terms"
+                )
+                return tables
+            tables.terms.extend(Term(policy, matches) for matches in expanded)
+    for bit, term in enumerate(tables.terms):
+        dry, action = term.policy.dry_run, term.policy.action
+        if action is Action.DENY:
+            tables.dry_deny |= (1 << bit) if dry else 0
+            tables.deny |= 0 if dry else (1 << bit)
+        else:
+            tables.dry_allow |= (1 << bit) if dry else 0
+            tables.allow |= 0 if dry else (1 << bit)
+    terms = tables.terms
+    tables.by_identity = {
+        number: _mask(terms, partial(_identity_of, identity))
+        for identity, number in identities.items()
+    }
+    tables.by_src = {
+        c: _mask(terms, partial(_src_of, c))
+        for c in _classes(terms, lambda m: (*m.source_ips, *m.not_source_ips))
+    }
+    tables.by_dst = {
+        c: _mask(terms, partial(_dst_of, c))
+        for c in _classes(terms, lambda m: (*m.destination_ips, *m.not_destination_ips))
+    }
+    ports = {
+        p
+        for t in terms
+        for m in t.matches
+        for p in (*m.destination_ports, *m.not_destination_ports)
+    }
+    tables.by_port = {p: _mask(terms, partial(_port_of, p)) for p in ports}
+    tables.by_port[0] = _mask(terms, partial(_port_of, 0))  # 0 is no term's port
+    return tables
+
+
+def compile_policies(
+    policies: Iterable[Policy],
+    destinations: Iterable[tuple[Workload, Mapping[str, str]]],
+    mesh_workloads: Iterable[Workload],
+    identity_numbers: IdentityNumbers,
+    policy_numbers: PolicyNumbers,
+) -> CompiledPolicies:
+    """destinations: this node's enrolled workloads with their labels; mesh_workloads: every
+    workload known, for the plaintext identity of their addresses."""
+    policies = tuple(policies)
+    for policy in policies:
+        policy_numbers.number(policy.key)
+    workload_identities: dict[str, int] = {}
+    for w in mesh_workloads:
+        # Only mesh (HBONE) workloads: their addresses are the mesh's, as Istio trusts them.
+        if w.captured:
+            number = identity_numbers.number(
+                SpiffeId(w.trust_domain, w.namespace, w.service_account)
+            )
+            for ip in w.ips:
+                if ":" not in ip:
+                    workload_identities[ip] = number
+    identities = identity_numbers.known()
+    tables = [
+        compile_workload(wid, workload, labels, policies, identities)
+        for wid, (workload, labels) in enumerate(destinations, start=1)
+    ]
+    return CompiledPolicies(
+        tables, workload_identities, {p.key: policy_numbers.number(p.key) for p in policies}
+    )
+
+
+def identity_masks(tables: WorkloadTables, identity: SpiffeId) -> int:
+    """The mask of a newly seen identity (an HBONE peer the state did not list)."""
+    return _mask(tables.terms, partial(_identity_of, identity))

@@ -1,0 +1,131 @@
+"""Write compiled policies into the kernel's maps, atomically, and tag HBONE upstream sockets.
+
+A whole policy set is written under the idle generation; then pol_config.gen flips to it in
+one array update, so every decision sees either the old set or the new one. The old
+generation is deleted after a grace period, once no decision can still be reading it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import socket
+from typing import Any
+
+from agent.datapath.loader import DatapathError, LoadedDatapath
+from agent.policy.compiler import MASK_WORDS, CompiledPolicies, WorkloadTables
+
+_WORD = (1 << 64) - 1
+_GENERATION_MAPS = (
+    "pol_workloads", "pol_identities", "pol_src_ips", "pol_dst_ips", "pol_ports", "pol_terms",
+    "workload_identities",
+)  # fmt: skip
+_BPF_ANY = 0
+
+
+def addr_key(ip: str) -> int:
+    """An IPv4 address as the kernel stores it (network order in a u32 written by ctypes)."""
+    return int.from_bytes(socket.inet_aton(ip), "little")
+
+
+def _set_mask(target: Any, mask: int) -> None:
+    for i in range(MASK_WORDS):
+        target.w[i] = (mask >> (64 * i)) & _WORD
+
+
+class _UpstreamPeer(ctypes.Structure):
+    _fields_ = [("identity", ctypes.c_uint32), ("src_addr", ctypes.c_uint32)]
+
+
+class PolicyMaps:
+    def __init__(self, datapath: LoadedDatapath) -> None:
+        self._dp = datapath
+        config = datapath.table("pol_config")
+        self.generation = int(config[config.Key(0)].gen)
+        self._policy_numbers: dict[str, int] = {}
+
+    def write(self, compiled: CompiledPolicies) -> int:
+        """Write the set under the idle generation and flip to it; returns the generation
+        now retired, to delete with clear_generation() after a grace period."""
+        new = 1 - self.generation
+        self._policy_numbers = compiled.policy_numbers
+        self.clear_generation(new)  # leftovers of an interrupted earlier write
+        for tables in compiled.workloads:
+            self._write_workload(new, tables)
+        identities = self._dp.table("workload_identities")
+        for ip, number in compiled.workload_identities.items():
+            identities[identities.Key(gen=new, addr=addr_key(ip))] = ctypes.c_uint32(number)
+        config = self._dp.table("pol_config")
+        value = config.Leaf()
+        value.gen = new
+        config[config.Key(0)] = value  # the flip: one array update
+        retired, self.generation = self.generation, new
+        return retired
+
+    def _write_workload(self, gen: int, t: WorkloadTables) -> None:
+        workloads = self._dp.table("pol_workloads")
+        value = workloads.Leaf()
+        value.wid, value.flags = t.wid, t.flags
+        for name in ("deny", "allow", "dry_deny", "dry_allow"):
+            _set_mask(getattr(value, name), getattr(t, name))
+        for ip in t.addresses:
+            workloads[workloads.Key(gen=gen, addr=addr_key(ip))] = value
+        self.write_identities(t, t.by_identity, gen)
+        for map_name, classes in (("pol_src_ips", t.by_src), ("pol_dst_ips", t.by_dst)):
+            table = self._dp.table(map_name)
+            for network, mask in classes.items():
+                key = table.Key(
+                    prefixlen=64 + network.prefixlen, gen=gen, wid=t.wid,
+                    addr=addr_key(str(network.network_address)),
+                )  # fmt: skip
+                table[key] = self._mask_leaf(table, mask)
+        ports = self._dp.table("pol_ports")
+        for port, mask in t.by_port.items():
+            ports[ports.Key(gen=gen, wid=t.wid, port=port)] = self._mask_leaf(ports, mask)
+        terms = self._dp.table("pol_terms")
+        for index, term in enumerate(t.terms):
+            terms[terms.Key(gen=gen, wid=t.wid, term=index)] = ctypes.c_uint32(
+                self.policy_number(term.policy.key)
+            )
+
+    def write_identities(self, t: WorkloadTables, masks: dict[int, int], gen: int | None) -> None:
+        """Identity masks for W; with gen None, into the live generation (new identities only
+        add keys, so no decision can see a half-written state)."""
+        table = self._dp.table("pol_identities")
+        generation = self.generation if gen is None else gen
+        for number, mask in masks.items():
+            key = table.Key(gen=generation, wid=t.wid, identity=number)
+            table[key] = self._mask_leaf(table, mask)
+
+    @staticmethod
+    def _mask_leaf(table: Any, mask: int) -> Any:
+        leaf = table.Leaf()
+        _set_mask(leaf, mask)
+        return leaf
+
+    def policy_number(self, key: str) -> int:
+        return self._policy_numbers[key]
+
+    def clear_generation(self, gen: int) -> int:
+        removed = 0
+        for name in _GENERATION_MAPS:
+            table = self._dp.table(name)
+            for key in [k for k in table if k.gen == gen]:
+                del table[key]
+                removed += 1
+        return removed
+
+    def tag_upstream(self, sock: socket.socket, identity: int, client_ip: str) -> None:
+        """Hand the kernel the verified peer of an HBONE tunnel, on the socket that will
+        connect to the app: agent_connect4 authorizes that connect() with it."""
+        key = ctypes.c_int(sock.fileno())
+        value = _UpstreamPeer(identity, addr_key(client_ip))
+        from bcc import libbcc
+
+        fd = self._dp.map_fd("upstream_peers")
+        if libbcc.lib.bpf_update_elem(fd, ctypes.byref(key), ctypes.byref(value), _BPF_ANY) != 0:
+            raise DatapathError(f"cannot tag upstream socket: errno {ctypes.get_errno()}")
+
+    def decisions(self) -> dict[tuple[int, int], int]:
+        """(policy number, reason) -> count, summed over CPUs."""
+        stats = self._dp.table("policy_stats")
+        return {(int(k.policy), int(k.reason)): sum(v) for k, v in stats.items()}
