@@ -14,8 +14,11 @@ from agent.datapath import abi, loader
 def test_rendered_source_inlines_project_headers_once() -> None:
     source = loader.render_source()
     assert '#include "' not in source
+    for header in ("common.h", "maps.h", "reasons.h", "policy.h", "verdict.h", "authorize.h"):
+        assert source.count(f"/* ---- lib/{header} ---- */") == 1, header
     assert source.count("enum verdict_reason {") == 1
-    assert source.count("BPF_TABLE(") == 3
+    for program in abi.PROGRAM_FILES:  # one text, so the programs share their maps
+        assert f"/* ==== {program} ==== */" in source
     assert "#include <uapi/linux/bpf.h>" in source
 
 
