@@ -9,10 +9,13 @@ import signal
 import structlog
 
 from agent.config import AgentConfig
-from agent.datapath import loader
+from agent.datapath import abi, loader
+from agent.datapath.cgroup import AgentCgroup
 from agent.identity.ca import CertificateAuthority
 from agent.identity.manager import IdentityManager, LocalCaClient
 from agent.inpod.enrollment import EnrollmentError, PodEnroller
+from agent.policy.engine import PolicyEngine
+from agent.policy.kernel_maps import PolicyMaps
 from agent.proxy.inpod_proxy import InPodProxy
 from agent.state.local_source import LocalConfigSource
 from agent.state.store import MeshState, StateStore
@@ -42,7 +45,16 @@ class NodeAgent:
         identities = IdentityManager(LocalCaClient(ca, cfg.certificate_ttl), ca.root_pem)
         datapath = await asyncio.to_thread(loader.LoadedDatapath, cfg.pin_dir)
         log.info("datapath loaded", pin_dir=str(cfg.pin_dir), programs=list(datapath.program_fds))
-        proxy = InPodProxy(store, identities)
+        cgroup = AgentCgroup(_instance(cfg))
+        try:
+            cgroup.enter()
+            datapath.attach_connect4(cgroup.fd)
+        except BaseException:
+            cgroup.leave()
+            datapath.close(unpin=not cfg.keep_pins)
+            raise
+        self.policy = PolicyEngine(PolicyMaps(datapath))
+        proxy = InPodProxy(store, identities, self.policy)
         enroller = PodEnroller(datapath, cfg.state_dir / cfg.node, proxy)
         tasks: list[asyncio.Task[None]] = []
         try:
@@ -74,6 +86,8 @@ class NodeAgent:
             await enroller.unenroll_all()
             await proxy.close()
             await identities.close()
+            datapath.detach_connect4(cgroup.fd)
+            cgroup.leave()
             datapath.close(unpin=not cfg.keep_pins)
             if cfg.ready_file is not None:
                 cfg.ready_file.unlink(missing_ok=True)
@@ -93,6 +107,8 @@ class NodeAgent:
         """Enroll what the state wants on this node, unenroll the rest; a pod whose
         workload changed is enrolled afresh."""
         wanted = {w.uid: w for w in self._wanted(state)}
+        # Policies first: a pod is never captured without its policies in the kernel.
+        await self.policy.apply(state, wanted.values())
         for uid, pod in list(enroller.pods.items()):
             if wanted.get(uid) != pod.workload:
                 await enroller.unenroll(uid)
@@ -104,6 +120,13 @@ class NodeAgent:
             except EnrollmentError as exc:
                 self.failures += 1
                 log.error("pod not enrolled", error=str(exc))
+
+
+def _instance(cfg: AgentConfig) -> str:
+    """The agent's cgroup name: its pin directory below /sys/fs/bpf/ambient (lab/node-1)."""
+    if cfg.pin_dir.is_relative_to(abi.DEFAULT_PIN_DIR) and cfg.pin_dir != abi.DEFAULT_PIN_DIR:
+        return str(cfg.pin_dir.relative_to(abi.DEFAULT_PIN_DIR))
+    return cfg.node
 
 
 def run_agent(config: AgentConfig) -> int:

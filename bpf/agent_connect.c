@@ -4,7 +4,8 @@
  * (socket-local storage, upstream_peers) the peer identity it verified in the TLS handshake
  * and the client's address. This program reads it and decides with the same authorize() as
  * pod_ingress: a denied connect() fails with EPERM and never leaves the agent, which answers
- * the CONNECT with 401. Sockets without that storage (every other connect) pass untouched. */
+ * the CONNECT with 401, naming the policy this program writes back into the storage. Sockets
+ * without that storage (every other connect) pass untouched. */
 
 #include "lib/common.h"
 #include "lib/authorize.h"
@@ -20,5 +21,8 @@ int agent_connect4(struct bpf_sock_addr *ctx)
     struct policy_decision decision;
     authorize(peer->src_addr, ctx->user_ip4, bpf_ntohs((__u16)ctx->user_port), peer->identity,
               &decision);
+    /* So the agent can name the policy in its 401 and access log. */
+    peer->policy = decision.policy;
+    peer->reason = decision.reason;
     return decision.allow ? 1 : 0;
 }

@@ -126,7 +126,7 @@ def mesh_fixture(prefix: str) -> Iterator[Mesh]:
 
         async def build() -> tuple[InPodProxy, PodEnroller]:
             assert datapath is not None and identities is not None
-            made = InPodProxy(store, identities)
+            made = InPodProxy(store, identities, authorizer=None)
             return made, PodEnroller(datapath, Path(f"/run/ambient-lab/{name}/state"), made)
 
         proxy, enroller = loop.run(build())

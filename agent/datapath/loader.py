@@ -28,6 +28,9 @@ HELPER_MIN_KERNEL = {
 }
 
 
+BPF_F_ALLOW_MULTI = 2
+
+
 class DatapathError(Exception):
     """The kernel side cannot start. The message says what is missing and how to fix it."""
 
@@ -173,6 +176,20 @@ class LoadedDatapath:
 
     def table(self, name: str) -> Any:
         return self._bpf[name.encode()]
+
+    def attach_connect4(self, cgroup_fd: int) -> None:
+        from bcc import BPF, BPFAttachType
+
+        # ALLOW_MULTI: other agents (a lab runs several) may sit on the same cgroup tree.
+        BPF.attach_func(self._functions[abi.CGROUP_CONNECT4_PROGRAM], cgroup_fd,
+                        BPFAttachType.CGROUP_INET4_CONNECT, flags=BPF_F_ALLOW_MULTI)  # fmt: skip
+
+    def detach_connect4(self, cgroup_fd: int) -> None:
+        from bcc import BPF, BPFAttachType
+
+        with contextlib.suppress(Exception):
+            BPF.detach_func(self._functions[abi.CGROUP_CONNECT4_PROGRAM], cgroup_fd,
+                            BPFAttachType.CGROUP_INET4_CONNECT)  # fmt: skip
 
     def map_fd(self, name: str) -> int:
         """Also for maps bcc has no Python table type for (socket-local storage)."""

@@ -18,6 +18,8 @@ from typing import Any
 import yaml
 
 from agent.datapath import abi
+from agent.datapath.cgroup import PARENT as CGROUP_PARENT
+from agent.datapath.cgroup import cgroup2_root, remove_cgroups
 from agent.datapath.loader import remove_pins
 from agent.identity.ca import CertificateAuthority
 from agent.identity.spiffe import DEFAULT_TRUST_DOMAIN
@@ -138,6 +140,7 @@ def stop_agents(name: str) -> None:
     while _alive(pids):
         time.sleep(0.05)
     remove_pins(lab_pin_root(name))
+    remove_cgroups(cgroup2_root() / CGROUP_PARENT / name)
 
 
 def _alive(pids: list[int]) -> list[int]:

@@ -33,7 +33,12 @@ def _set_mask(target: Any, mask: int) -> None:
 
 
 class _UpstreamPeer(ctypes.Structure):
-    _fields_ = [("identity", ctypes.c_uint32), ("src_addr", ctypes.c_uint32)]
+    """struct upstream_peer (bpf/lib/maps.h)."""
+
+    _fields_ = [
+        ("identity", ctypes.c_uint32), ("src_addr", ctypes.c_uint32),
+        ("policy", ctypes.c_uint32), ("reason", ctypes.c_uint32),
+    ]  # fmt: skip
 
 
 class PolicyMaps:
@@ -124,6 +129,17 @@ class PolicyMaps:
         fd = self._dp.map_fd("upstream_peers")
         if libbcc.lib.bpf_update_elem(fd, ctypes.byref(key), ctypes.byref(value), _BPF_ANY) != 0:
             raise DatapathError(f"cannot tag upstream socket: errno {ctypes.get_errno()}")
+
+    def upstream_decision(self, sock: socket.socket) -> tuple[int, int] | None:
+        """(policy number, reason) agent_connect4 wrote back on the socket, if it decided."""
+        from bcc import libbcc
+
+        key = ctypes.c_int(sock.fileno())
+        value = _UpstreamPeer()
+        fd = self._dp.map_fd("upstream_peers")
+        if libbcc.lib.bpf_lookup_elem(fd, ctypes.byref(key), ctypes.byref(value)) != 0:
+            return None
+        return int(value.policy), int(value.reason)
 
     def decisions(self) -> dict[tuple[int, int], int]:
         """(policy number, reason) -> count, summed over CPUs."""

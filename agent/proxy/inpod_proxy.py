@@ -35,6 +35,7 @@ from agent.identity.manager import IdentityManager, WorkloadCertificate
 from agent.identity.spiffe import SpiffeId
 from agent.inpod import sockets
 from agent.inpod.netns import NetnsWorker
+from agent.policy.engine import PolicyEngine
 from agent.proxy.relay import RelayResult, SocketStream, relay, reset
 from agent.state.store import StateStore
 from agent.state.workload import Workload
@@ -111,9 +112,12 @@ class _Access:
 
 
 class InPodProxy:
-    def __init__(self, store: StateStore, identities: IdentityManager) -> None:
+    def __init__(
+        self, store: StateStore, identities: IdentityManager, authorizer: PolicyEngine | None
+    ) -> None:
         self._store = store
         self._identities = identities
+        self._authorizer = authorizer
         self._pods_by_ip: dict[str, Pod] = {}
         self._server_contexts: dict[SpiffeId, ssl.SSLContext] = {}
         self._client_contexts: dict[SpiffeId, ssl.SSLContext] = {}
@@ -330,9 +334,23 @@ class InPodProxy:
             conn.refuse(stream, 400)
             access.done(error=f"authority {request.authority} is not this pod's address")
             return
+        up = await pod.worker.run(sockets.upstream, (client_ip, 0))
         try:
-            up = await connect_from(pod.worker, (request.host, request.port), client_ip)
+            if self._authorizer is not None and isinstance(peer_id, SpiffeId):
+                # The kernel decides this connect (agent_connect4) with the identity we
+                # verified in the handshake; userspace holds no copy of the policy logic.
+                self._authorizer.tag_upstream(up, peer_id, client_ip)
+            loop = asyncio.get_running_loop()
+            await asyncio.wait_for(loop.sock_connect(up, (request.host, request.port)),
+                                   CONNECT_TIMEOUT)  # fmt: skip
+        except PermissionError:
+            why = self._authorizer.denial(up) if self._authorizer else "denied"
+            up.close()
+            conn.refuse(stream, 401)
+            access.done(error=f"denied: {why}")
+            return
         except (OSError, TimeoutError) as exc:
+            up.close()
             conn.refuse(stream, 503)
             access.done(error=f"upstream connect failed: {exc or type(exc).__name__}")
             return

@@ -54,5 +54,7 @@ BPF_TABLE("percpu_hash", struct policy_stat_key, __u64, policy_stats, 16384);
 struct upstream_peer {
     __u32 identity; /* the verified peer's identity number */
     __u32 src_addr; /* the client's IPv4, network order */
+    __u32 policy;   /* written back by agent_connect4: the deciding policy (0: none) */
+    __u32 reason;   /* written back: enum policy_reason */
 };
 BPF_SK_STORAGE(upstream_peers, struct upstream_peer);

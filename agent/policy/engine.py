@@ -1,0 +1,92 @@
+"""Keeps the kernel's policy maps in step with the mesh state.
+
+On every state change: parse the policies, compile them for this node's enrolled workloads,
+write them under the idle generation, flip, and delete the old generation after a grace
+period. A policy set that does not parse is refused as a whole and the one in force stays.
+Also tags HBONE upstream sockets with the peer's identity for agent_connect4.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Iterable
+
+import structlog
+
+from agent.identity.spiffe import SpiffeId
+from agent.policy.compiler import (
+    CompiledPolicies,
+    IdentityNumbers,
+    PolicyNumbers,
+    compile_policies,
+    identity_masks,
+)
+from agent.policy.kernel_maps import PolicyMaps
+from agent.policy.parse import PolicyError, parse_policies
+from agent.state.store import MeshState
+from agent.state.workload import Workload
+
+log = structlog.get_logger("agent.policy")
+
+# enum policy_reason (bpf/lib/policy.h)
+POLICY_REASONS = {
+    0: "no-policy", 1: "allowed-by-policy", 2: "denied-by-policy", 3: "default-deny",
+    4: "dry-run-would-deny", 5: "fallback",
+}  # fmt: skip
+
+# A decision reads the generation once and then does a handful of lookups: far below this.
+RETIRE_GRACE = 0.5
+
+
+class PolicyEngine:
+    def __init__(self, maps: PolicyMaps) -> None:
+        self._maps = maps
+        self.identities = IdentityNumbers()
+        self.policy_numbers = PolicyNumbers()
+        self._compiled: CompiledPolicies | None = None
+        self._lock = asyncio.Lock()
+
+    async def apply(self, state: MeshState, destinations: Iterable[Workload]) -> None:
+        async with self._lock:
+            try:
+                policies = parse_policies(state.policies)
+            except PolicyError as exc:
+                log.error("policies rejected, the previous set stays in force", error=str(exc))
+                return
+            targets = [(w, dict(w.labels)) for w in destinations]
+            compiled = compile_policies(
+                policies, targets, state.workloads, self.identities, self.policy_numbers
+            )
+            retired = self._maps.write(compiled)
+            self._compiled = compiled
+            for policy in policies:
+                for finding in policy.wrong_layer:
+                    log.warning("wrong-layer policy", policy=policy.key, finding=finding)
+            for tables in compiled.workloads:
+                if tables.fallback_reason:
+                    log.warning("policy fallback: denying", reason=tables.fallback_reason)
+            log.info("policies applied", policies=len(policies), workloads=len(targets),
+                     generation=self._maps.generation)  # fmt: skip
+            await asyncio.sleep(RETIRE_GRACE)
+            self._maps.clear_generation(retired)
+
+    def tag_upstream(self, sock: socket.socket, peer: SpiffeId, client_ip: str) -> None:
+        """Before the upstream connect of an HBONE tunnel: who the verified peer is."""
+        known = peer in self.identities.known()
+        number = self.identities.number(peer)
+        if not known and self._compiled is not None:
+            # A peer the state did not list: its masks join the live generation (new keys
+            # only, so no decision sees a half-written set).
+            for tables in self._compiled.workloads:
+                self._maps.write_identities(tables, {number: identity_masks(tables, peer)}, None)
+        self._maps.tag_upstream(sock, number, client_ip)
+
+    def denial(self, sock: socket.socket) -> str:
+        """Why agent_connect4 refused this socket's connect, for the 401 and the access log."""
+        decided = self._maps.upstream_decision(sock)
+        if decided is None:
+            return "denied by the kernel"
+        policy, reason = decided
+        name = self.policy_numbers.names().get(policy)
+        return f"{POLICY_REASONS.get(reason, reason)}" + (f" ({name})" if name else "")
