@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from agent.policy.parse import PolicyError, parse_policy
 from agent.state.service import Service
 from agent.state.workload import DEFAULT_TRUST_DOMAIN, Protocol, Workload
 
@@ -107,16 +108,13 @@ def parse_local_config(text: str, source: str) -> LocalConfig:
     )
 
     policy_nodes = _items(sections.get("policies"))
-    policies = tuple(_policy(node, source) for node in policy_nodes)
+    checked = [_policy(node, source) for node in policy_nodes]
     _require_unique(
         source,
         "policy",
-        [
-            (node, [f"{p['namespace']}/{p['name']}"])
-            for node, p in zip(policy_nodes, policies, strict=True)
-        ],
+        [(node, [key]) for node, (key, _) in zip(policy_nodes, checked, strict=True)],
     )
-    return LocalConfig(workloads, services, policies)
+    return LocalConfig(workloads, services, tuple(raw for _, raw in checked))
 
 
 def _require_unique(
@@ -333,13 +331,14 @@ def _is_port(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535
 
 
-def _policy(node: yaml.Node, source: str) -> dict[str, Any]:
+def _policy(node: yaml.Node, source: str) -> tuple[str, dict[str, Any]]:
+    """Checked with the policy parser itself, in either shape (local or Kubernetes), so a
+    broken policy refuses the whole file with its line and the last good state stays."""
     if not isinstance(node, yaml.MappingNode):
         raise _error(source, node, "a policy must be a mapping")
-    fields = _fields(node)
-    for required in ("name", "namespace"):
-        if required not in fields:
-            raise _error(source, node, f"policy is missing {required!r}")
-        _string(source, fields[required], f"policy {required}")
     policy: dict[str, Any] = _construct(source, node)
-    return policy
+    try:
+        parsed = parse_policy(policy)
+    except PolicyError as exc:
+        raise _error(source, node, f"policy {exc}") from None
+    return parsed.key, policy

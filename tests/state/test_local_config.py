@@ -107,7 +107,7 @@ services:
   - name: plain
     namespace: other
 policies:
-  - {name: allow-sleep, namespace: default, action: Allow, rules: []}
+  - {name: allow-sleep, namespace: default, scope: Namespace, action: Allow, rules: []}
 """
 
 
@@ -141,7 +141,10 @@ def test_workload_defaults_for_new_fields() -> None:
 
 def test_policies_stay_raw_mappings() -> None:
     (policy,) = parse_local_config(MESH, "mesh.yaml").policies
-    assert policy == {"name": "allow-sleep", "namespace": "default", "action": "Allow", "rules": []}
+    assert policy == {
+        "name": "allow-sleep", "namespace": "default", "scope": "Namespace", "action": "Allow",
+        "rules": [],
+    }  # fmt: skip
 
 
 def test_service_ports_are_read_only() -> None:
@@ -211,13 +214,15 @@ WORKLOAD = "workloads:\n  - name: a\n    namespace: b\n    node: n\n    workload
             "mesh.yaml:6: duplicate workload IP '1.2.3.4' (first at line 2)",
         ),
         ("policies:\n  - []\n", "mesh.yaml:2: a policy must be a mapping"),
-        ("policies:\n  - {name: p}\n", "mesh.yaml:2: policy is missing 'namespace'"),
+        ("policies:\n  - {name: p}\n", "mesh.yaml:2: policy ?/p: namespace: is required"),
         (
-            "policies:\n  - name: p\n    namespace: [n]\n",
-            "mesh.yaml:3: policy namespace must be a non-empty string",
+            "policies:\n  - {name: p, namespace: n, scope: Namespace, action: Deny,\n"
+            "     rules: [{clauses: [{matches: [{destinationPorts: [70000]}]}]}]}\n",
+            "mesh.yaml:2: policy n/p: rules[0].clauses[0].matches[0].destinationPorts[0]",
         ),
         (
-            "policies:\n  - {name: p, namespace: n}\n  - {name: p, namespace: n}\n",
+            "policies:\n  - {name: p, namespace: n, scope: Namespace, action: Allow, rules: []}\n"
+            "  - {name: p, namespace: n, scope: Namespace, action: Deny, rules: []}\n",
             "mesh.yaml:3: duplicate policy 'n/p' (first at line 2)",
         ),
         # Well-formed YAML whose values cannot be built is still a line-numbered error (for a

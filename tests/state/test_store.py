@@ -38,7 +38,7 @@ services:
     vips: [10.96.0.11]
     ports: {80: 80}
 policies:
-  - {name: p, namespace: default}
+  - {name: p, namespace: default, scope: Namespace, action: Allow, rules: []}
 """
 
 
