@@ -731,3 +731,48 @@ def _condition(doc: _Doc, value: object, path: str) -> Match | None:
         negative: tuple(convert(doc, text, p) for p, text in not_values),
     }
     return Match(**fields)
+
+
+# --- back to the local shape ------------------------------------------------------------------
+
+
+def to_local_document(policy: Policy) -> dict[str, Any]:
+    """The policy in the local-config shape, whatever shape it was written in: what the agent
+    enforces, for config dumps and for writing a local config from parsed policies. Parsing
+    it gives the same policy, less its wrong-layer findings (what they dropped is gone)."""
+
+    def string_match(m: StringMatch) -> dict[str, Any]:
+        return {m.kind.value: {} if m.kind is StringMatchKind.PRESENCE else m.value}
+
+    def match_document(m: Match) -> dict[str, Any]:
+        doc: dict[str, Any] = {}
+        for key, attribute in _LOCAL_STRING_FIELDS.items():
+            if values := getattr(m, attribute):
+                doc[key] = [string_match(v) for v in values]
+        for key, attribute in _LOCAL_SA_FIELDS.items():
+            if values := getattr(m, attribute):
+                doc[key] = [
+                    {"namespace": v.namespace, "serviceAccount": v.service_account} for v in values
+                ]
+        for key, attribute in _LOCAL_IP_FIELDS.items():
+            if values := getattr(m, attribute):
+                doc[key] = [str(v) for v in values]
+        for key, attribute in _LOCAL_PORT_FIELDS.items():
+            if values := getattr(m, attribute):
+                doc[key] = list(values)
+        return doc
+
+    document: dict[str, Any] = {
+        "name": policy.name,
+        "namespace": policy.namespace,
+        "scope": policy.scope.value,
+        "action": policy.action.value.capitalize(),
+        "dryRun": policy.dry_run,
+        "rules": [
+            {"clauses": [{"matches": [match_document(m) for m in clause]} for clause in rule]}
+            for rule in policy.rules
+        ],
+    }
+    if policy.scope is Scope.WORKLOAD_SELECTOR:
+        document["selector"] = {"matchLabels": dict(policy.selector)}
+    return document

@@ -966,3 +966,15 @@ def test_duplicates_are_refused_across_shapes() -> None:
     with pytest.raises(PolicyError) as info:
         parse_policies([k8s_doc({}), local_doc(name="x"), local_doc()])
     assert str(info.value) == "default/p: defined twice (policies[0] and policies[2])"
+
+
+def test_every_case_policy_round_trips_through_the_local_shape() -> None:
+    import dataclasses
+
+    from agent.policy.parse import to_local_document
+    from tests.policy.cases import CASES
+
+    for case in CASES:
+        for policy in case.policies:
+            again = parse_policy(to_local_document(policy))
+            assert again == dataclasses.replace(policy, wrong_layer=()), policy.key
