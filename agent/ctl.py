@@ -23,6 +23,7 @@ EPILOG = """examples:
   ambientctl pods                          enrolled pods and their capture counters
   ambientctl verdicts --pin-dir /sys/fs/bpf/ambient/lab/node-1
   ambientctl verdicts --json
+  ambientctl policies                      L4 authorization decisions per policy, from the kernel
   ambientctl ebpf                          the C source the agent hands to BCC
 
 the maps also print field by field with bpftool itself:
@@ -77,6 +78,42 @@ def read_verdicts(pin_dir: Path) -> dict[str, int]:
     return counts
 
 
+POLICY_REASONS = (
+    "no-policy",
+    "allowed-by-policy",
+    "denied-by-policy",
+    "default-deny",
+    "dry-run-would-deny",
+    "fallback",
+)  # enum policy_reason, bpf/lib/policy.h
+
+
+def read_policy_decisions(pin_dir: Path) -> list[dict[str, Any]]:
+    """Decisions the kernel counted, per policy and reason, with the policies' names."""
+    names = {
+        int(entry["formatted"]["key"]): _c_string(entry["formatted"]["value"]["name"])
+        for entry in bpftool_dump(pin_dir / "maps" / "policy_names")
+    }
+    rows = []
+    for entry in bpftool_dump(pin_dir / "maps" / "policy_stats"):
+        key = entry["formatted"]["key"]
+        count = sum(int(cpu["value"]) for cpu in entry["formatted"]["values"])
+        policy = int(key["policy"])
+        rows.append({
+            "policy": names.get(policy, "-") if policy else "-",
+            "reason": POLICY_REASONS[int(key["reason"])],
+            "count": count,
+        })  # fmt: skip
+    return sorted(rows, key=lambda r: (r["policy"], r["reason"]))
+
+
+def _c_string(value: Any) -> str:
+    """bpftool prints a char array as a string or as a list of numbers, by version."""
+    if isinstance(value, str):
+        return value
+    return bytes(int(c) for c in value).split(b"\0", 1)[0].decode(errors="replace")
+
+
 def _targets(args: argparse.Namespace) -> list[Path]:
     if args.pin_dir is not None:
         if not (args.pin_dir / "maps").is_dir():
@@ -95,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("command", choices=("pins", "pods", "verdicts", "ebpf"))
+    parser.add_argument("command", choices=("pins", "pods", "verdicts", "policies", "ebpf"))
     parser.add_argument("--pin-dir", type=Path, help="one agent's pin directory")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
@@ -114,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
             elif args.command == "pods":
                 report[str(pin_dir)] = read_pods(pin_dir)
+            elif args.command == "policies":
+                report[str(pin_dir)] = read_policy_decisions(pin_dir)
             else:
                 report[str(pin_dir)] = read_verdicts(pin_dir)
     except CtlError as exc:
@@ -134,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
                     f"  {pod['ip']:<16}{'yes' if pod['capture'] else 'no':<9}"
                     f"{pod['outbound_captured']:>10}{pod['inbound_captured']:>10}"
                 )
+        elif args.command == "policies":
+            print(f"  {'policy':<40}{'decision':<22}{'connections':>12}")
+            for row in body:
+                print(f"  {row['policy']:<40}{row['reason']:<22}{row['count']:>12}")
         else:
             for reason, count in body.items():
                 if count:

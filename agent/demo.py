@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from types import FrameType
 from typing import Any
 
-from agent.ctl import read_pods, read_verdicts
+from agent.ctl import read_pods, read_policy_decisions, read_verdicts
 from agent.datapath import abi
 from agent.identity.spiffe import DEFAULT_TRUST_DOMAIN
 from agent.lab import agents, control, probes
@@ -89,6 +89,71 @@ def _connection(state: LabState, title: str, client: str, server: str, route: st
     return step
 
 
+def _deny_policies(outsider: PodState) -> list[dict[str, Any]]:
+    """One policy in each shape: the local config's, and Kubernetes' AuthorizationPolicy."""
+    return [
+        {
+            "name": "deny-outsider", "namespace": "default", "scope": "WorkloadSelector",
+            "selector": {"matchLabels": {"app": "server-b"}}, "action": "Deny",
+            "rules": [{"clauses": [{"matches": [{"sourceIps": [outsider.ip]}]}]}],
+        },
+        {
+            "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "deny-client-a", "namespace": "default"},
+            "spec": {
+                "selector": {"matchLabels": {"app": "server-a"}}, "action": "DENY",
+                "rules": [{"from": [{"source": {
+                    "principals": [f"{DEFAULT_TRUST_DOMAIN}/ns/default/sa/client-a"]}}]}],
+            },
+        },
+    ]  # fmt: skip
+
+
+def _policy_count(state: LabState, node: str, policy: str) -> int:
+    pin_dir = agents.lab_pin_root(state.name) / node
+    return sum(
+        row["count"]
+        for row in read_policy_decisions(pin_dir)
+        if row["policy"] == policy and row["reason"] == "denied-by-policy"
+    )
+
+
+def _denied(
+    state: LabState, title: str, client: str, server: str, policy: str, plaintext: bool
+) -> Step:
+    source, target = probes.pod(state, client), probes.pod(state, server)
+    step = Step(title, client, server)
+    before = _policy_count(state, target.node, policy)
+    outcome, address = probes.try_connect(source.netns_path, target.ip, APP_PORT,
+                                          timeout=2.0 if plaintext else 5.0)  # fmt: skip
+    counted = _policy_count(state, target.node, policy) - before
+    seen = probes.wait_for_event(state, target.node, timeout=1.0 if plaintext else 5.0,
+                                 event="connection complete", src__addr=address)  # fmt: skip
+    step.facts = {
+        "path": (f"{client} --plaintext--> {server}:{APP_PORT}, pod_ingress on {target.node}"
+                 if plaintext else
+                 f"{client} --HBONE--> {target.node} agent, connect() to the app: agent_connect4"),
+        "client": address,
+        "client_saw": outcome,
+        "policy": policy,
+        "kernel_denials_counted": counted,
+        "agent_access_log": seen.get("error") if seen else None,
+    }  # fmt: skip
+    step.checks = {
+        f"denied in the kernel by {policy}": counted >= 1,
+        ("the client's SYN was dropped (it timed out)" if plaintext
+         else "the client saw the tunnel refused (reset)"): outcome
+        == ("timeout" if plaintext else "reset"),
+    }  # fmt: skip
+    if plaintext:
+        step.checks["no userspace wake-up: the agent never saw the connection"] = seen is None
+    else:
+        step.checks["the agent answered 401 naming the policy"] = bool(
+            seen and f"({policy})" in str(seen.get("error"))
+        )
+    return step
+
+
 def _kernel_state(state: LabState) -> dict[str, Any]:
     report = {}
     for node in state.nodes:
@@ -97,6 +162,7 @@ def _kernel_state(state: LabState) -> dict[str, Any]:
             "pin_dir": str(pin_dir),
             "pods": read_pods(pin_dir),
             "verdicts": {k: v for k, v in read_verdicts(pin_dir).items() if v},
+            "policy_decisions": read_policy_decisions(pin_dir),
         }
     return report
 
@@ -105,6 +171,17 @@ def _print(steps: list[Step], kernel: dict[str, Any]) -> None:
     for number, step in enumerate(steps, 1):
         f = step.facts
         print(f"\n[{number}] {step.title}")
+        if "policy" in f:
+            print(f"    path:                 {f['path']}")
+            print(f"    client saw:           {f['client_saw']}  (client socket {f['client']})")
+            print(
+                f"    kernel counted:       {f['kernel_denials_counted']} denial(s) by "
+                f"{f['policy']}"
+            )
+            print(f"    agent's access log:   {f['agent_access_log'] or 'nothing (never woken)'}")
+            for check, ok in step.checks.items():
+                print(f"    {'ok  ' if ok else 'FAIL'} {check}")
+            continue
         print(f"    path:                 {f['path']}")
         print(f"    original destination: {f['original_destination']}")
         if "client verified the server's SPIFFE identity" in step.checks:
@@ -134,6 +211,8 @@ def _print(steps: list[Step], kernel: dict[str, Any]) -> None:
             )
         for reason, count in body["verdicts"].items():
             print(f"    verdict {reason:<30} {count:>6} packets")
+        for row in body["policy_decisions"]:
+            print(f"    policy  {row['policy']:<22} {row['reason']:<18} {row['count']:>6}")
 
 
 def run_demo(name: str, json_output: bool = False) -> int:
@@ -159,6 +238,15 @@ def run_demo(name: str, json_output: bool = False) -> int:
                             "client-a", "server-a", "hbone"),
                 _connection(state, "out-of-mesh pod -> enrolled pod (plaintext, captured)",
                             "outsider", "server-b", "passthrough"),
+            ]  # fmt: skip
+            print("applying two DENY policies (deny-outsider, deny-client-a)...", file=log)
+            probes.apply_policies(state, _deny_policies(probes.pod(state, "outsider")),
+                                  ("node-1", "node-2"))  # fmt: skip
+            steps += [
+                _denied(state, "out-of-mesh pod -> server-b, plaintext, denied by policy",
+                        "outsider", "server-b", "default/deny-outsider", plaintext=True),
+                _denied(state, "client-a -> server-a, HBONE, denied by policy",
+                        "client-a", "server-a", "default/deny-client-a", plaintext=False),
             ]  # fmt: skip
         kernel = _kernel_state(state)
     except KeyboardInterrupt:

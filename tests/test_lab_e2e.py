@@ -57,7 +57,7 @@ def test_demo_shows_the_three_paths_with_verified_identities_and_cleans_up(
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["ok"] is True
-    cross, same, plaintext = result["steps"]
+    cross, same, plaintext, denied_plaintext, denied_hbone = result["steps"]
     for step in (cross, same):
         assert step["facts"]["source_identity_verified_by_server"] == (
             "spiffe://cluster.local/ns/default/sa/client-a"
@@ -67,6 +67,13 @@ def test_demo_shows_the_three_paths_with_verified_identities_and_cleans_up(
     assert same["facts"]["destination_identity_verified_by_client"].endswith("/sa/server-a")
     assert plaintext["facts"]["server_saw"].startswith("10.240.2.4:")
     assert all(all(step["checks"].values()) for step in result["steps"])
+    assert denied_plaintext["facts"]["client_saw"] == "timeout"
+    assert denied_plaintext["facts"]["agent_access_log"] is None  # never reached userspace
+    assert denied_hbone["facts"]["agent_access_log"] == (
+        "denied: denied-by-policy (default/deny-client-a)"
+    )
+    decisions = {(r["policy"], r["reason"]) for r in result["kernel"]["node-2"]["policy_decisions"]}
+    assert ("default/deny-outsider", "denied-by-policy") in decisions
     kernel = result["kernel"]
     assert kernel["node-1"]["verdicts"]["DELIVER_OUTBOUND_LISTENER"] >= 2
     assert kernel["node-2"]["verdicts"]["DELIVER_INBOUND_LISTENER"] >= 1

@@ -35,7 +35,7 @@ PROGRAMS = (*TC_PROGRAMS, CGROUP_CONNECT4_PROGRAM)
 MAPS = (
     "pods", "capture_exclude_ports", "verdicts", "pol_config", "pol_workloads", "pol_identities",
     "pol_src_ips", "pol_dst_ips", "pol_ports", "pol_terms", "workload_identities", "policy_stats",
-    "upstream_peers",
+    "upstream_peers", "policy_names",
 )  # fmt: skip
 
 # Flag bits of struct pod_info.flags.

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from agent.inpod.netns import NetnsWorker
 from agent.lab.network import LabState, PodState
 
@@ -126,3 +128,56 @@ def wait_for_event(
         if time.monotonic() > deadline:
             return None
         time.sleep(0.05)
+
+
+def apply_policies(
+    state: LabState, documents: list[dict[str, Any]], nodes: tuple[str, ...], timeout: float = 10
+) -> None:
+    """Replace the policies in the lab's config, as a user edits the file (atomically), and
+    wait until the agents of `nodes` have written them into the kernel."""
+    config = Path(f"/run/ambient-lab/{state.name}/mesh.yaml")
+    document = yaml.safe_load(config.read_text())
+    applied = {node: _count(state, node, "policies applied") for node in nodes}
+    if document.get("policies") == documents:
+        return  # an unchanged file is not reloaded
+    document["policies"] = documents
+    partial = config.with_suffix(".partial")
+    partial.write_text(yaml.safe_dump(document, sort_keys=False))
+    partial.replace(config)
+    deadline = time.monotonic() + timeout
+    for node in nodes:
+        while _count(state, node, "policies applied") <= applied[node]:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the agent on {node} did not apply the policies")
+            time.sleep(0.05)
+
+
+def _count(state: LabState, node: str, event: str) -> int:
+    return sum(e.get("event") == event for e in agent_events(state, node))
+
+
+def try_connect(netns: Path, host: str, port: int, timeout: float) -> tuple[str, str]:
+    """(outcome, client address): "reply" (a whoami answer came back), "timeout" (nothing
+    answered: a SYN dropped), "reset" or "closed" (refused after the connect)."""
+
+    def inside() -> tuple[str, str]:
+        with socket.socket() as sock:
+            sock.settimeout(timeout)
+            sock.bind(("0.0.0.0", 0))
+            try:
+                sock.connect((host, port))
+                client = sock.getsockname()
+                sock.sendall(b"hello\n")
+                reply = sock.makefile("r").readline()
+            except TimeoutError:
+                local = sock.getsockname()
+                return "timeout", f"{local[0]}:{local[1]}"
+            except ConnectionResetError:
+                return "reset", f"{client[0]}:{client[1]}"
+            return ("reply" if reply else "closed"), f"{client[0]}:{client[1]}"
+
+    worker = NetnsWorker(str(netns))
+    try:
+        return worker.call(inside)
+    finally:
+        worker.close()

@@ -59,6 +59,11 @@ class PolicyMaps:
         identities = self._dp.table("workload_identities")
         for ip, number in compiled.workload_identities.items():
             identities[identities.Key(gen=new, addr=addr_key(ip))] = ctypes.c_uint32(number)
+        names = self._dp.table("policy_names")
+        for key, number in compiled.policy_numbers.items():
+            entry = names.Leaf()
+            entry.name = key.encode()[:127]
+            names[names.Key(number)] = entry
         config = self._dp.table("pol_config")
         value = config.Leaf()
         value.gen = new

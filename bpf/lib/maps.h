@@ -47,8 +47,13 @@ BPF_TABLE("hash", struct pol_port_key, struct policy_mask, pol_ports, 65536);
 BPF_TABLE("hash", struct pol_term_key, __u32, pol_terms, 65536);
 /* Known workloads' addresses -> identity number, for plaintext sources. */
 BPF_TABLE("hash", struct workload_identity_key, __u32, workload_identities, 65536);
-/* Decisions per (policy, reason); the agent names the policies. */
+/* Decisions per (policy, reason), and the policies' names, so bpftool and ambientctl can
+ * say which policy decided without asking the agent. */
 BPF_TABLE("percpu_hash", struct policy_stat_key, __u64, policy_stats, 16384);
+struct policy_name {
+    char name[128]; /* "namespace/name" */
+};
+BPF_TABLE("hash", __u32, struct policy_name, policy_names, 16384);
 
 /* HBONE upstream sockets: the peer the agent verified, read by agent_connect4. */
 struct upstream_peer {

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from agent.inpod.netns import NetnsWorker
 from agent.lab import probes
@@ -64,24 +63,11 @@ def _log(state: LabState, node: str) -> list[dict[str, Any]]:
 
 
 def _apply(state: LabState, case: Case, number: int) -> None:
-    """Rewrite the config with the case's policies and wait until the server's agent has
-    them in the kernel."""
-    config = Path(f"/run/ambient-lab/{state.name}/mesh.yaml")
-    document = yaml.safe_load(config.read_text())
     # A policy that applies to nobody makes every case's file differ, so every case reloads.
     marker = {"name": f"case-{number}", "namespace": "marker", "scope": "Namespace",
               "action": "Deny", "rules": []}  # fmt: skip
-    document["policies"] = [marker, *(to_local_document(p) for p in case.policies)]
-    applied_before = sum(e.get("event") == "policies applied" for e in _log(state, "node-2"))
-    partial = config.with_suffix(".partial")
-    partial.write_text(yaml.safe_dump(document))
-    partial.replace(config)
-    deadline = time.monotonic() + 10
-    while (
-        sum(e.get("event") == "policies applied" for e in _log(state, "node-2")) <= applied_before
-    ):
-        assert time.monotonic() < deadline, "the agent did not apply the policies"
-        time.sleep(0.05)
+    documents = [marker, *(to_local_document(p) for p in case.policies)]
+    probes.apply_policies(state, documents, ("node-2",))
 
 
 def _attempt(state: LabState, case: Case) -> tuple[Verdict, str]:
