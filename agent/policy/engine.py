@@ -23,6 +23,7 @@ from agent.policy.compiler import (
     identity_masks,
 )
 from agent.policy.kernel_maps import PolicyMaps
+from agent.policy.model import WorkloadSelectorTarget, applies_to
 from agent.policy.parse import PolicyError, parse_policies
 from agent.state.store import MeshState
 from agent.state.workload import Workload
@@ -60,9 +61,17 @@ class PolicyEngine:
             )
             retired = self._maps.write(compiled)
             self._compiled = compiled
-            for policy in policies:
-                for finding in policy.wrong_layer:
-                    log.warning("wrong-layer policy", policy=policy.key, finding=finding)
+            for workload, labels in targets:
+                # Deep guide, wrong-layer policy: an L7 rule on a workload without a waypoint.
+                target = WorkloadSelectorTarget(workload.namespace, labels)
+                for policy in policies:
+                    if policy.wrong_layer and applies_to(policy, target):
+                        log.warning(
+                            "wrong-layer policy",
+                            workload=workload.key,
+                            policy=policy.key,
+                            findings=list(policy.wrong_layer),
+                        )
             for tables in compiled.workloads:
                 if tables.fallback_reason:
                     log.warning("policy fallback: denying", reason=tables.fallback_reason)
