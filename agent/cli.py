@@ -64,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="measure the mesh against no mesh on the lab")
     bench.add_argument("--json", action="store_true", help="machine-readable result")
     bench.add_argument("--quick", action="store_true", help="short runs (for tests)")
+    bench.add_argument("--policy", action="store_true",
+                       help="L4 authorization: compile cost and kernel decision cost")  # fmt: skip
     bench.add_argument("--name", default="bench", help="lab name (default: bench)")
 
     demo = sub.add_parser("demo", help="bring the lab up, show the mesh's paths, tear down")
@@ -79,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "lab":
         return _lab(args)
     if args.command == "bench":
+        if args.policy:
+            from agent.policy.bench import run_policy_bench
+
+            return run_policy_bench(json_output=args.json, quick=args.quick)
         from agent.bench import run_bench
 
         return run_bench(args.name, json_output=args.json, quick=args.quick)

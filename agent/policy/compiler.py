@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -67,6 +68,7 @@ class WorkloadTables:
     dry_deny: int = 0
     dry_allow: int = 0
     terms: list[Term] = field(default_factory=list)
+    identity_default: int = 0  # the mask of every identity not in by_identity
     by_identity: dict[int, int] = field(default_factory=dict)
     by_src: dict[ipaddress.IPv4Network, int] = field(default_factory=dict)
     by_dst: dict[ipaddress.IPv4Network, int] = field(default_factory=dict)
@@ -224,12 +226,59 @@ def _mask(terms: list[Term], holds: Callable[[Match], bool]) -> int:
 # ---- compile ----------------------------------------------------------------------------------
 
 
+class IdentityAcceptance:
+    """Which identities each distinct Match's identity fields accept, as a bitset over the
+    identities' positions. Shared by every destination of a compile: the same matches recur
+    across workloads, and evaluating them per identity per workload dominated compile time."""
+
+    def __init__(self, identities: Mapping[SpiffeId | None, int]) -> None:
+        self.identities = list(identities.items())
+        self.everyone = (1 << len(self.identities)) - 1
+        self._by_match: dict[Match, int] = {}
+
+    def of_match(self, match: Match) -> int:
+        if not (
+            match.namespaces
+            or match.not_namespaces
+            or match.service_accounts
+            or match.not_service_accounts
+            or match.principals
+            or match.not_principals
+        ):
+            return self.everyone  # no identity field: every identity passes
+        accepted = self._by_match.get(match)
+        if accepted is None:
+            accepted = 0
+            for position, (identity, _) in enumerate(self.identities):
+                if identity_holds(match, identity):
+                    accepted |= 1 << position
+            self._by_match[match] = accepted
+        return accepted
+
+    def masks(self, terms: list[Term]) -> dict[int, int]:
+        """identity number -> the mask of the terms it satisfies."""
+        accepts = []
+        for term in terms:
+            accepted = self.everyone
+            for match in term.matches:
+                accepted &= self.of_match(match)
+            accepts.append(accepted)
+        masks = {}
+        for position, (_, number) in enumerate(self.identities):
+            mask = 0
+            for bit, accepted in enumerate(accepts):
+                if (accepted >> position) & 1:
+                    mask |= 1 << bit
+            masks[number] = mask
+        return masks
+
+
 def compile_workload(
     wid: int,
     workload: Workload,
     labels: Mapping[str, str],
     policies: Iterable[Policy],
-    identities: Mapping[SpiffeId | None, int],
+    acceptance: IdentityAcceptance,
 ) -> WorkloadTables:
     target = WorkloadSelectorTarget(workload.namespace, dict(labels))
     applicable = sorted(
@@ -257,10 +306,12 @@ def compile_workload(
             tables.dry_allow |= (1 << bit) if dry else 0
             tables.allow |= 0 if dry else (1 << bit)
     terms = tables.terms
-    tables.by_identity = {
-        number: _mask(terms, partial(_identity_of, identity))
-        for identity, number in identities.items()
-    }
+    # Most identities share one mask (the policies name a few of them): that one becomes W's
+    # default, and only the others get map entries. This keeps pol_identities proportional
+    # to what the policies say, not to workloads x identities.
+    masks = acceptance.masks(terms)
+    tables.identity_default = Counter(masks.values()).most_common(1)[0][0]
+    tables.by_identity = {n: m for n, m in masks.items() if m != tables.identity_default}
     tables.by_src = {
         c: _mask(terms, partial(_src_of, c))
         for c in _classes(terms, lambda m: (*m.source_ips, *m.not_source_ips))
@@ -302,9 +353,9 @@ def compile_policies(
             for ip in w.ips:
                 if ":" not in ip:
                     workload_identities[ip] = number
-    identities = identity_numbers.known()
+    acceptance = IdentityAcceptance(identity_numbers.known())
     tables = [
-        compile_workload(wid, workload, labels, policies, identities)
+        compile_workload(wid, workload, labels, policies, acceptance)
         for wid, (workload, labels) in enumerate(destinations, start=1)
     ]
     return CompiledPolicies(

@@ -88,7 +88,9 @@ class PolicyEngine:
             # A peer the state did not list: its masks join the live generation (new keys
             # only, so no decision sees a half-written set).
             for tables in self._compiled.workloads:
-                self._maps.write_identities(tables, {number: identity_masks(tables, peer)}, None)
+                mask = identity_masks(tables, peer)
+                if mask != tables.identity_default:
+                    self._maps.write_identities(tables, {number: mask}, None)
         self._maps.tag_upstream(sock, number, client_ip)
 
     def denial(self, sock: socket.socket) -> str:

@@ -75,7 +75,7 @@ class PolicyMaps:
         workloads = self._dp.table("pol_workloads")
         value = workloads.Leaf()
         value.wid, value.flags = t.wid, t.flags
-        for name in ("deny", "allow", "dry_deny", "dry_allow"):
+        for name in ("deny", "allow", "dry_deny", "dry_allow", "identity_default"):
             _set_mask(getattr(value, name), getattr(t, name))
         for ip in t.addresses:
             workloads[workloads.Key(gen=gen, addr=addr_key(ip))] = value

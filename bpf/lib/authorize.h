@@ -82,6 +82,8 @@ static __always_inline void authorize(__u32 saddr, __u32 daddr, __u16 dport, __u
 
     struct pol_identity_key ikey = {.gen = gen, .wid = wid, .identity = identity};
     struct policy_mask *by_identity = pol_identities.lookup(&ikey);
+    if (!by_identity)
+        by_identity = &w->identity_default; /* most identities: see compiler.py */
     struct pol_lpm_key src_key = {.prefixlen = 96, .gen = gen, .wid = wid, .addr = saddr};
     struct policy_mask *by_src = pol_src_ips.lookup(&src_key);
     struct pol_lpm_key dst_key = {.prefixlen = 96, .gen = gen, .wid = wid, .addr = daddr};
@@ -92,7 +94,7 @@ static __always_inline void authorize(__u32 saddr, __u32 daddr, __u16 dport, __u
         pkey.port = 0;
         by_port = pol_ports.lookup(&pkey);
     }
-    if (!by_identity || !by_src || !by_dst || !by_port)
+    if (!by_src || !by_dst || !by_port)
         goto fallback; /* the compiler writes every class: a miss means a broken set */
 
     struct policy_mask m;

@@ -40,11 +40,13 @@ BPF_TABLE("percpu_array", __u32, __u64, verdicts, VERDICT_REASON_MAX);
 /* ---- L4 authorization (see policy.h) ---- */
 BPF_ARRAY(pol_config, struct pol_config, 1);
 BPF_TABLE("hash", struct pol_workload_key, struct pol_workload, pol_workloads, 2048);
-BPF_TABLE("hash", struct pol_identity_key, struct policy_mask, pol_identities, 65536);
+/* The two large ones are allocated on use (NO_PREALLOC): an idle agent pays nothing. */
+BPF_F_TABLE("hash", struct pol_identity_key, struct policy_mask, pol_identities, 262144,
+            BPF_F_NO_PREALLOC);
 BPF_LPM_TRIE(pol_src_ips, struct pol_lpm_key, struct policy_mask, 65536);
 BPF_LPM_TRIE(pol_dst_ips, struct pol_lpm_key, struct policy_mask, 16384);
 BPF_TABLE("hash", struct pol_port_key, struct policy_mask, pol_ports, 65536);
-BPF_TABLE("hash", struct pol_term_key, __u32, pol_terms, 65536);
+BPF_F_TABLE("hash", struct pol_term_key, __u32, pol_terms, 262144, BPF_F_NO_PREALLOC);
 /* Known workloads' addresses -> identity number, for plaintext sources. */
 BPF_TABLE("hash", struct workload_identity_key, __u32, workload_identities, 65536);
 /* Decisions per (policy, reason), and the policies' names, so bpftool and ambientctl can

@@ -49,6 +49,7 @@ struct pol_workload {
     struct policy_mask allow;
     struct policy_mask dry_deny;
     struct policy_mask dry_allow;
+    struct policy_mask identity_default; /* for identities without a pol_identities entry */
 };
 
 struct pol_identity_key {
