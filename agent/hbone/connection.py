@@ -159,6 +159,7 @@ class HboneConnection(asyncio.Protocol):
                 self.peer_identity = self._verify_peer(self.ssl_object())
             except Exception as exc:
                 log.warning("hbone peer refused", peer=self.peer, error=str(exc))
+                self._fail_ready(exc)
                 self._transport.abort()
                 return
         self._flush()
@@ -191,8 +192,14 @@ class HboneConnection(asyncio.Protocol):
         self.closed_event.set()
         if self._on_closed is not None:
             self._on_closed(self)
+        self._fail_ready(exc or ConnectionResetError("closed"))
+
+    def _fail_ready(self, exc: BaseException) -> None:
         if not self._ready.done():
-            self._ready.set_exception(exc or ConnectionResetError("closed"))
+            self._ready.set_exception(exc)
+            # ready() raises it for whoever awaits; nobody awaiting (a refused server-side
+            # connection) is no error, so asyncio must not log it as one.
+            self._ready.exception()
 
     def pause_writing(self) -> None:
         self._drained.clear()

@@ -280,10 +280,7 @@ class InPodProxy:
         except BaseException:
             sock.close()
             raise
-        if conn.peer_identity is None:  # verify_peer refused it and aborted the transport
-            raise tls.PeerIdentityError(
-                f"server at {_addr(key.destination)} is not {sorted(key.destination_identities)}"
-            )
+        await conn.ready()  # raises verify_peer's refusal (PeerIdentityError)
         return conn
 
     # -- inbound plaintext (15006) ---------------------------------------------------------
