@@ -20,7 +20,6 @@ every case.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import json
 import os
@@ -28,9 +27,7 @@ import platform
 import random
 import secrets
 import signal
-import socket
 import statistics
-import struct
 import subprocess
 import sys
 import threading
@@ -40,9 +37,10 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any, TextIO
 
-from agent.datapath import abi
+from agent.datapath import abi, packets
 from agent.datapath.abi import VerdictReason
 from agent.datapath.loader import LoadedDatapath, preflight
+from agent.datapath.prog_run import run_tc
 from agent.inpod.enrollment import pod_key_addr
 from agent.inpod.netns import NetnsWorker
 from agent.policy.compiler import (
@@ -484,68 +482,14 @@ def _measure_compile(settings: Settings, log: TextIO) -> tuple[CompiledPolicies,
 
 # ---- kernel: BPF_PROG_RUN ---------------------------------------------------------------------
 
-_NR_BPF = 321  # x86-64
-_BPF_PROG_TEST_RUN = 10
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-class _TestRunAttr(ctypes.Structure):
-    _fields_ = [
-        ("prog_fd", ctypes.c_uint32), ("retval", ctypes.c_uint32),
-        ("data_size_in", ctypes.c_uint32), ("data_size_out", ctypes.c_uint32),
-        ("data_in", ctypes.c_uint64), ("data_out", ctypes.c_uint64),
-        ("repeat", ctypes.c_uint32), ("duration", ctypes.c_uint32),
-        ("ctx_size_in", ctypes.c_uint32), ("ctx_size_out", ctypes.c_uint32),
-        ("ctx_in", ctypes.c_uint64), ("ctx_out", ctypes.c_uint64),
-        ("flags", ctypes.c_uint32), ("cpu", ctypes.c_uint32), ("batch_size", ctypes.c_uint32),
-        ("_pad", ctypes.c_uint32),
-    ]  # fmt: skip
-
 
 def prog_run_ns(prog_fd: int, packet: bytes, repeat: int) -> int:
-    """Average ns per run of a tc program over `repeat` runs (as tests/datapath/prog_run.py,
-    which the installed agent cannot import). Runs in the calling thread's netns."""
-    data_in = ctypes.create_string_buffer(packet, len(packet))
-    data_out = ctypes.create_string_buffer(len(packet) + 256)
-    attr = _TestRunAttr(
-        prog_fd=prog_fd,
-        data_size_in=len(packet),
-        data_size_out=len(data_out),
-        data_in=ctypes.addressof(data_in),
-        data_out=ctypes.addressof(data_out),
-        repeat=repeat,
-    )
-    if _libc.syscall(_NR_BPF, _BPF_PROG_TEST_RUN, ctypes.byref(attr), ctypes.sizeof(attr)) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"BPF_PROG_TEST_RUN: {os.strerror(err)}")
-    return int(attr.duration)
-
-
-def _checksum(data: bytes) -> int:
-    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
+    """Average ns per run of a tc program over `repeat` runs, in the calling thread's netns."""
+    return run_tc(prog_fd, packet, repeat=repeat).duration_ns
 
 
 def syn_packet(src: str, sport: int, dst: str, dport: int) -> bytes:
-    """Ethernet + IPv4 + TCP SYN (as tests/datapath/packets.py tcp4)."""
-    tcp = struct.pack("!HHIIBBHHH", sport, dport, 1000, 0, 5 << 4, 0x02, 64240, 0, 0)
-    ip = struct.pack(
-        "!BBHHHBBH4s4s",
-        0x45,
-        0,
-        20 + len(tcp),
-        1,
-        0x4000,
-        64,
-        socket.IPPROTO_TCP,
-        0,
-        socket.inet_aton(src),
-        socket.inet_aton(dst),
-    )
-    ip = ip[:10] + struct.pack("!H", _checksum(ip)) + ip[12:]
-    return b"\x02\x00\x00\x00\x00\x02\x02\x00\x00\x00\x00\x01\x08\x00" + ip + tcp
+    return packets.tcp4(src, sport, dst, dport)
 
 
 # ---- write ------------------------------------------------------------------------------------

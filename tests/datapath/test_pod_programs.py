@@ -20,13 +20,12 @@ from typing import Any
 
 import pytest
 
-from agent.datapath import abi
+from agent.datapath import abi, packets
 from agent.datapath.abi import VerdictReason as R
+from agent.datapath.prog_run import RunResult, run_tc
 from agent.inpod import sockets
 from agent.inpod.enrollment import pod_key_addr
 from agent.inpod.netns import NetnsWorker
-from tests.datapath import packets
-from tests.datapath.prog_run import RunResult, run_tc
 
 pytestmark = pytest.mark.kernel
 

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from agent.datapath import abi
+from agent.datapath import abi, packets
 from agent.datapath.abi import VerdictReason
 from agent.datapath.loader import LoadedDatapath
+from agent.datapath.prog_run import run_tc
 from agent.inpod.enrollment import pod_key_addr
 from agent.inpod.netns import NetnsWorker
 from agent.policy.compiler import IdentityNumbers, PolicyNumbers, compile_policies
@@ -28,8 +29,6 @@ from agent.policy.kernel_maps import PolicyMaps
 from agent.policy.model import Connection, Decision, Reason, Verdict
 from agent.policy.reference import DRY_RUN_DEFAULT_DENY
 from agent.state.workload import Protocol, Workload
-from tests.datapath import packets
-from tests.datapath.prog_run import run_tc
 from tests.policy.cases import CASES, SERVER_IP, Case
 
 pytestmark = pytest.mark.kernel

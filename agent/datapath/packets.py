@@ -1,4 +1,5 @@
-"""Build Ethernet/IPv4 frames for BPF_PROG_RUN (no scapy: a few struct.pack calls do)."""
+"""Build Ethernet/IPv4 frames for BPF_PROG_RUN: the tests' crafted packets and the agent's
+policy probes (no scapy: a few struct.pack calls do)."""
 
 from __future__ import annotations
 
