@@ -54,7 +54,7 @@ class NodeAgent:
             datapath.close(unpin=not cfg.keep_pins)
             raise
         self.policy = PolicyEngine(PolicyMaps(datapath))
-        proxy = InPodProxy(store, identities, self.policy)
+        proxy = self.proxy = InPodProxy(store, identities, self.policy)
         enroller = PodEnroller(datapath, cfg.state_dir / cfg.node, proxy)
         tasks: list[asyncio.Task[None]] = []
         try:
@@ -109,6 +109,8 @@ class NodeAgent:
         wanted = {w.uid: w for w in self._wanted(state)}
         # Policies first: a pod is never captured without its policies in the kernel.
         await self.policy.apply(state, wanted.values())
+        if self.config.cut_denied_connections:
+            self.policy.cut_denied(self.proxy.live_connections())
         for uid, pod in list(enroller.pods.items()):
             if wanted.get(uid) != pod.workload:
                 await enroller.unenroll(uid)

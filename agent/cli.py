@@ -43,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--ca-dir", type=Path, default=DEFAULT_CA_DIR,
                      help="built-in CA state; agents sharing it trust each other")  # fmt: skip
     run.add_argument("--trust-domain", default=DEFAULT_TRUST_DOMAIN)
+    run.add_argument("--cut-denied-connections", action="store_true",
+                     help="on a policy change, also reset live connections it denies")  # fmt: skip
     run.add_argument("--cert-ttl", type=float, default=24 * 3600,
                      help="workload certificate lifetime in seconds (rotated at half)")  # fmt: skip
     run.add_argument("--log-format", choices=("json", "console"), default="json")
@@ -113,6 +115,7 @@ def _run(args: argparse.Namespace) -> int:
         ca_dir=args.ca_dir,
         trust_domain=args.trust_domain,
         certificate_ttl=timedelta(seconds=args.cert_ttl),
+        cut_denied_connections=args.cut_denied_connections,
     )
     try:
         return run_agent(config)

@@ -28,3 +28,6 @@ class AgentConfig:
     ca_dir: Path = DEFAULT_CA_DIR
     trust_domain: str = DEFAULT_TRUST_DOMAIN
     certificate_ttl: timedelta = timedelta(hours=24)
+    # A policy change applies to new connections; with this, live inbound connections the
+    # new policies deny are reset too (re-checked by the kernel).
+    cut_denied_connections: bool = False

@@ -20,7 +20,7 @@ int agent_connect4(struct bpf_sock_addr *ctx)
         return 1;
     struct policy_decision decision;
     authorize(peer->src_addr, ctx->user_ip4, bpf_ntohs((__u16)ctx->user_port), peer->identity,
-              &decision);
+              &decision, 1);
     /* So the agent can name the policy in its 401 and access log. */
     peer->policy = decision.policy;
     peer->reason = decision.reason;

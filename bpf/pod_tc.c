@@ -133,7 +133,8 @@ static __always_inline int deliver_inbound(struct __sk_buff *skb, const struct t
     /* Plaintext has no verified identity: a known workload's address stands for it. A denied
      * connection ends here, without waking userspace. */
     struct policy_decision decision;
-    authorize(v->saddr, v->daddr, bpf_ntohs(v->dport), plaintext_identity(v->saddr), &decision);
+    authorize(v->saddr, v->daddr, bpf_ntohs(v->dport), plaintext_identity(v->saddr), &decision,
+              1);
     if (!decision.allow)
         return drop(DROP_POLICY_DENIED);
     sk = lookup_listener(skb, v, PORT_INBOUND);

@@ -31,10 +31,12 @@ from agent.inpod.enrollment import PodEnroller
 from agent.lab import agents, probes
 from agent.lab.network import LabNetwork, LabState, PodState
 from agent.lab.topology import default_topology
+from agent.policy.engine import PolicyEngine
+from agent.policy.kernel_maps import PolicyMaps
 from agent.proxy.inpod_proxy import InPodProxy
 from agent.state.local_config import parse_local_config
 from agent.state.local_source import mesh_state_of
-from agent.state.store import StateStore
+from agent.state.store import MeshState, StateStore
 from agent.state.workload import Workload
 
 T = TypeVar("T")
@@ -74,6 +76,15 @@ class Mesh:
     loop: LoopThread
     workloads: dict[str, Workload]
     logs: LogCapture
+    policy: PolicyEngine
+
+    def set_policies(self, documents: list[dict[str, Any]]) -> None:
+        """Put policies in the state and into the kernel, as the agent's reconcile does."""
+        current = self.store.current
+        state = MeshState(current.workloads, current.services, tuple(documents))
+        self.loop.call(self.store.replace, state)
+        destinations = [pod.workload for pod in self.enroller.pods.values()]
+        self.loop.run(self.policy.apply(state, destinations))
 
     def enroll(self, pod: str) -> None:
         self.loop.run(self.enroller.enroll(self.workloads[pod]))
@@ -124,15 +135,19 @@ def mesh_fixture(prefix: str) -> Iterator[Mesh]:
         ca = CertificateAuthority.create("cluster.local")
         identities = IdentityManager(LocalCaClient(ca, timedelta(hours=1)), ca.root_pem)
 
+        # As agent/app.py wires it, less the agent cgroup: agent_connect4 is not attached
+        # in-process, so HBONE connects are not authorized here (the lab tests cover that).
+        policy = PolicyEngine(PolicyMaps(datapath))
+
         async def build() -> tuple[InPodProxy, PodEnroller]:
             assert datapath is not None and identities is not None
-            made = InPodProxy(store, identities, authorizer=None)
+            made = InPodProxy(store, identities, policy)
             return made, PodEnroller(datapath, Path(f"/run/ambient-lab/{name}/state"), made)
 
         proxy, enroller = loop.run(build())
         workloads = {w.name: w for w in config.workloads}
         mesh = Mesh(state, store, ca, identities, datapath, proxy, enroller, loop, workloads,
-                    logs)  # fmt: skip
+                    logs, policy)  # fmt: skip
         for pod in ("client-a", "server-a", "server-b", "client-b"):
             mesh.enroll(pod)
         yield mesh

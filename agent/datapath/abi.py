@@ -28,10 +28,11 @@ BPF_DIR = Path(os.environ.get("AMBIENT_BPF_DIR", Path(__file__).resolve().parent
 BPFFS_ROOT = Path("/sys/fs/bpf")
 DEFAULT_PIN_DIR = BPFFS_ROOT / "ambient"
 
-PROGRAM_FILES = ("pod_tc.c", "agent_connect.c")
+PROGRAM_FILES = ("pod_tc.c", "agent_connect.c", "policy_probe.c")
 TC_PROGRAMS = ("pod_ingress", "pod_egress")
 CGROUP_CONNECT4_PROGRAM = "agent_connect4"
-PROGRAMS = (*TC_PROGRAMS, CGROUP_CONNECT4_PROGRAM)
+POLICY_PROBE_PROGRAM = "policy_probe"  # BPF_PROG_RUN only
+PROGRAMS = (*TC_PROGRAMS, CGROUP_CONNECT4_PROGRAM, POLICY_PROBE_PROGRAM)
 MAPS = (
     "pods", "capture_exclude_ports", "verdicts", "pol_config", "pol_workloads", "pol_identities",
     "pol_src_ips", "pol_dst_ips", "pol_ports", "pol_terms", "workload_identities", "policy_stats",

@@ -25,6 +25,7 @@ from agent.policy.compiler import (
 from agent.policy.kernel_maps import PolicyMaps
 from agent.policy.model import WorkloadSelectorTarget, applies_to
 from agent.policy.parse import PolicyError, parse_policies
+from agent.proxy.live import LiveConnection
 from agent.state.store import MeshState
 from agent.state.workload import Workload
 
@@ -92,6 +93,28 @@ class PolicyEngine:
                 if mask != tables.identity_default:
                     self._maps.write_identities(tables, {number: mask}, None)
         self._maps.tag_upstream(sock, number, client_ip)
+
+    def cut_denied(self, connections: Iterable[LiveConnection]) -> int:
+        """Reset live inbound connections the policies in force now deny (asked for with
+        --cut-denied-connections). The kernel decides each, through policy_probe."""
+        workload_identities = self._compiled.workload_identities if self._compiled else {}
+        cut = 0
+        for conn in connections:
+            if conn.peer is not None:
+                identity = self.identities.number(conn.peer)
+            else:  # plaintext: what pod_ingress used for it
+                identity = workload_identities.get(conn.src_ip, 0)
+            allowed, reason, policy = self._maps.evaluate(
+                conn.src_ip, conn.dst_ip, conn.dst_port, identity
+            )
+            if not allowed:
+                conn.cut()
+                cut += 1
+                log.info("connection cut by a policy change", pod=conn.pod, src=conn.src_ip,
+                         dst=f"{conn.dst_ip}:{conn.dst_port}",
+                         reason=POLICY_REASONS.get(reason, reason),
+                         policy=self.policy_numbers.names().get(policy))  # fmt: skip
+        return cut
 
     def denial(self, sock: socket.socket) -> str:
         """Why agent_connect4 refused this socket's connect, for the 401 and the access log."""

@@ -11,7 +11,9 @@ import ctypes
 import socket
 from typing import Any
 
+from agent.datapath import abi, packets
 from agent.datapath.loader import DatapathError, LoadedDatapath
+from agent.datapath.prog_run import run_tc
 from agent.policy.compiler import MASK_WORDS, CompiledPolicies, WorkloadTables
 
 _WORD = (1 << 64) - 1
@@ -145,6 +147,16 @@ class PolicyMaps:
         if libbcc.lib.bpf_lookup_elem(fd, ctypes.byref(key), ctypes.byref(value)) != 0:
             return None
         return int(value.policy), int(value.reason)
+
+    def evaluate(
+        self, src_ip: str, dst_ip: str, dst_port: int, identity: int
+    ) -> tuple[bool, int, int]:
+        """(allowed, reason, policy) for a connection, decided by the kernel's authorize()
+        through policy_probe (BPF_PROG_RUN), without counting a decision."""
+        packet = packets.tcp4(src_ip, 1, dst_ip, dst_port, flags=packets.ACK)
+        fd = self._dp.program_fds[abi.POLICY_PROBE_PROGRAM]
+        result = run_tc(fd, packet, mark=identity).retval
+        return bool(result & 1), (result >> 1) & 0x7F, result >> 8
 
     def decisions(self) -> dict[tuple[int, int], int]:
         """(policy number, reason) -> count, summed over CPUs."""

@@ -36,7 +36,8 @@ from agent.identity.spiffe import SpiffeId
 from agent.inpod import sockets
 from agent.inpod.netns import NetnsWorker
 from agent.policy.engine import PolicyEngine
-from agent.proxy.relay import RelayResult, SocketStream, relay, reset
+from agent.proxy.live import LiveConnection
+from agent.proxy.relay import ByteStream, RelayResult, SocketStream, relay, reset
 from agent.state.store import StateStore
 from agent.state.workload import Workload
 
@@ -122,6 +123,7 @@ class InPodProxy:
         self._server_contexts: dict[SpiffeId, ssl.SSLContext] = {}
         self._client_contexts: dict[SpiffeId, ssl.SSLContext] = {}
         self._hbone_connections: dict[str, set[HboneConnection]] = {}
+        self._live: set[LiveConnection] = set()
         self.pool = HboneClientPool(self._dial)
         identities.on_rotate(self._rotated)
 
@@ -176,6 +178,29 @@ class InPodProxy:
 
     async def close(self) -> None:
         await self.pool.close()
+
+    def live_connections(self) -> list[LiveConnection]:
+        return list(self._live)
+
+    async def _relay_live(
+        self,
+        live_args: tuple[Pod, tuple[str, int], tuple[str, int], SpiffeId | None],
+        client: ByteStream,
+        upstream: SocketStream,
+    ) -> RelayResult:
+        """relay(), with the connection known as live for the while (policy re-checks)."""
+        pod, src, dst, peer = live_args
+
+        def cut() -> None:
+            client.reset()
+            upstream.reset()
+
+        live = LiveConnection(pod.workload.key, src[0], dst[0], dst[1], peer, cut)
+        self._live.add(live)
+        try:
+            return await relay(client, upstream)
+        finally:
+            self._live.discard(live)
 
     # -- identities ------------------------------------------------------------------------
 
@@ -311,7 +336,11 @@ class InPodProxy:
             access.done(error=f"upstream connect failed: {exc or type(exc).__name__}")
             return
         up_reader, up_writer = await asyncio.open_connection(sock=up)
-        access.done(await relay(SocketStream(reader, writer), SocketStream(up_reader, up_writer)))
+        client, upstream = SocketStream(reader, writer), SocketStream(up_reader, up_writer)
+        if direction == "inbound":
+            access.done(await self._relay_live((pod, src, dst, None), client, upstream))
+        else:
+            access.done(await relay(client, upstream))
 
     # -- inbound HBONE (15008) -------------------------------------------------------------
 
@@ -353,7 +382,10 @@ class InPodProxy:
             return
         conn.accept(stream)
         up_reader, up_writer = await asyncio.open_connection(sock=up)
-        access.done(await relay(stream, SocketStream(up_reader, up_writer)))
+        client_addr = (client_ip, 0)
+        live_args = (pod, client_addr, (request.host, request.port),
+                     peer_id if isinstance(peer_id, SpiffeId) else None)  # fmt: skip
+        access.done(await self._relay_live(live_args, stream, SocketStream(up_reader, up_writer)))
 
 
 async def _guarded(handler: Coroutine[Any, Any, None], writer: asyncio.StreamWriter) -> None:

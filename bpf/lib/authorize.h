@@ -57,9 +57,10 @@ static __always_inline __u32 plaintext_identity(__u32 saddr)
     return identity ? *identity : 0;
 }
 
-/* Addresses in network order, port in host order. */
+/* Addresses in network order, port in host order. `count`: a decision (1), or a probe that
+ * re-asks about a live connection (0, see policy_probe.c). */
 static __always_inline void authorize(__u32 saddr, __u32 daddr, __u16 dport, __u32 identity,
-                                      struct policy_decision *d)
+                                      struct policy_decision *d, int count)
 {
     d->allow = 1;
     d->reason = POLICY_NO_POLICY;
@@ -136,13 +137,16 @@ static __always_inline void authorize(__u32 saddr, __u32 daddr, __u16 dport, __u
         }
     }
 counted:
-    count_policy(d->policy, d->reason);
-    if (d->dry_would_deny)
-        count_policy(d->dry_policy, POLICY_DRY_RUN_WOULD_DENY);
+    if (count) {
+        count_policy(d->policy, d->reason);
+        if (d->dry_would_deny)
+            count_policy(d->dry_policy, POLICY_DRY_RUN_WOULD_DENY);
+    }
     return;
 fallback:
     d->allow = 0;
     d->reason = POLICY_FALLBACK;
     d->policy = 0;
-    count_policy(0, POLICY_FALLBACK);
+    if (count)
+        count_policy(0, POLICY_FALLBACK);
 }

@@ -123,3 +123,28 @@ def _verdicts(kernel: Kernel) -> dict[str, int]:
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_kernel_decides_as_the_semantics_table_says(kernel: Kernel, case: Case) -> None:
     assert kernel_decision(kernel, case) == case.expected
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_the_policy_probe_gives_the_same_decisions_without_counting(
+    kernel: Kernel, case: Case
+) -> None:
+    """policy_probe (how the agent re-checks live connections after a policy change) reaches
+    the table's verdict, reason and policy, and leaves the decision counters alone."""
+    target = Workload("dst", "server", case.target.namespace, "server", (SERVER_IP,),
+                      Protocol.HBONE, "node-2", labels=case.target.labels)  # fmt: skip
+    numbers, identities = PolicyNumbers(), IdentityNumbers()
+    compiled = compile_policies(
+        case.policies, [(target, dict(case.target.labels))], _sources(case), identities, numbers
+    )
+    kernel.maps.clear_generation(kernel.maps.write(compiled))
+    conn = case.conn
+    identity = identities.number(conn.src_identity) if conn.src_identity else 0
+    before = kernel.maps.decisions()
+    allowed, reason, policy = kernel.maps.evaluate(conn.src_ip, conn.dst_ip, conn.dst_port,
+                                                   identity)  # fmt: skip
+    assert kernel.maps.decisions() == before
+    expected = case.expected
+    assert allowed == (expected.verdict is Verdict.ALLOW)
+    assert KERNEL_REASONS[reason] is expected.reason
+    assert numbers.names().get(policy) == expected.policy
