@@ -110,7 +110,6 @@ QUICK = Settings(
 
 # The decision part: one destination, one plaintext source that is a known mesh workload.
 DECISION_NS = "bench"
-DEST_IP = "10.250.0.10"
 SRC_IP = "10.250.0.20"
 ALLOWED_PORT = 8080  # the one ALLOW policy's port
 UNNAMED_PORT = 9999  # no policy names it: default deny once an ALLOW applies

@@ -22,8 +22,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -276,13 +275,3 @@ class Envoy:
                     f"{self.read_file(name)}\n{self.log_tail()}"
                 )
             time.sleep(0.05)
-
-
-@contextmanager
-def running_envoy(config: Mapping[str, Any], workdir: Path, **kwargs: Any) -> Iterator[Envoy]:
-    envoy = Envoy(config, workdir, **kwargs)
-    try:
-        envoy.start()
-        yield envoy
-    finally:
-        envoy.stop()
