@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import signal
+from typing import Any
 
 import structlog
 
+from agent.admin.server import AdminAddresses, AdminServer
 from agent.config import AgentConfig
 from agent.datapath import abi, loader
 from agent.datapath.cgroup import AgentCgroup
 from agent.identity.ca import CertificateAuthority
-from agent.identity.manager import IdentityManager, LocalCaClient
+from agent.identity.manager import IdentityManager, LocalCaClient, WorkloadCertificate
 from agent.inpod.enrollment import EnrollmentError, PodEnroller
 from agent.policy.engine import PolicyEngine
 from agent.policy.kernel_maps import PolicyMaps
@@ -30,6 +33,14 @@ class NodeAgent:
         self.stopping = asyncio.Event()
         self._state_changed = asyncio.Event()
         self.failures = 0
+        # Set as start-up gets there; the admin endpoints report what is missing meanwhile.
+        self.store: StateStore | None = None
+        self.identities: IdentityManager | None = None
+        self.datapath: loader.LoadedDatapath | None = None
+        self.enroller: PodEnroller | None = None
+        self.policy: PolicyEngine | None = None
+        self._reconciled = False
+        self._enroll_errors: dict[str, str] = {}
 
     def stop(self, sig: signal.Signals) -> None:
         log.info("signal received", signal=sig.name)
@@ -38,12 +49,28 @@ class NodeAgent:
     async def run(self) -> int:
         cfg = self.config
         loader.preflight()
+        admin = AdminServer(self, self.not_ready, self.config_dump,
+                            AdminAddresses(admin=cfg.admin_address))  # fmt: skip
+        try:
+            await admin.start()
+        except OSError as exc:
+            raise loader.DatapathError(f"cannot open the admin ports: {exc}") from exc
+        try:
+            return await self._run(cfg)
+        finally:
+            await admin.close()
+
+    async def _run(self, cfg: AgentConfig) -> int:
         store = StateStore()
         source = LocalConfigSource(cfg.config_file, store)
         source.load_initial()  # a broken config at start is fatal; later ones are rejected
+        self.store = store
         ca = CertificateAuthority.load_or_create(cfg.ca_dir, cfg.trust_domain)
-        identities = IdentityManager(LocalCaClient(ca, cfg.certificate_ttl), ca.root_pem)
+        identities = self.identities = IdentityManager(
+            LocalCaClient(ca, cfg.certificate_ttl), ca.root_pem
+        )
         datapath = await asyncio.to_thread(loader.LoadedDatapath, cfg.pin_dir)
+        self.datapath = datapath
         log.info("datapath loaded", pin_dir=str(cfg.pin_dir), programs=list(datapath.program_fds))
         cgroup = AgentCgroup(_instance(cfg))
         try:
@@ -53,9 +80,9 @@ class NodeAgent:
             cgroup.leave()
             datapath.close(unpin=not cfg.keep_pins)
             raise
-        self.policy = PolicyEngine(PolicyMaps(datapath))
-        proxy = self.proxy = InPodProxy(store, identities, self.policy)
-        enroller = PodEnroller(datapath, cfg.state_dir / cfg.node, proxy)
+        policy = self.policy = PolicyEngine(PolicyMaps(datapath))
+        proxy = self.proxy = InPodProxy(store, identities, policy)
+        enroller = self.enroller = PodEnroller(datapath, cfg.state_dir / cfg.node, proxy)
         tasks: list[asyncio.Task[None]] = []
         try:
             await enroller.recover(keep={w.uid for w in self._wanted(store.current)})
@@ -108,20 +135,92 @@ class NodeAgent:
         workload changed is enrolled afresh."""
         wanted = {w.uid: w for w in self._wanted(state)}
         # Policies first: a pod is never captured without its policies in the kernel.
+        assert self.policy is not None
         await self.policy.apply(state, wanted.values())
         if self.config.cut_denied_connections:
             self.policy.cut_denied(self.proxy.live_connections())
         for uid, pod in list(enroller.pods.items()):
             if wanted.get(uid) != pod.workload:
                 await enroller.unenroll(uid)
+        self._enroll_errors = {k: v for k, v in self._enroll_errors.items() if k in wanted}
         for workload in wanted.values():
             if workload.uid in enroller.pods:
                 continue
             try:
                 await enroller.enroll(workload)
+                self._enroll_errors.pop(workload.uid, None)
             except EnrollmentError as exc:
                 self.failures += 1
+                self._enroll_errors[workload.uid] = str(exc)
                 log.error("pod not enrolled", error=str(exc))
+        self._reconciled = True
+
+    # ---- what the admin endpoints show ---------------------------------------------------
+
+    def not_ready(self) -> list[str]:
+        """Empty when ready: config loaded, programs loaded, every wanted pod enrolled (its
+        certificate issued with it)."""
+        if self.stopping.is_set():
+            return ["shutting down"]
+        missing = []
+        if self.store is None:
+            missing.append("config not loaded")
+        if self.datapath is None:
+            missing.append("eBPF programs not loaded")
+        if not self._reconciled:
+            missing.append("pods not enrolled yet")
+        missing += [f"pod not enrolled: {error}" for error in self._enroll_errors.values()]
+        return missing
+
+    def config_dump(self) -> dict[str, Any]:
+        state = self.store.current if self.store else None
+        return {
+            "node": self.config.node,
+            "ready": not self.not_ready(),
+            "not_ready": self.not_ready(),
+            "workloads": [_workload_dump(w) for w in state.workloads] if state else [],
+            "services": [dataclasses.asdict(s) for s in state.services] if state else [],
+            "policies": self.policy.policies_in_force() if self.policy else [],
+            "enrolled": sorted(p.workload.key for p in self.enroller.pods.values())
+            if self.enroller else [],
+            "certificates": [
+                {"identity": c.identity.uri, "serial": f"{c.leaf.serial_number:x}",
+                 "not_before": c.not_before.isoformat(), "not_after": c.not_after.isoformat(),
+                 "refresh_at": c.refresh_at.isoformat()}
+                for c in self.certificates()
+            ],
+            "datapath": {"pin_dir": str(self.config.pin_dir),
+                         "programs": sorted(self.datapath.program_fds) if self.datapath else []},
+        }  # fmt: skip
+
+    def kernel_verdicts(self) -> dict[str, int]:
+        if self.datapath is None:
+            return {}
+        return {
+            abi.VerdictReason(int(k.value)).name: sum(v)
+            for k, v in self.datapath.table("verdicts").items()
+        }
+
+    def policy_decisions(self) -> list[tuple[str, str, int]]:
+        return self.policy.decisions() if self.policy else []
+
+    def enrolled_pods(self) -> int:
+        return len(self.enroller.pods) if self.enroller else 0
+
+    def programs_loaded(self) -> int:
+        return len(self.datapath.program_fds) if self.datapath else 0
+
+    def certificates(self) -> list[WorkloadCertificate]:
+        return self.identities.certificates() if self.identities else []
+
+
+def _workload_dump(workload: Workload) -> dict[str, Any]:
+    return {
+        "uid": workload.uid, "name": workload.name, "namespace": workload.namespace,
+        "serviceAccount": workload.service_account, "workloadIps": list(workload.ips),
+        "protocol": workload.protocol.value, "node": workload.node,
+        "labels": dict(workload.labels),
+    }  # fmt: skip
 
 
 def _instance(cfg: AgentConfig) -> str:

@@ -43,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--ca-dir", type=Path, default=DEFAULT_CA_DIR,
                      help="built-in CA state; agents sharing it trust each other")  # fmt: skip
     run.add_argument("--trust-domain", default=DEFAULT_TRUST_DOMAIN)
+    run.add_argument("--admin-address", default="127.0.0.1",
+                     help="address of the config dump port 15000 (default loopback)")  # fmt: skip
     run.add_argument("--cut-denied-connections", action="store_true",
                      help="on a policy change, also reset live connections it denies")  # fmt: skip
     run.add_argument("--cert-ttl", type=float, default=24 * 3600,
@@ -116,6 +118,7 @@ def _run(args: argparse.Namespace) -> int:
         trust_domain=args.trust_domain,
         certificate_ttl=timedelta(seconds=args.cert_ttl),
         cut_denied_connections=args.cut_denied_connections,
+        admin_address=args.admin_address,
     )
     try:
         return run_agent(config)

@@ -31,3 +31,5 @@ class AgentConfig:
     # A policy change applies to new connections; with this, live inbound connections the
     # new policies deny are reset too (re-checked by the kernel).
     cut_denied_connections: bool = False
+    # The config dump (15000) shows the mesh's workloads and policies: loopback by default.
+    admin_address: str = "127.0.0.1"

@@ -174,6 +174,10 @@ class IdentityManager:
         """Replace the certificate of `identity` at once (issuing it if there was none)."""
         return await self._issue(identity, self._slot(identity))
 
+    def certificates(self) -> list[WorkloadCertificate]:
+        """The certificates currently held (for the config dump and expiry metrics)."""
+        return [slot.cert for slot in self._slots.values() if slot.cert is not None]
+
     def forget(self, identity: SpiffeId) -> None:
         """Drop the certificate of `identity` and stop rotating it. Callers already waiting for
         an issuance still get their certificate."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Iterable
+from typing import Any
 
 import structlog
 
@@ -23,8 +24,8 @@ from agent.policy.compiler import (
     identity_masks,
 )
 from agent.policy.kernel_maps import PolicyMaps
-from agent.policy.model import WorkloadSelectorTarget, applies_to
-from agent.policy.parse import PolicyError, parse_policies
+from agent.policy.model import Policy, WorkloadSelectorTarget, applies_to
+from agent.policy.parse import PolicyError, parse_policies, to_local_document
 from agent.proxy.live import LiveConnection
 from agent.state.store import MeshState
 from agent.state.workload import Workload
@@ -47,6 +48,7 @@ class PolicyEngine:
         self.identities = IdentityNumbers()
         self.policy_numbers = PolicyNumbers()
         self._compiled: CompiledPolicies | None = None
+        self._policies: tuple[Policy, ...] = ()
         self._lock = asyncio.Lock()
 
     async def apply(self, state: MeshState, destinations: Iterable[Workload]) -> None:
@@ -62,6 +64,7 @@ class PolicyEngine:
             )
             retired = self._maps.write(compiled)
             self._compiled = compiled
+            self._policies = policies
             for workload, labels in targets:
                 # Deep guide, wrong-layer policy: an L7 rule on a workload without a waypoint.
                 target = WorkloadSelectorTarget(workload.namespace, labels)
@@ -115,6 +118,21 @@ class PolicyEngine:
                          reason=POLICY_REASONS.get(reason, reason),
                          policy=self.policy_numbers.names().get(policy))  # fmt: skip
         return cut
+
+    def decisions(self) -> list[tuple[str, str, int]]:
+        """(policy, reason, count) as the kernel counted them."""
+        names = self.policy_numbers.names()
+        return sorted(
+            (names.get(policy, "-") if policy else "-", POLICY_REASONS.get(reason, str(reason)),
+             count)
+            for (policy, reason), count in self._maps.decisions().items()
+        )  # fmt: skip
+
+    def policies_in_force(self) -> list[dict[str, Any]]:
+        """The policies as enforced, in the local shape (for the config dump)."""
+        if self._compiled is None:
+            return []
+        return [to_local_document(p) for p in self._policies]
 
     def denial(self, sock: socket.socket) -> str:
         """Why agent_connect4 refused this socket's connect, for the 401 and the access log."""
