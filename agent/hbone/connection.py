@@ -99,8 +99,11 @@ class HboneStream:
                 raise self._reset_error()
             if self._conn.closed:
                 raise ConnectionResetError("HBONE connection closed")
-            taken = self._conn.send_data(self.stream_id, bytes(view))
-            view = view[taken:]
+            # Copy only what the flow-control window lets through now, not the whole rest.
+            window = self._conn.proto.sendable(self.stream_id)
+            if window > 0:
+                taken = self._conn.send_data(self.stream_id, bytes(view[:window]))
+                view = view[taken:]
             if view:
                 self._writable.clear()
                 await self._writable.wait()

@@ -601,14 +601,22 @@ def _k8s_rule(
     return tuple(clauses), findings
 
 
-def _source_entry(doc: _Doc, value: object, path: str, namespace: str) -> tuple[Match, list[_L7]]:
+def _wrapped(
+    doc: _Doc, value: object, path: str, key: str, allowed: Sequence[str]
+) -> tuple[Mapping[str, object], str]:
+    """`{source: {...}}` or `{operation: {...}}`: the inner mapping, checked, and its path."""
     entry = _mapping(doc, value, path)
-    _check_keys(doc, entry, ("source",), path)
-    source_path = _at(path, "source")
-    if entry.get("source") is None:
-        raise doc.error(source_path, "is required")
-    source = _mapping(doc, entry["source"], source_path)
-    _check_keys(doc, source, _SOURCE_KEYS, source_path)
+    _check_keys(doc, entry, (key,), path)
+    inner_path = _at(path, key)
+    if entry.get(key) is None:
+        raise doc.error(inner_path, "is required")
+    inner = _mapping(doc, entry[key], inner_path)
+    _check_keys(doc, inner, allowed, inner_path)
+    return inner, inner_path
+
+
+def _source_entry(doc: _Doc, value: object, path: str, namespace: str) -> tuple[Match, list[_L7]]:
+    source, source_path = _wrapped(doc, value, path, "source", _SOURCE_KEYS)
     written = {key: _strings(doc, source, key, source_path) for key in _SOURCE_KEYS}
     if not any(written.values()):
         # Istio's validation rejects it too: it is unclear whether it should match all or none.
@@ -658,13 +666,7 @@ def _operation_entry(
     doc: _Doc, value: object, path: str, namespace: str
 ) -> tuple[Match, list[_L7]]:
     del namespace  # same signature as _source_entry; operations are not namespaced
-    entry = _mapping(doc, value, path)
-    _check_keys(doc, entry, ("operation",), path)
-    operation_path = _at(path, "operation")
-    if entry.get("operation") is None:
-        raise doc.error(operation_path, "is required")
-    operation = _mapping(doc, entry["operation"], operation_path)
-    _check_keys(doc, operation, _OPERATION_KEYS, operation_path)
+    operation, operation_path = _wrapped(doc, value, path, "operation", _OPERATION_KEYS)
     written = {key: _items(doc, operation, key, operation_path) for key in _OPERATION_KEYS}
     if not any(written.values()):
         raise doc.error(operation_path, "must not be empty")

@@ -12,7 +12,7 @@ import contextlib
 import hashlib
 import os
 import ssl
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -575,19 +575,40 @@ def envoy_as_hbone_server(cert: WorkloadCertificate, roots_pem: bytes) -> JsonOb
 # ---- 1. Envoy as HBONE client -> our HBONE server -----------------------------------------
 
 
+@contextlib.asynccontextmanager
+async def envoy_client_to_our_server(
+    ca: CertificateAuthority,
+    envoys: Envoys,
+    expected_server: SpiffeId,
+    echo: EchoServer | None,
+) -> AsyncIterator[tuple[Envoy, OurHboneServer, str]]:
+    """Envoy tunnelling to our HBONE server, which connects to `echo` (or, without one, to a
+    port nothing listens on). Yields Envoy, our server and the tunnels' authority."""
+    port = await echo.start() if echo is not None else free_port()
+    authority = f"127.0.0.1:{port}"
+    server = OurHboneServer(workload(ca, SERVER_ID), ca.root_pem, authority)
+    try:
+        hbone_port = await server.start()
+        envoy = await envoys.astart(
+            envoy_as_hbone_client(
+                workload(ca, ENVOY_CLIENT_ID), ca.root_pem, hbone_port, authority, expected_server
+            )
+        )
+        yield envoy, server, authority
+    finally:
+        await server.close()
+        if echo is not None:
+            await echo.close()
+
+
 def test_envoy_client_tunnels_to_our_server(ca: CertificateAuthority, envoys: Envoys) -> None:
     async def main() -> None:
         echo = EchoServer()
-        echo_port = await echo.start()
-        authority = f"127.0.0.1:{echo_port}"
-        server = OurHboneServer(workload(ca, SERVER_ID), ca.root_pem, authority)
-        try:
-            hbone_port = await server.start()
-            envoy = await envoys.astart(
-                envoy_as_hbone_client(
-                    workload(ca, ENVOY_CLIENT_ID), ca.root_pem, hbone_port, authority, SERVER_ID
-                )
-            )
+        async with envoy_client_to_our_server(ca, envoys, SERVER_ID, echo) as (
+            envoy,
+            server,
+            authority,
+        ):
             got = await tcp_exchange(envoy.port("tunnel_out"), b"hello through envoy")
             assert got == b"hello through envoy"
 
@@ -604,9 +625,6 @@ def test_envoy_client_tunnels_to_our_server(ca: CertificateAuthority, envoys: En
             stats = await asyncio.to_thread(envoy.stats, "cluster.hbone.")
             assert stats["cluster.hbone.ssl.handshake"] >= 1
             assert stats.get("cluster.hbone.ssl.fail_verify_san", 0) == 0
-        finally:
-            await server.close()
-            await echo.close()
 
     envoys.run(main)
 
@@ -616,16 +634,11 @@ def test_envoy_client_refuses_our_server_with_the_wrong_san(
 ) -> None:
     async def main() -> None:
         echo = EchoServer()
-        echo_port = await echo.start()
-        authority = f"127.0.0.1:{echo_port}"
-        server = OurHboneServer(workload(ca, SERVER_ID), ca.root_pem, authority)
-        try:
-            hbone_port = await server.start()
-            envoy = await envoys.astart(
-                envoy_as_hbone_client(
-                    workload(ca, ENVOY_CLIENT_ID), ca.root_pem, hbone_port, authority, SOMEONE_ELSE
-                )
-            )
+        async with envoy_client_to_our_server(ca, envoys, SOMEONE_ELSE, echo) as (
+            envoy,
+            server,
+            _,
+        ):
             try:
                 got = await tcp_exchange(envoy.port("tunnel_out"), b"must not arrive")
             except ConnectionResetError:
@@ -635,9 +648,6 @@ def test_envoy_client_refuses_our_server_with_the_wrong_san(
             assert echo.connections == 0
             stats = await asyncio.to_thread(envoy.stats, "cluster.hbone.")
             assert stats["cluster.hbone.ssl.fail_verify_san"] >= 1, stats
-        finally:
-            await server.close()
-            await echo.close()
 
     envoys.run(main)
 
@@ -648,16 +658,7 @@ def test_envoy_client_bulk_and_half_close(ca: CertificateAuthority, envoys: Envo
 
     async def main() -> None:
         echo = EchoServer(farewell=FAREWELL)
-        echo_port = await echo.start()
-        authority = f"127.0.0.1:{echo_port}"
-        server = OurHboneServer(workload(ca, SERVER_ID), ca.root_pem, authority)
-        try:
-            hbone_port = await server.start()
-            envoy = await envoys.astart(
-                envoy_as_hbone_client(
-                    workload(ca, ENVOY_CLIENT_ID), ca.root_pem, hbone_port, authority, SERVER_ID
-                )
-            )
+        async with envoy_client_to_our_server(ca, envoys, SERVER_ID, echo) as (envoy, _, _):
             port = envoy.port("tunnel_out")
             expected, received, count = await bulk_tcp(port, BULK, FAREWELL)
             assert count == BULK + len(FAREWELL)
@@ -666,9 +667,6 @@ def test_envoy_client_bulk_and_half_close(ca: CertificateAuthority, envoys: Envo
             got = await tcp_exchange(port, b"half")
             assert got == b"half" + FAREWELL
             assert echo.eofs == 2
-        finally:
-            await server.close()
-            await echo.close()
 
     envoys.run(main)
 
@@ -680,15 +678,11 @@ def test_our_refusal_reaches_envoys_client_as_a_reset(
     its downstream without a byte and logs the tunnel's status."""
 
     async def main() -> None:
-        authority = f"127.0.0.1:{free_port()}"
-        server = OurHboneServer(workload(ca, SERVER_ID), ca.root_pem, authority)
-        try:
-            hbone_port = await server.start()
-            envoy = await envoys.astart(
-                envoy_as_hbone_client(
-                    workload(ca, ENVOY_CLIENT_ID), ca.root_pem, hbone_port, authority, SERVER_ID
-                )
-            )
+        async with envoy_client_to_our_server(ca, envoys, SERVER_ID, None) as (
+            envoy,
+            server,
+            authority,
+        ):
             try:
                 got = await tcp_exchange(envoy.port("tunnel_out"), b"nobody home")
             except ConnectionResetError:
@@ -697,8 +691,6 @@ def test_our_refusal_reaches_envoys_client_as_a_reset(
             assert [r.authority for r in server.requests] == [authority]
             line = await asyncio.to_thread(envoy.wait_for_file_line, ACCESS_LOG, "upstream_peer")
             assert "tunnel_response:503" in line, line
-        finally:
-            await server.close()
 
     envoys.run(main)
 
