@@ -10,6 +10,7 @@ from typing import Any
 
 import structlog
 
+from agent.admin.metrics import AgentCollector
 from agent.admin.server import AdminAddresses, AdminServer
 from agent.config import AgentConfig
 from agent.datapath import abi, loader
@@ -23,6 +24,9 @@ from agent.proxy.inpod_proxy import InPodProxy
 from agent.state.local_source import LocalConfigSource
 from agent.state.store import MeshState, StateStore
 from agent.state.workload import Workload
+from agent.telemetry.connections import ConnectionTelemetry, TcpSeries
+from agent.telemetry.otlp import OtlpExport
+from agent.telemetry.ring import RingReader
 
 log = structlog.get_logger("agent")
 
@@ -41,6 +45,7 @@ class NodeAgent:
         self.policy: PolicyEngine | None = None
         self._reconciled = False
         self._enroll_errors: dict[str, str] = {}
+        self.telemetry = ConnectionTelemetry(kernel_records=True)
 
     def stop(self, sig: signal.Signals) -> None:
         log.info("signal received", signal=sig.name)
@@ -51,13 +56,22 @@ class NodeAgent:
         loader.preflight()
         admin = AdminServer(self, self.not_ready, self.config_dump,
                             AdminAddresses(admin=cfg.admin_address))  # fmt: skip
+        otlp = None
+        if cfg.otlp_endpoint:
+            # The very figures /metrics shows, pushed (agent/telemetry/otlp.py).
+            otlp = OtlpExport(AgentCollector(self), cfg.otlp_endpoint, cfg.otlp_protocol,
+                              cfg.otlp_interval, {"k8s.node.name": cfg.node})  # fmt: skip
         try:
             await admin.start()
         except OSError as exc:
             raise loader.DatapathError(f"cannot open the admin ports: {exc}") from exc
         try:
+            if otlp is not None:
+                otlp.start()
             return await self._run(cfg)
         finally:
+            if otlp is not None:
+                await asyncio.to_thread(otlp.shutdown)  # one last export with the final counts
             await admin.close()
 
     async def _run(self, cfg: AgentConfig) -> int:
@@ -73,15 +87,19 @@ class NodeAgent:
         self.datapath = datapath
         log.info("datapath loaded", pin_dir=str(cfg.pin_dir), programs=list(datapath.program_fds))
         cgroup = AgentCgroup(_instance(cfg))
+        telemetry = self.telemetry
+        ring = RingReader(datapath, telemetry.kernel_closed, asyncio.get_running_loop())
         try:
             cgroup.enter()
-            datapath.attach_connect4(cgroup.fd)
+            datapath.attach_cgroup(cgroup.fd)
+            ring.start()
         except BaseException:
+            datapath.detach_cgroup(cgroup.fd)
             cgroup.leave()
             datapath.close(unpin=not cfg.keep_pins)
             raise
         policy = self.policy = PolicyEngine(PolicyMaps(datapath))
-        proxy = self.proxy = InPodProxy(store, identities, policy)
+        proxy = self.proxy = InPodProxy(store, identities, policy, telemetry)
         enroller = self.enroller = PodEnroller(datapath, cfg.state_dir / cfg.node, proxy)
         tasks: list[asyncio.Task[None]] = []
         try:
@@ -90,6 +108,7 @@ class NodeAgent:
             store.subscribe(lambda old, new: self._state_changed.set())
             tasks.append(asyncio.create_task(source.run(self.stopping)))
             tasks.append(asyncio.create_task(self._follow_state(enroller, store)))
+            tasks.append(asyncio.create_task(self._expire_telemetry()))
             if cfg.ready_file is not None:
                 cfg.ready_file.write_text(f"{len(enroller.pods)}\n")
             log.info("agent ready", node=cfg.node, enrolled=len(enroller.pods),
@@ -113,7 +132,10 @@ class NodeAgent:
             await enroller.unenroll_all()
             await proxy.close()
             await identities.close()
-            datapath.detach_connect4(cgroup.fd)
+            datapath.detach_cgroup(cgroup.fd)
+            ring.stop()
+            await asyncio.sleep(0)  # the ring's last batch, scheduled on this loop
+            telemetry.expire(everything=True)
             cgroup.leave()
             datapath.close(unpin=not cfg.keep_pins)
             if cfg.ready_file is not None:
@@ -129,6 +151,11 @@ class NodeAgent:
             await self._state_changed.wait()
             self._state_changed.clear()
             await self._reconcile(enroller, store.current)
+
+    async def _expire_telemetry(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.telemetry.expire()
 
     async def _reconcile(self, enroller: PodEnroller, state: MeshState) -> None:
         """Enroll what the state wants on this node, unenroll the rest; a pod whose
@@ -153,6 +180,9 @@ class NodeAgent:
                 self.failures += 1
                 self._enroll_errors[workload.uid] = str(exc)
                 log.error("pod not enrolled", error=str(exc))
+        gone = self.telemetry.forget_workloads({w.uid for w in state.workloads})
+        if gone:
+            log.info("metric series of removed workloads dropped", series=gone)
         self._reconciled = True
 
     # ---- what the admin endpoints show ---------------------------------------------------
@@ -212,6 +242,25 @@ class NodeAgent:
 
     def certificates(self) -> list[WorkloadCertificate]:
         return self.identities.certificates() if self.identities else []
+
+    def tcp_series(self) -> list[tuple[tuple[str, ...], TcpSeries]]:
+        return self.telemetry.series()
+
+    def telemetry_counts(self) -> dict[str, int]:
+        """The kernel's telemetry_stats by name, and the connections that closed without a
+        kernel record (counted on the relay's figures instead)."""
+        counts = {"kernel_records_missing": self.telemetry.kernel_records_missing}
+        if self.datapath is not None:
+            for key, per_cpu in self.datapath.table("telemetry_stats").items():
+                counts[abi.TelemetryStat(int(key.value)).name.lower()] = sum(per_cpu)
+        return counts
+
+    def map_fill(self) -> list[tuple[str, int, int]]:
+        """(map, entries, capacity) for the maps that fill with pods and connections."""
+        if self.datapath is None:
+            return []
+        tables = ((name, self.datapath.table(name)) for name in abi.FILL_MAPS)
+        return [(name, len(table), int(table.max_entries)) for name, table in tables]
 
 
 def _workload_dump(workload: Workload) -> dict[str, Any]:

@@ -50,12 +50,20 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--cert-ttl", type=float, default=24 * 3600,
                      help="workload certificate lifetime in seconds (rotated at half)")  # fmt: skip
     run.add_argument("--log-format", choices=("json", "console"), default="json")
+    run.add_argument("--otlp-endpoint", help="export metrics over OTLP to this endpoint "
+                     "(http://host:port); default: no export")  # fmt: skip
+    run.add_argument("--otlp-protocol", choices=("grpc", "http/protobuf"), default="grpc")
+    run.add_argument("--otlp-interval", type=float, default=10.0,
+                     help="seconds between OTLP exports (default 10)")  # fmt: skip
 
     lab = sub.add_parser("lab", help="a local cluster of netns nodes and pods")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True)
     up = lab_sub.add_parser("up", help="build the lab and start a node agent per node")
     up.add_argument("--topology", type=Path, help="topology YAML (docs/lab.md)")
     up.add_argument("--no-agents", action="store_true", help="build the network only")
+    up.add_argument("--agent-arg", action="append", default=[], metavar="ARG",
+                    help="an extra `run` argument for every agent, e.g. "
+                    "--agent-arg=--otlp-endpoint=http://127.0.0.1:4317 (repeatable)")  # fmt: skip
     status = lab_sub.add_parser("status", help="show nodes, pods and agents")
     status.add_argument("--json", action="store_true")
     exe = lab_sub.add_parser("exec", help="run a command in a pod's or node's netns")
@@ -105,6 +113,7 @@ def _run(args: argparse.Namespace) -> int:
     from agent.datapath.loader import DatapathError
     from agent.identity.ca import CaError
     from agent.state.local_config import ConfigError
+    from agent.telemetry.otlp import OtlpError
 
     logs.configure(json_lines=args.log_format == "json")
     config = AgentConfig(
@@ -119,10 +128,13 @@ def _run(args: argparse.Namespace) -> int:
         certificate_ttl=timedelta(seconds=args.cert_ttl),
         cut_denied_connections=args.cut_denied_connections,
         admin_address=args.admin_address,
+        otlp_endpoint=args.otlp_endpoint,
+        otlp_protocol=args.otlp_protocol,
+        otlp_interval=args.otlp_interval,
     )
     try:
         return run_agent(config)
-    except (DatapathError, ConfigError, CaError) as exc:
+    except (DatapathError, ConfigError, CaError, OtlpError) as exc:
         print(f"ambient-agent: {exc}", file=sys.stderr)
         return 2
 
@@ -134,7 +146,8 @@ def _lab(args: argparse.Namespace) -> int:
 
     try:
         if args.lab_command == "up":
-            state = control.up(args.name, args.topology, agents_too=not args.no_agents)
+            state = control.up(args.name, args.topology, agents_too=not args.no_agents,
+                               agent_args=tuple(args.agent_arg))  # fmt: skip
             print(control.describe(control.status(state.name)))
         elif args.lab_command == "status":
             report = control.status(args.name)

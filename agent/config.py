@@ -33,3 +33,7 @@ class AgentConfig:
     cut_denied_connections: bool = False
     # The config dump (15000) shows the mesh's workloads and policies: loopback by default.
     admin_address: str = "127.0.0.1"
+    # OTLP metric export (the /metrics figures, pushed): off unless an endpoint is given.
+    otlp_endpoint: str | None = None
+    otlp_protocol: str = "grpc"
+    otlp_interval: float = 10.0

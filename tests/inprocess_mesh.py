@@ -38,6 +38,7 @@ from agent.state.local_config import parse_local_config
 from agent.state.local_source import mesh_state_of
 from agent.state.store import MeshState, StateStore
 from agent.state.workload import Workload
+from agent.telemetry.connections import ConnectionTelemetry
 
 T = TypeVar("T")
 APP = 8080
@@ -141,7 +142,7 @@ def mesh_fixture(prefix: str) -> Iterator[Mesh]:
 
         async def build() -> tuple[InPodProxy, PodEnroller]:
             assert datapath is not None and identities is not None
-            made = InPodProxy(store, identities, policy)
+            made = InPodProxy(store, identities, policy, ConnectionTelemetry(kernel_records=False))
             return made, PodEnroller(datapath, Path(f"/run/ambient-lab/{name}/state"), made)
 
         proxy, enroller = loop.run(build())

@@ -67,7 +67,7 @@ def test_ready_agents_answer_200_and_dump_their_config(lab: LabState) -> None:
         "spiffe://cluster.local/ns/default/sa/server-a",
     }
     assert sorted(dump["datapath"]["programs"]) == [
-        "agent_connect4", "pod_egress", "pod_ingress", "policy_probe",
+        "agent_connect4", "pod_egress", "pod_ingress", "policy_probe", "sock_telemetry",
     ]  # fmt: skip
 
 
@@ -87,7 +87,7 @@ def test_metrics_are_the_kernels_counters(lab: LabState) -> None:
     assert status == 200
     assert 'ambient_datapath_verdicts_total{reason="REDIRECT_OUTBOUND"}' in text
     assert "ambient_enrolled_pods 2.0" in text
-    assert "ambient_programs_loaded 4.0" in text
+    assert "ambient_programs_loaded 5.0" in text
     assert ('ambient_workload_certificate_expiry_timestamp_seconds{identity='
             '"spiffe://cluster.local/ns/default/sa/client-a"}') in text  # fmt: skip
     status, same = get(lab, "node-1", "http://127.0.0.1:15020/stats/prometheus")

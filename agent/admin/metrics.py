@@ -1,5 +1,8 @@
 """Prometheus metrics read, at each scrape, from the kernel's own counters and the agent's
-state: nothing is counted twice, and the figures are the kernel's."""
+state: nothing is counted twice, and the figures are the kernel's.
+
+Istio's TCP metrics come from the connection telemetry (agent/telemetry/connections.py),
+whose byte counts are the kernel's sockops records. The same collector feeds OTLP export."""
 
 from __future__ import annotations
 
@@ -10,6 +13,18 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from agent.identity.manager import WorkloadCertificate
+from agent.telemetry.connections import TcpSeries
+from agent.telemetry.istio_labels import TCP_LABELS
+
+# Istio's names and help texts.
+ISTIO_TCP_COUNTERS = (
+    ("istio_tcp_connections_opened", "Total TCP connections opened.", "opened"),
+    ("istio_tcp_connections_closed", "Total TCP connections closed.", "closed"),
+    ("istio_tcp_received_bytes", "Size of total bytes received during request in case of a "
+     "TCP connection.", "received_bytes"),
+    ("istio_tcp_sent_bytes", "Size of total bytes sent during response in case of a TCP "
+     "connection.", "sent_bytes"),
+)  # fmt: skip
 
 
 class AgentMetricsSource(Protocol):
@@ -20,6 +35,9 @@ class AgentMetricsSource(Protocol):
     def enrolled_pods(self) -> int: ...
     def programs_loaded(self) -> int: ...
     def certificates(self) -> list[WorkloadCertificate]: ...
+    def tcp_series(self) -> list[tuple[tuple[str, ...], TcpSeries]]: ...
+    def telemetry_counts(self) -> dict[str, int]: ...
+    def map_fill(self) -> list[tuple[str, int, int]]: ...  # (map, entries, capacity)
 
 
 class AgentCollector(Collector):
@@ -27,6 +45,45 @@ class AgentCollector(Collector):
         self._source = source
 
     def collect(self) -> Iterator[Metric]:
+        series = self._source.tcp_series()
+        for name, documentation, attribute in ISTIO_TCP_COUNTERS:
+            family = CounterMetricFamily(name, documentation, labels=TCP_LABELS)
+            for labels, counters in series:
+                family.add_metric(labels, getattr(counters, attribute))
+            yield family
+        counts = self._source.telemetry_counts()
+        events = CounterMetricFamily(
+            "ambient_telemetry_ring_events",
+            "Connection records the sockops program wrote to the ring buffer (sent) or lost "
+            "because the buffer was full (dropped).",
+            labels=["outcome"],
+        )
+        events.add_metric(["sent"], counts.get("events_sent", 0))
+        events.add_metric(["dropped"], counts.get("events_dropped", 0))
+        yield events
+        yield CounterMetricFamily(
+            "ambient_telemetry_untracked_connections",
+            "Connections the sockops program could not track (sock_conns full).",
+            value=counts.get("table_full", 0),
+        )
+        yield CounterMetricFamily(
+            "ambient_telemetry_kernel_records_missing",
+            "Connections that completed without a kernel record; counted with the relay's "
+            "byte counts instead.",
+            value=counts.get("kernel_records_missing", 0),
+        )
+        entries = GaugeMetricFamily(
+            "ambient_map_entries", "Entries in the agent's eBPF maps.", labels=["map"]
+        )
+        capacity = GaugeMetricFamily(
+            "ambient_map_capacity", "Capacity (max_entries) of the agent's eBPF maps.",
+            labels=["map"],
+        )  # fmt: skip
+        for map_name, used, size in self._source.map_fill():
+            entries.add_metric([map_name], used)
+            capacity.add_metric([map_name], size)
+        yield entries
+        yield capacity
         verdicts = CounterMetricFamily(
             "ambient_datapath_verdicts",
             "Packets the tc programs passed, steered or dropped, by reason.",

@@ -28,16 +28,30 @@ BPF_DIR = Path(os.environ.get("AMBIENT_BPF_DIR", Path(__file__).resolve().parent
 BPFFS_ROOT = Path("/sys/fs/bpf")
 DEFAULT_PIN_DIR = BPFFS_ROOT / "ambient"
 
-PROGRAM_FILES = ("pod_tc.c", "agent_connect.c", "policy_probe.c")
+PROGRAM_FILES = ("pod_tc.c", "agent_connect.c", "policy_probe.c", "sock_telemetry.c")
 TC_PROGRAMS = ("pod_ingress", "pod_egress")
 CGROUP_CONNECT4_PROGRAM = "agent_connect4"
 POLICY_PROBE_PROGRAM = "policy_probe"  # BPF_PROG_RUN only
-PROGRAMS = (*TC_PROGRAMS, CGROUP_CONNECT4_PROGRAM, POLICY_PROBE_PROGRAM)
+SOCK_TELEMETRY_PROGRAM = "sock_telemetry"  # sockops on the agent's cgroup
+PROGRAMS = (*TC_PROGRAMS, CGROUP_CONNECT4_PROGRAM, POLICY_PROBE_PROGRAM, SOCK_TELEMETRY_PROGRAM)
 MAPS = (
     "pods", "capture_exclude_ports", "verdicts", "pol_config", "pol_workloads", "pol_identities",
     "pol_src_ips", "pol_dst_ips", "pol_ports", "pol_terms", "workload_identities", "policy_stats",
-    "upstream_peers", "policy_names",
+    "upstream_peers", "policy_names", "sock_conns", "telemetry_events", "telemetry_stats",
 )  # fmt: skip
+
+
+class TelemetryStat(enum.IntEnum):
+    """Indexes of the telemetry_stats map: enum telemetry_stat in bpf/sock_telemetry.c."""
+
+    EVENTS_SENT = 0
+    EVENTS_DROPPED = 1
+    TABLE_FULL = 2
+
+
+# Maps whose fill the agent reports (ambient_map_entries): those that grow with pods and
+# connections. The policy maps are sized and counted by the policy compiler instead.
+FILL_MAPS = ("pods", "workload_identities", "pol_workloads", "policy_names", "sock_conns")
 
 # Flag bits of struct pod_info.flags.
 POD_CAPTURE = 0x1
@@ -53,13 +67,13 @@ def cflags() -> list[str]:
     ]
 
 
-def read_reasons(header: Path) -> dict[str, int]:
-    body = re.search(r"enum verdict_reason\s*\{(.*?)\};", header.read_text(), re.S)
+def read_enum(source: Path, name: str) -> dict[str, int]:
+    """The members of C `enum <name>` in source, without its *_MAX member."""
+    body = re.search(rf"enum {name}\s*\{{(.*?)\}};", source.read_text(), re.S)
     if body is None:
-        raise RuntimeError(f"{header}: no enum verdict_reason")
+        raise RuntimeError(f"{source}: no enum {name}")
     found = {m[1]: int(m[2]) for m in re.finditer(r"^\s*(\w+)\s*=\s*(\d+),", body[1], re.M)}
-    found.pop("VERDICT_REASON_MAX", None)
-    return found
+    return {k: v for k, v in found.items() if not k.endswith("_MAX")}
 
 
 class VerdictReason(enum.IntEnum):
@@ -84,9 +98,9 @@ class VerdictReason(enum.IntEnum):
     DROP_POLICY_DENIED = 15
 
 
-if (_c_reasons := read_reasons(BPF_DIR / "lib" / "reasons.h")) != {
-    r.name: r.value for r in VerdictReason
-}:
-    raise RuntimeError(
-        f"VerdictReason does not match {BPF_DIR / 'lib' / 'reasons.h'}: {_c_reasons}"
-    )
+for _python, _source, _c_name, _prefix in (
+    (VerdictReason, BPF_DIR / "lib" / "reasons.h", "verdict_reason", ""),
+    (TelemetryStat, BPF_DIR / "sock_telemetry.c", "telemetry_stat", "TELEMETRY_"),
+):
+    if (_c := read_enum(_source, _c_name)) != {_prefix + m.name: m.value for m in _python}:
+        raise RuntimeError(f"{_python.__name__} does not match enum {_c_name} in {_source}: {_c}")

@@ -1,4 +1,4 @@
-"""Compile the tc programs with BCC once per agent start and pin programs and maps.
+"""Compile the eBPF programs with BCC once per agent start and pin programs and maps.
 
 Pins live under `<pin_dir>/progs/<program>` and `<pin_dir>/maps/<map>`, with BTF, so
 `bpftool map dump pinned <pin_dir>/maps/pods` prints keys and values field by field.
@@ -11,7 +11,7 @@ import os
 import re
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,8 @@ HELPER_MIN_KERNEL = {
     "bpf_skb_change_type": "4.8",
     "bpf_redirect": "4.4",
     "bpf_skb_load_bytes": "4.5",
+    "bpf_sock_ops_cb_flags_set": "4.16",
+    "bpf_ringbuf_output": "5.8",
 }
 
 
@@ -163,6 +165,8 @@ class LoadedDatapath:
                                 name.encode(), BPF.CGROUP_SOCK_ADDR,
                                 attach_type=BPFAttachType.CGROUP_INET4_CONNECT,
                             )  # fmt: skip
+                        elif name == abi.SOCK_TELEMETRY_PROGRAM:
+                            fn = self._bpf.load_func(name.encode(), BPF.SOCK_OPS)
                         else:
                             fn = self._bpf.load_func(name.encode(), BPF.SCHED_CLS)
                     except Exception:
@@ -177,19 +181,42 @@ class LoadedDatapath:
     def table(self, name: str) -> Any:
         return self._bpf[name.encode()]
 
-    def attach_connect4(self, cgroup_fd: int) -> None:
-        from bcc import BPF, BPFAttachType
+    def attach_cgroup(self, cgroup_fd: int) -> None:
+        """agent_connect4 and sock_telemetry on the agent's own cgroup."""
+        from bcc import BPF
 
-        # ALLOW_MULTI: other agents (a lab runs several) may sit on the same cgroup tree.
-        BPF.attach_func(self._functions[abi.CGROUP_CONNECT4_PROGRAM], cgroup_fd,
-                        BPFAttachType.CGROUP_INET4_CONNECT, flags=BPF_F_ALLOW_MULTI)  # fmt: skip
+        attached: list[str] = []
+        try:
+            for name, attach_type in _cgroup_programs():
+                # ALLOW_MULTI: other agents (a lab runs several) may sit on the same tree.
+                BPF.attach_func(self._functions[name], cgroup_fd, attach_type,
+                                flags=BPF_F_ALLOW_MULTI)  # fmt: skip
+                attached.append(name)
+        except BaseException:
+            self.detach_cgroup(cgroup_fd, only=attached)
+            raise
 
-    def detach_connect4(self, cgroup_fd: int) -> None:
-        from bcc import BPF, BPFAttachType
+    def detach_cgroup(self, cgroup_fd: int, only: list[str] | None = None) -> None:
+        from bcc import BPF
 
-        with contextlib.suppress(Exception):
-            BPF.detach_func(self._functions[abi.CGROUP_CONNECT4_PROGRAM], cgroup_fd,
-                            BPFAttachType.CGROUP_INET4_CONNECT)  # fmt: skip
+        for name, attach_type in _cgroup_programs():
+            if only is None or name in only:
+                with contextlib.suppress(Exception):
+                    BPF.detach_func(self._functions[name], cgroup_fd, attach_type)
+
+    def open_telemetry_ring(self, on_event: Callable[[bytes], None]) -> None:
+        """Deliver each telemetry_events record, as bytes, to on_event during poll_rings."""
+        import ctypes
+
+        def callback(_ctx: object, data: int, size: int) -> int:
+            on_event(ctypes.string_at(data, size))
+            return 0
+
+        self.table("telemetry_events").open_ring_buffer(callback)
+
+    def poll_rings(self, timeout_ms: int) -> None:
+        """Wait up to timeout_ms for ring-buffer records and hand them to their callbacks."""
+        self._bpf.ring_buffer_poll(timeout_ms)
 
     def map_fd(self, name: str) -> int:
         """Also for maps bcc has no Python table type for (socket-local storage)."""
@@ -223,6 +250,15 @@ class LoadedDatapath:
         if unpin:
             self.unpin()
         self._bpf.cleanup()
+
+
+def _cgroup_programs() -> list[tuple[str, Any]]:
+    from bcc import BPFAttachType
+
+    return [
+        (abi.CGROUP_CONNECT4_PROGRAM, BPFAttachType.CGROUP_INET4_CONNECT),
+        (abi.SOCK_TELEMETRY_PROGRAM, BPFAttachType.CGROUP_SOCK_OPS),
+    ]
 
 
 def remove_pins(pin_dir: Path) -> None:

@@ -60,8 +60,9 @@ def mesh_config(state: LabState) -> dict[str, Any]:
     }
 
 
-def start_agents(state: LabState) -> None:
-    """Start every node's agent, wait until each has enrolled its pods, record their pids."""
+def start_agents(state: LabState, agent_args: tuple[str, ...] = ()) -> None:
+    """Start every node's agent (with agent_args added to `agent run`), wait until each has
+    enrolled its pods, record their pids."""
     base = lab_dir(state.name)
     config = base / "mesh.yaml"
     config.write_text(yaml.safe_dump(mesh_config(state), sort_keys=False))
@@ -81,6 +82,7 @@ def start_agents(state: LabState) -> None:
             "--state-dir", str(base / "agent-state"),
             "--ready-file", str(ready),
             "--ca-dir", str(base / "ca"),
+            *agent_args,
         ]  # fmt: skip
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(

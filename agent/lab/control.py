@@ -13,13 +13,18 @@ from agent.lab.network import exec_argv as _argv
 from agent.lab.topology import default_topology, load_topology
 
 
-def up(name: str, topology_file: Path | None, agents_too: bool = True) -> LabState:
+def up(
+    name: str,
+    topology_file: Path | None,
+    agents_too: bool = True,
+    agent_args: tuple[str, ...] = (),
+) -> LabState:
     check_lab_name(name)
     topology = load_topology(topology_file) if topology_file else default_topology()
     state = LabNetwork(name).up(topology)
     if agents_too:
         try:
-            agents.start_agents(state)
+            agents.start_agents(state, agent_args)
         except BaseException:
             down(name)
             raise

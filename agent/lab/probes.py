@@ -8,13 +8,16 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from agent.inpod.netns import NetnsWorker
 from agent.lab.network import LabState, PodState
@@ -181,3 +184,81 @@ def try_connect(netns: Path, host: str, port: int, timeout: float) -> tuple[str,
         return worker.call(inside)
     finally:
         worker.close()
+
+
+@dataclass(frozen=True)
+class Sample:
+    name: str  # as exposed, e.g. istio_tcp_sent_bytes_total
+    labels: dict[str, str]
+    value: float
+
+
+def scrape(state: LabState, node: str, port: int = 15020) -> list[Sample]:
+    """The node agent's /metrics, fetched from inside the node's netns."""
+    netns = next(n for n in state.nodes if n.name == node).netns_path
+
+    def inside() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+            text: str = answer.read().decode()
+            return text
+
+    worker = NetnsWorker(str(netns))
+    try:
+        text = worker.call(inside)
+    finally:
+        worker.close()
+    return [
+        Sample(sample.name, dict(sample.labels), sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    ]
+
+
+def exchange(
+    state: LabState, client: str, server: str, port: int, request: int, response: int
+) -> str:
+    """One connection of known size: the client sends `request` bytes and half-closes, the
+    server (a listener in the server pod) reads to the end and answers `response` bytes.
+    Returns the client's address; raises if either side saw a different byte count."""
+    target = pod(state, server)
+    listener_worker = NetnsWorker(str(target.netns_path))
+    try:
+        listener = listener_worker.call(lambda: socket.create_server(("0.0.0.0", port)))
+    finally:
+        listener_worker.close()
+    got: list[int] = []
+
+    def serve() -> None:
+        with listener:
+            listener.settimeout(10)
+            conn, _ = listener.accept()
+            with conn:
+                got.append(_drain(conn))
+                conn.sendall(b"r" * response)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+
+    def inside() -> tuple[str, int]:
+        with socket.create_connection((target.ip, port), timeout=10) as sock:
+            local = sock.getsockname()
+            sock.sendall(b"q" * request)
+            sock.shutdown(socket.SHUT_WR)
+            return f"{local[0]}:{local[1]}", _drain(sock)
+
+    worker = NetnsWorker(str(pod(state, client).netns_path))
+    try:
+        address, received = worker.call(inside)
+    finally:
+        worker.close()
+    thread.join(10)
+    if got != [request] or received != response:
+        raise AssertionError(f"server read {got}, client read {received}: not the sizes sent")
+    return address
+
+
+def _drain(sock: socket.socket) -> int:
+    total = 0
+    while chunk := sock.recv(65536):
+        total += len(chunk)
+    return total

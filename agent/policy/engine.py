@@ -134,11 +134,11 @@ class PolicyEngine:
             return []
         return [to_local_document(p) for p in self._policies]
 
-    def denial(self, sock: socket.socket) -> str:
-        """Why agent_connect4 refused this socket's connect, for the 401 and the access log."""
+    def decision(self, sock: socket.socket) -> tuple[str | None, str] | None:
+        """(policy name or None, reason) agent_connect4 wrote back on this upstream socket:
+        for the 401 and the access log."""
         decided = self._maps.upstream_decision(sock)
         if decided is None:
-            return "denied by the kernel"
+            return None
         policy, reason = decided
-        name = self.policy_numbers.names().get(policy)
-        return f"{POLICY_REASONS.get(reason, reason)}" + (f" ({name})" if name else "")
+        return self.policy_numbers.names().get(policy), POLICY_REASONS.get(reason, str(reason))

@@ -10,7 +10,9 @@
 - 15008 (inbound HBONE): the client must present a certificate of our trust domain; each
   CONNECT must name this pod's address (else 400); the app is connected to with the client's
   address as source; 200 only once that connection exists (else 503).
-Every connection ends with one "connection complete" log line.
+Every connection is reported to the telemetry (agent/telemetry/connections.py) under the
+cookie of the agent's socket that faces the pod's app, so the kernel's byte counts for that
+socket are the app's own; it ends with one "connection complete" access log line.
 """
 
 from __future__ import annotations
@@ -19,9 +21,7 @@ import asyncio
 import os
 import socket
 import ssl
-import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import structlog
@@ -40,6 +40,21 @@ from agent.proxy.live import LiveConnection
 from agent.proxy.relay import ByteStream, RelayResult, SocketStream, relay, reset
 from agent.state.store import StateStore
 from agent.state.workload import Workload
+from agent.telemetry.connections import (
+    ConnectionReport,
+    ConnectionTelemetry,
+    PolicyVerdict,
+    Relayed,
+    TrackedConnection,
+)
+from agent.telemetry.events import socket_cookie
+from agent.telemetry.istio_labels import (
+    Reporter,
+    SecurityPolicy,
+    connection_labels,
+    dataplane_mode,
+    destination_service,
+)
 
 log = structlog.get_logger("agent.proxy")
 
@@ -85,40 +100,18 @@ async def connect_from(
     return sock
 
 
-@dataclass
-class _Access:
-    """The "connection complete" access log line, filled as the connection goes."""
-
-    direction: str
-    pod: Workload
-    src: str
-    dst: str
-    started: float
-    fields: dict[str, Any]
-
-    def done(self, relayed: RelayResult | None = None, error: str | None = None) -> None:
-        """bytes_sent: client to server; bytes_recv: server to client (relays are always
-        called with the client side first)."""
-        log.info(
-            "connection complete",
-            direction=self.direction,
-            pod=self.pod.key,
-            bytes_sent=relayed.a_to_b if relayed else 0,
-            bytes_recv=relayed.b_to_a if relayed else 0,
-            duration_ms=round((time.monotonic() - self.started) * 1000, 3),
-            error=error or (relayed.error if relayed else None),
-            **{"src.addr": self.src, "dst.addr": self.dst},
-            **self.fields,
-        )
-
-
 class InPodProxy:
     def __init__(
-        self, store: StateStore, identities: IdentityManager, authorizer: PolicyEngine | None
+        self,
+        store: StateStore,
+        identities: IdentityManager,
+        authorizer: PolicyEngine | None,
+        telemetry: ConnectionTelemetry,
     ) -> None:
         self._store = store
         self._identities = identities
         self._authorizer = authorizer
+        self.telemetry = telemetry
         self._pods_by_ip: dict[str, Pod] = {}
         self._server_contexts: dict[SpiffeId, ssl.SSLContext] = {}
         self._client_contexts: dict[SpiffeId, ssl.SSLContext] = {}
@@ -240,12 +233,31 @@ class InPodProxy:
         self, pod: Pod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         src, dst = _endpoints(writer)
-        _captured(pod, "outbound", src, dst)
-        target = self._store.current.workload_by_ip(dst[0])
-        if target is not None and target.captured:
-            await self._tunnel_out(pod, target, reader, writer, src, dst)
+        state = self._store.current
+        target = state.workload_by_ip(dst[0])
+        _captured(pod, "outbound", src, dst, dataplane_mode(pod.workload, target))
+        tunnelled = target is not None and target.captured
+        target_id = identity_of(target).uri if target is not None and tunnelled else None
+        service = destination_service(state, target, dst[1])
+        labels = connection_labels(
+            Reporter.SOURCE, pod.workload, identity_of(pod.workload).uri, target, target_id,
+            service, SecurityPolicy.MUTUAL_TLS if tunnelled else SecurityPolicy.NONE,
+        )  # fmt: skip
+        fields = {
+            "src.addr": _addr(src), **_peer_fields("src", pod.workload),
+            "src.identity": identity_of(pod.workload).uri,
+            "dst.addr": _addr(dst), **_peer_fields("dst", target), "dst.identity": target_id,
+            "dst.service": service.hostname if service else None,
+            "dst.hbone_addr": _addr((dst[0], abi.PORT_HBONE)) if tunnelled else None,
+            "route": "hbone" if tunnelled else "passthrough",
+        }  # fmt: skip
+        conn = self.telemetry.open(
+            _cookie(writer), ConnectionReport(labels, "outbound", True, fields)
+        )
+        if target is not None and tunnelled:
+            await self._tunnel_out(pod, target, reader, writer, src, dst, conn)
         else:
-            await self._pass_through(pod, "outbound", reader, writer, src, dst, None)
+            await self._pass_through(pod, reader, writer, dst, None, conn, None)
 
     async def _tunnel_out(
         self,
@@ -255,14 +267,10 @@ class InPodProxy:
         writer: asyncio.StreamWriter,
         src: tuple[str, int],
         dst: tuple[str, int],
+        conn: TrackedConnection,
     ) -> None:
         source_id, target_id = identity_of(pod.workload), identity_of(target)
         hbone_addr = (dst[0], abi.PORT_HBONE)
-        access = _Access("outbound", pod.workload, _addr(src), _addr(dst), time.monotonic(), {
-            "route": "hbone", "dst.hbone_addr": _addr(hbone_addr),
-            "src.identity": source_id.uri, "dst.identity": target_id.uri,
-            "dst.workload": target.name, "dst.namespace": target.namespace,
-        })  # fmt: skip
         key = PoolKey(source_id.uri, frozenset({target_id.uri}), hbone_addr, src[0])
         source = pod.workload
         headers = {
@@ -276,13 +284,18 @@ class InPodProxy:
             stream, _ = await self.pool.open_tunnel(key, _addr(dst), headers)
         except TunnelRefused as exc:
             reset(writer)  # the pod sees what a refused connection looks like
-            access.done(error=f"tunnel refused: {exc.status}")
+            # 401 is the destination's L4 authorization saying no; its log names the policy.
+            verdict = PolicyVerdict("deny") if exc.status == 401 else PolicyVerdict("none")
+            self.telemetry.done(conn, verdict, error=f"tunnel refused: {exc.status}")
             return
         except (OSError, ssl.SSLError, tls.PeerIdentityError, TimeoutError) as exc:
             reset(writer)
-            access.done(error=f"tunnel failed: {exc or type(exc).__name__}")
+            self.telemetry.done(conn, PolicyVerdict("none"), error=_failed("tunnel", exc))
             return
-        access.done(await relay(SocketStream(reader, writer), stream))
+        # Allowed by the destination's kernel (it answered 200 only after its connect).
+        self._finish(
+            conn, PolicyVerdict("allow"), await relay(SocketStream(reader, writer), stream)
+        )
 
     async def _dial(self, key: PoolKey) -> HboneConnection:
         """A new HBONE connection from the source pod's netns (mark 0x539: not captured)."""
@@ -314,33 +327,59 @@ class InPodProxy:
         self, pod: Pod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         src, dst = _endpoints(writer)
-        _captured(pod, "inbound", src, dst)
-        await self._pass_through(pod, "inbound", reader, writer, src, dst, src[0])
+        state = self._store.current
+        source = state.workload_by_ip(src[0])
+        _captured(pod, "inbound", src, dst, dataplane_mode(source, pod.workload))
+        service = destination_service(state, pod.workload, dst[1])
+        labels = connection_labels(
+            Reporter.DESTINATION, source, None, pod.workload, identity_of(pod.workload).uri,
+            service, SecurityPolicy.NONE,
+        )  # fmt: skip
+        fields = {
+            "src.addr": _addr(src), **_peer_fields("src", source), "src.identity": None,
+            "dst.addr": _addr(dst), **_peer_fields("dst", pod.workload),
+            "dst.identity": identity_of(pod.workload).uri,
+            "dst.service": service.hostname if service else None, "route": "passthrough",
+        }  # fmt: skip
+        conn = self.telemetry.open(
+            _cookie(writer), ConnectionReport(labels, "inbound", True, fields)
+        )
+        # pod_ingress authorized the SYN before it reached 15006 (a denial never gets here).
+        await self._pass_through(pod, reader, writer, dst, src, conn, PolicyVerdict("allow"))
 
     async def _pass_through(
         self,
         pod: Pod,
-        direction: str,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
-        src: tuple[str, int],
         dst: tuple[str, int],
-        source_ip: str | None,
+        inbound_from: tuple[str, int] | None,
+        conn: TrackedConnection,
+        verdict: PolicyVerdict | None,
     ) -> None:
-        access = _Access(direction, pod.workload, _addr(src), _addr(dst), time.monotonic(),
-                         {"route": "passthrough"})  # fmt: skip
+        """Plain TCP to dst from the pod's netns: outbound to a destination outside the mesh,
+        or inbound (inbound_from: the client, whose address the app sees)."""
+        verdict = verdict or PolicyVerdict("none")
         try:
-            up = await connect_from(pod.worker, dst, source_ip)
+            up = await connect_from(pod.worker, dst, inbound_from[0] if inbound_from else None)
         except (OSError, TimeoutError) as exc:
             reset(writer)
-            access.done(error=f"upstream connect failed: {exc or type(exc).__name__}")
+            self.telemetry.done(conn, verdict, error=_failed("upstream connect", exc))
             return
         up_reader, up_writer = await asyncio.open_connection(sock=up)
         client, upstream = SocketStream(reader, writer), SocketStream(up_reader, up_writer)
-        if direction == "inbound":
-            access.done(await self._relay_live((pod, src, dst, None), client, upstream))
+        if inbound_from is not None:
+            relayed = await self._relay_live((pod, inbound_from, dst, None), client, upstream)
         else:
-            access.done(await relay(client, upstream))
+            relayed = await relay(client, upstream)
+        self._finish(conn, verdict, relayed)
+
+    def _finish(
+        self, conn: TrackedConnection, verdict: PolicyVerdict, relayed: RelayResult
+    ) -> None:
+        """relay() is always called with the client's side first."""
+        counts = Relayed(relayed.a_to_b, relayed.b_to_a)
+        self.telemetry.done(conn, verdict, counts, relayed.error)
 
     # -- inbound HBONE (15008) -------------------------------------------------------------
 
@@ -350,15 +389,29 @@ class InPodProxy:
         peer = conn.peer
         client_ip = peer.rsplit(":", 1)[0].strip("[]")
         peer_id = conn.peer_identity
-        source = _forwarded_for(request.headers.get(hbone.FORWARDED, "")) or peer
-        access = _Access("inbound", pod.workload, source, request.authority, time.monotonic(), {
-            "route": "hbone", "src.hbone_addr": peer,
-            "src.identity": peer_id.uri if isinstance(peer_id, SpiffeId) else None,
+        principal = peer_id.uri if isinstance(peer_id, SpiffeId) else None
+        state = self._store.current
+        # The source workload is named only when its identity is the one the peer proved.
+        source = state.workload_by_ip(client_ip)
+        if source is not None and identity_of(source).uri != principal:
+            source = None
+        service = destination_service(state, pod.workload, request.port)
+        labels = connection_labels(
+            Reporter.DESTINATION, source, principal, pod.workload, identity_of(pod.workload).uri,
+            service, SecurityPolicy.MUTUAL_TLS,
+        )  # fmt: skip
+        fields = {
+            "src.addr": _forwarded_for(request.headers.get(hbone.FORWARDED, "")) or peer,
+            **_peer_fields("src", source), "src.identity": principal, "src.hbone_addr": peer,
+            "dst.addr": request.authority, **_peer_fields("dst", pod.workload),
             "dst.identity": identity_of(pod.workload).uri,
-        })  # fmt: skip
+            "dst.service": service.hostname if service else None, "route": "hbone",
+        }  # fmt: skip
+        report = ConnectionReport(labels, "inbound", False, fields)
         if request.host not in pod.workload.ips:
             conn.refuse(stream, 400)
-            access.done(error=f"authority {request.authority} is not this pod's address")
+            self._refused(report, PolicyVerdict("none"),
+                          f"authority {request.authority} is not this pod's address")  # fmt: skip
             return
         up = await pod.worker.run(sockets.upstream, (client_ip, 0))
         try:
@@ -370,22 +423,37 @@ class InPodProxy:
             await asyncio.wait_for(loop.sock_connect(up, (request.host, request.port)),
                                    CONNECT_TIMEOUT)  # fmt: skip
         except PermissionError:
-            why = self._authorizer.denial(up) if self._authorizer else "denied"
+            verdict = self._verdict(up, allowed=False)
             up.close()
             conn.refuse(stream, 401)
-            access.done(error=f"denied: {why}")
+            self._refused(report, verdict, f"denied: {verdict.reason} ({verdict.policy or '-'})")
             return
         except (OSError, TimeoutError) as exc:
             up.close()
             conn.refuse(stream, 503)
-            access.done(error=f"upstream connect failed: {exc or type(exc).__name__}")
+            self._refused(report, self._verdict(up, True), _failed("upstream connect", exc))
             return
+        tracked = self.telemetry.open(socket_cookie(up), report)
+        verdict = self._verdict(up, allowed=True)
         conn.accept(stream)
         up_reader, up_writer = await asyncio.open_connection(sock=up)
         client_addr = (client_ip, 0)
         live_args = (pod, client_addr, (request.host, request.port),
                      peer_id if isinstance(peer_id, SpiffeId) else None)  # fmt: skip
-        access.done(await self._relay_live(live_args, stream, SocketStream(up_reader, up_writer)))
+        relayed = await self._relay_live(live_args, stream, SocketStream(up_reader, up_writer))
+        self._finish(tracked, verdict, relayed)
+
+    def _refused(self, report: ConnectionReport, verdict: PolicyVerdict, error: str) -> None:
+        """An inbound tunnel answered with an error: no app socket, nothing relayed."""
+        self.telemetry.done(self.telemetry.open(None, report), verdict, error=error)
+
+    def _verdict(self, up: socket.socket, allowed: bool) -> PolicyVerdict:
+        """The decision agent_connect4 wrote back on the upstream socket, with its policy."""
+        decided = self._authorizer.decision(up) if self._authorizer else None
+        if decided is None:
+            return PolicyVerdict("allow" if allowed else "deny")
+        policy, reason = decided
+        return PolicyVerdict("allow" if allowed else "deny", policy, reason)
 
 
 async def _guarded(handler: Coroutine[Any, Any, None], writer: asyncio.StreamWriter) -> None:
@@ -400,9 +468,25 @@ async def _guarded(handler: Coroutine[Any, Any, None], writer: asyncio.StreamWri
         reset(writer)
 
 
-def _captured(pod: Pod, direction: str, src: tuple[str, int], dst: tuple[str, int]) -> None:
+def _captured(
+    pod: Pod, direction: str, src: tuple[str, int], dst: tuple[str, int], mode: str
+) -> None:
     log.info("connection captured", direction=direction, pod=pod.workload.key,
-             **{"src.addr": _addr(src), "dst.addr": _addr(dst)})  # fmt: skip
+             dataplane_mode=mode, **{"src.addr": _addr(src), "dst.addr": _addr(dst)})  # fmt: skip
+
+
+def _failed(what: str, exc: BaseException) -> str:
+    return f"{what} failed: {exc or type(exc).__name__}"
+
+
+def _peer_fields(end: str, workload: Workload | None) -> dict[str, str | None]:
+    return {f"{end}.workload": workload.name if workload else None,
+            f"{end}.namespace": workload.namespace if workload else None}  # fmt: skip
+
+
+def _cookie(writer: asyncio.StreamWriter) -> int | None:
+    sock = writer.get_extra_info("socket")
+    return socket_cookie(sock) if sock is not None else None
 
 
 def _forwarded_for(value: str) -> str | None:

@@ -214,6 +214,11 @@ def _workload(node: yaml.Node, source: str) -> Workload:
     trust_domain = DEFAULT_TRUST_DOMAIN
     if (trust_domain_node := _present(fields, "trustDomain")) is not None:
         trust_domain = _string(source, trust_domain_node, "trustDomain")
+    # ztunnel's names for telemetry; empty means "derive it" (agent/telemetry/istio_labels.py).
+    names = {
+        key: _string(source, value, key) if (value := _present(fields, key)) is not None else ""
+        for key in ("workloadName", "canonicalName", "canonicalRevision", "clusterId")
+    }
     services: dict[str, Any] = {}
     if (services_node := _present(fields, "services")) is not None:
         services = _workload_services(source, services_node)
@@ -245,6 +250,10 @@ def _workload(node: yaml.Node, source: str) -> Workload:
         services=services,
         waypoint=waypoint,
         labels=labels,
+        workload_name=names["workloadName"],
+        canonical_name=names["canonicalName"],
+        canonical_revision=names["canonicalRevision"],
+        cluster_id=names["clusterId"],
     )
 
 

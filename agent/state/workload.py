@@ -40,6 +40,12 @@ class Workload:
     waypoint: dict[str, Any] | None = field(default=None, hash=False)
     # Pod labels: what AuthorizationPolicy selectors match.
     labels: Mapping[str, str] = field(default_factory=_empty_mapping, hash=False)
+    # Telemetry names (ztunnel's workloadName, canonicalName, canonicalRevision, clusterId);
+    # empty when the source did not say, and then derived from name and labels.
+    workload_name: str = ""
+    canonical_name: str = ""
+    canonical_revision: str = ""
+    cluster_id: str = ""
 
     def __post_init__(self) -> None:
         # Read-only copies: snapshots are shared by every reader of the state store.

@@ -29,7 +29,7 @@ def test_cflags_carry_the_shared_constants() -> None:
 
 
 def test_python_reasons_match_the_c_enum() -> None:
-    c_enum = abi.read_reasons(abi.BPF_DIR / "lib" / "reasons.h")
+    c_enum = abi.read_enum(abi.BPF_DIR / "lib" / "reasons.h", "verdict_reason")
     assert c_enum == {reason.name: reason.value for reason in abi.VerdictReason}
 
 
