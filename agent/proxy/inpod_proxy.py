@@ -235,8 +235,8 @@ class InPodProxy:
         src, dst = _endpoints(writer)
         state = self._store.current
         target = state.workload_by_ip(dst[0])
-        _captured(pod, "outbound", src, dst, dataplane_mode(pod.workload, target))
         tunnelled = target is not None and target.captured
+        _captured(pod, "outbound", src, dst, dataplane_mode(tunnelled, target))
         target_id = identity_of(target).uri if target is not None and tunnelled else None
         service = destination_service(state, target, dst[1])
         labels = connection_labels(
@@ -329,7 +329,7 @@ class InPodProxy:
         src, dst = _endpoints(writer)
         state = self._store.current
         source = state.workload_by_ip(src[0])
-        _captured(pod, "inbound", src, dst, dataplane_mode(source, pod.workload))
+        _captured(pod, "inbound", src, dst, dataplane_mode(False, pod.workload))
         service = destination_service(state, pod.workload, dst[1])
         labels = connection_labels(
             Reporter.DESTINATION, source, None, pod.workload, identity_of(pod.workload).uri,

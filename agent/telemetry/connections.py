@@ -86,7 +86,15 @@ class TcpSeries:
     received_bytes: int = 0
     sent_bytes: int = 0
     live: int = 0  # open connections counted here: the series stays while any is open
-    workload_uids: frozenset[str] = field(default_factory=frozenset)
+    # The workloads (uids) seen at each end: pods of one deployment share a series, which
+    # stays while any of them, at each end, is still known.
+    source_uids: set[str] = field(default_factory=set)
+    destination_uids: set[str] = field(default_factory=set)
+
+    def outlived(self, known: set[str]) -> bool:
+        return self.live == 0 and any(
+            uids and uids.isdisjoint(known) for uids in (self.source_uids, self.destination_uids)
+        )
 
 
 class ConnectionTelemetry:
@@ -187,10 +195,7 @@ class ConnectionTelemetry:
         """Remove the series of workloads no longer known (bounded cardinality), except while
         one of their connections is still open. Returns how many went."""
         with self._lock:
-            gone = [
-                labels for labels, s in self._series.items()
-                if s.live == 0 and not s.workload_uids <= known
-            ]  # fmt: skip
+            gone = [labels for labels, s in self._series.items() if s.outlived(known)]
             for labels in gone:
                 del self._series[labels]
         return len(gone)
@@ -203,7 +208,11 @@ class ConnectionTelemetry:
     def _series_for(self, labels: ConnectionLabels) -> TcpSeries:
         series = self._series.get(labels.values)
         if series is None:
-            series = self._series[labels.values] = TcpSeries(workload_uids=labels.workload_uids)
+            series = self._series[labels.values] = TcpSeries()
+        if labels.source_uid:
+            series.source_uids.add(labels.source_uid)
+        if labels.destination_uid:
+            series.destination_uids.add(labels.destination_uid)
         return series
 
     def _complete(self, conn: TrackedConnection) -> None:

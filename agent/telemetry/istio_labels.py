@@ -46,18 +46,20 @@ class SecurityPolicy(enum.StrEnum):
 
 class DataplaneMode(enum.StrEnum):
     """The request path's mode (deep guide §3's matrix, reduced to what a dashboard splits):
-    out-of-mesh when either end is outside the mesh (plain TCP, no mTLS); else
-    ambient-waypoint when the destination has a waypoint, ambient-l4 when it has none."""
+    out-of-mesh when the connection was plain TCP (an end outside the mesh, so no mTLS);
+    over HBONE, ambient-waypoint when the destination has a waypoint, else ambient-l4."""
 
     OUT_OF_MESH = "out-of-mesh"
     AMBIENT_L4 = "ambient-l4"
     AMBIENT_WAYPOINT = "ambient-waypoint"
 
 
-def dataplane_mode(source: Workload | None, destination: Workload | None) -> DataplaneMode:
-    if source is None or destination is None or not (source.captured and destination.captured):
+def dataplane_mode(tunnelled: bool, destination: Workload | None) -> DataplaneMode:
+    """tunnelled: the connection went over HBONE (so both ends are mesh workloads, even one
+    this node cannot name, such as a peer known only by its verified identity)."""
+    if not tunnelled:
         return DataplaneMode.OUT_OF_MESH
-    if destination.waypoint:
+    if destination is not None and destination.waypoint:
         return DataplaneMode.AMBIENT_WAYPOINT
     return DataplaneMode.AMBIENT_L4
 
@@ -109,11 +111,12 @@ def service_labels(service: Service | None) -> tuple[str, str, str]:
 
 @dataclass(frozen=True, slots=True)
 class ConnectionLabels:
-    """Who talked to whom, as one connection's Istio labels; `workload_uids` are the known
-    ends, so the series can be dropped when they are gone."""
+    """Who talked to whom, as one connection's Istio labels, with the uids of the ends this
+    node knows, so the series can be dropped once they are gone."""
 
     values: tuple[str, ...]  # in TCP_LABELS order
-    workload_uids: frozenset[str]
+    source_uid: str | None
+    destination_uid: str | None
 
     @property
     def dataplane_mode(self) -> str:
@@ -138,7 +141,9 @@ def connection_labels(
         *peer_labels(source, source_principal),
         *service_labels(service),
         *peer_labels(destination, destination_principal),
-        "tcp", response_flags, security.value, dataplane_mode(source, destination).value,
+        "tcp", response_flags, security.value,
+        dataplane_mode(security is SecurityPolicy.MUTUAL_TLS, destination).value,
     )  # fmt: skip
-    uids = frozenset(w.uid for w in (source, destination) if w is not None)
-    return ConnectionLabels(values, uids)
+    return ConnectionLabels(
+        values, source.uid if source else None, destination.uid if destination else None
+    )
