@@ -2,7 +2,8 @@
 
 Each step says what the kernel and the agent did, with the evidence: the agent's own log of
 the captured connection (original destination), the address the server saw, and the kernel's
-verdict counters read from the pinned maps. Exit 0 only when every expectation held.
+verdict counters read from the pinned maps. At the end, the Istio TCP metrics the traffic
+produced, as each node's agent exports them. Exit 0 only when every expectation held.
 """
 
 from __future__ import annotations
@@ -75,8 +76,9 @@ def _connection(state: LabState, title: str, client: str, server: str, route: st
         "original destination kept": step.facts["original_destination"]
         == f"{target.ip}:{APP_PORT}",
         "server saw the client's own address": exchange.server_saw.split(":")[0] == source.ip,
-        "bytes counted match the application's": step.facts["bytes_client_to_server"]
-        == len(request) + 1
+        "bytes counted by the kernel match the application's": inbound is not None
+        and inbound.get("bytes_source") == "kernel"
+        and step.facts["bytes_client_to_server"] == len(request) + 1
         and step.facts["bytes_server_to_client"] == len(exchange.reply) + 1,
     }
     if verified:
@@ -167,7 +169,26 @@ def _kernel_state(state: LabState) -> dict[str, Any]:
     return report
 
 
-def _print(steps: list[Step], kernel: dict[str, Any]) -> None:
+def _istio_metrics(state: LabState) -> list[dict[str, Any]]:
+    """Every istio_tcp series of every node, one row per series."""
+    rows: dict[tuple[str, tuple[tuple[str, str], ...]], dict[str, Any]] = {}
+    for node in state.nodes:
+        for sample in probes.scrape(state, node.name):
+            if not sample.name.startswith("istio_tcp_"):
+                continue
+            key = (node.name, tuple(sorted(sample.labels.items())))
+            row = rows.setdefault(key, {
+                "node": node.name, "reporter": sample.labels["reporter"],
+                "source": sample.labels["source_workload"],
+                "destination": sample.labels["destination_workload"],
+                "dataplane_mode": sample.labels["dataplane_mode"],
+                "security": sample.labels["connection_security_policy"],
+            })  # fmt: skip
+            row[sample.name.removeprefix("istio_tcp_").removesuffix("_total")] = int(sample.value)
+    return sorted(rows.values(), key=lambda r: (r["node"], r["reporter"], r["source"]))
+
+
+def _print(steps: list[Step], kernel: dict[str, Any], metrics: list[dict[str, Any]]) -> None:
     for number, step in enumerate(steps, 1):
         f = step.facts
         print(f"\n[{number}] {step.title}")
@@ -213,6 +234,18 @@ def _print(steps: list[Step], kernel: dict[str, Any]) -> None:
             print(f"    verdict {reason:<30} {count:>6} packets")
         for row in body["policy_decisions"]:
             print(f"    policy  {row['policy']:<22} {row['reason']:<18} {row['count']:>6}")
+    print("\nIstio TCP metrics the traffic produced (bytes counted by the kernel's sockops "
+          "program; each agent's :15020/metrics):")  # fmt: skip
+    print(f"  {'node':<7} {'reporter':<12} {'source -> destination':<24} {'mode':<12} "
+          f"{'security':<11} {'opened':>6} {'closed':>6} {'received':>9} {'sent':>9}")  # fmt: skip
+    for row in metrics:
+        print(
+            f"  {row['node']:<7} {row['reporter']:<12} "
+            f"{row['source'] + ' -> ' + row['destination']:<24} {row['dataplane_mode']:<12} "
+            f"{row['security']:<11} {row.get('connections_opened', 0):>6} "
+            f"{row.get('connections_closed', 0):>6} {row.get('received_bytes', 0):>9} "
+            f"{row.get('sent_bytes', 0):>9}"
+        )
 
 
 def run_demo(name: str, json_output: bool = False) -> int:
@@ -249,6 +282,7 @@ def run_demo(name: str, json_output: bool = False) -> int:
                         "client-a", "server-a", "default/deny-client-a", plaintext=False),
             ]  # fmt: skip
         kernel = _kernel_state(state)
+        metrics = _istio_metrics(state)
     except KeyboardInterrupt:
         print("interrupted: tearing the lab down", file=sys.stderr)
         control.down(name)
@@ -260,9 +294,9 @@ def run_demo(name: str, json_output: bool = False) -> int:
     control.down(name)
     ok = all(step.ok for step in steps)
     if json_output:
-        print(json.dumps({"ok": ok, "steps": [asdict(s) for s in steps], "kernel": kernel},
-                         indent=2))  # fmt: skip
+        print(json.dumps({"ok": ok, "steps": [asdict(s) for s in steps], "kernel": kernel,
+                          "metrics": metrics}, indent=2))  # fmt: skip
     else:
-        _print(steps, kernel)
+        _print(steps, kernel, metrics)
         print(f"\nlab '{name}' torn down. demo {'PASSED' if ok else 'FAILED'}")
     return 0 if ok else 1

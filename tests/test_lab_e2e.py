@@ -78,6 +78,17 @@ def test_demo_shows_the_three_paths_with_verified_identities_and_cleans_up(
     assert kernel["node-1"]["verdicts"]["DELIVER_OUTBOUND_LISTENER"] >= 2
     assert kernel["node-2"]["verdicts"]["DELIVER_INBOUND_LISTENER"] >= 1
     assert kernel["node-2"]["verdicts"]["PASS_HBONE"] >= 1
+    # The Istio metrics the demo printed: both reporters of the cross-node call agree.
+    metrics = {(r["node"], r["reporter"], r["source"], r["destination"]): r
+               for r in result["metrics"]}  # fmt: skip
+    source = metrics[("node-1", "source", "client-a", "server-b")]
+    destination = metrics[("node-2", "destination", "client-a", "server-b")]
+    for key in ("connections_opened", "connections_closed", "received_bytes", "sent_bytes"):
+        assert source[key] == destination[key] > 0, key
+    assert source["received_bytes"] == cross["facts"]["bytes_client_to_server"]
+    assert metrics[("node-2", "destination", "outsider", "server-b")]["dataplane_mode"] == (
+        "out-of-mesh"
+    )
     assert_nothing_left(lab_name)
 
 

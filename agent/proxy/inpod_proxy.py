@@ -18,6 +18,7 @@ socket are the app's own; it ends with one "connection complete" access log line
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import ssl
@@ -134,12 +135,16 @@ class InPodProxy:
         conns = self._hbone_connections.setdefault(workload.uid, set())
 
         def accept(handler: Callable[[Pod, Any, Any], Coroutine[Any, Any, None]]) -> Any:
-            return lambda reader, writer: pod.spawn(_guarded(handler(pod, reader, writer), writer))
+            return lambda reader, writer: pod.spawn(
+                _guarded(handler(pod, reader, writer), lambda: reset(writer))
+            )
 
         def hbone_connection() -> HboneConnection:
             conn = HboneConnection(
                 hbone.HboneServer(),
-                on_tunnel=lambda stream, request, c: self._tunnel_in(pod, stream, request, c),
+                on_tunnel=lambda stream, request, c: _guarded(
+                    self._tunnel_in(pod, stream, request, c), stream.reset
+                ),
                 spawn=pod.spawn,
                 verify_peer=self._verify_client,
                 on_closed=conns.discard,
@@ -456,16 +461,23 @@ class InPodProxy:
         return PolicyVerdict("allow" if allowed else "deny", policy, reason)
 
 
-async def _guarded(handler: Coroutine[Any, Any, None], writer: asyncio.StreamWriter) -> None:
-    """A bug in a handler must not leave the pod's connection hanging: log it, reset it."""
+async def _guarded(handler: Coroutine[Any, Any, None], reset_peer: Callable[[], None]) -> None:
+    """A bug in a handler must not leave the pod's connection (or the tunnel's stream)
+    hanging: log it, reset it."""
     try:
         await handler
     except asyncio.CancelledError:
-        reset(writer)
+        _reset_quietly(reset_peer)
         raise
     except Exception:
         log.exception("connection handler failed")
-        reset(writer)
+        _reset_quietly(reset_peer)
+
+
+def _reset_quietly(reset_peer: Callable[[], None]) -> None:
+    # The peer may be gone already (a closed stream or socket): nothing left to tell it.
+    with contextlib.suppress(Exception):
+        reset_peer()
 
 
 def _captured(
