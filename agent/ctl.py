@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ EPILOG = """examples:
   ambientctl verdicts --pin-dir /sys/fs/bpf/ambient/lab/node-1
   ambientctl verdicts --json
   ambientctl policies                      L4 authorization decisions per policy, from the kernel
+  ambientctl connections                   the agent's open TCP connections as sockops sees them,
+                                           and the telemetry ring's sent/dropped counters
   ambientctl ebpf                          the C source the agent hands to BCC
 
 the maps also print field by field with bpftool itself:
@@ -60,7 +63,7 @@ def read_pods(pin_dir: Path) -> list[dict[str, Any]]:
         key, value = entry["formatted"]["key"], entry["formatted"]["value"]
         pods.append(
             {
-                "ip": socket.inet_ntoa(int(key["addr"]).to_bytes(4, "little")),
+                "ip": _ip(key["addr"]),
                 "capture": bool(value["flags"] & abi.POD_CAPTURE),
                 "outbound_captured": value["outbound_captured"],
                 "inbound_captured": value["inbound_captured"],
@@ -107,6 +110,32 @@ def read_policy_decisions(pin_dir: Path) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: (r["policy"], r["reason"]))
 
 
+def read_connections(pin_dir: Path) -> dict[str, Any]:
+    """Open connections of the agent's sockets (sock_conns) and the telemetry counters."""
+    now_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)  # bpf_ktime_get_ns's clock
+    open_connections = []
+    for entry in bpftool_dump(pin_dir / "maps" / "sock_conns"):
+        value = entry["formatted"]["value"]
+        open_connections.append({
+            "cookie": int(entry["formatted"]["key"]),
+            "local": f"{_ip(value['local_addr'])}:{value['local_port']}",
+            "remote": f"{_ip(value['remote_addr'])}:{value['remote_port']}",
+            "accepted": bool(value["passive"]),
+            "age_s": round((now_ns - int(value["opened_ns"])) / 1e9, 3),
+        })  # fmt: skip
+    stats = {
+        abi.TelemetryStat(int(entry["formatted"]["key"])).name.lower(): sum(
+            int(cpu["value"]) for cpu in entry["formatted"]["values"]
+        )
+        for entry in bpftool_dump(pin_dir / "maps" / "telemetry_stats")
+    }
+    return {"open": sorted(open_connections, key=lambda c: c["age_s"]), "telemetry": stats}
+
+
+def _ip(network_order: Any) -> str:
+    return socket.inet_ntoa(int(network_order).to_bytes(4, "little"))
+
+
 def _c_string(value: Any) -> str:
     """bpftool prints a char array as a string or as a list of numbers, by version."""
     if isinstance(value, str):
@@ -132,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("command", choices=("pins", "pods", "verdicts", "policies", "ebpf"))
+    parser.add_argument(
+        "command", choices=("pins", "pods", "verdicts", "policies", "connections", "ebpf")
+    )
     parser.add_argument("--pin-dir", type=Path, help="one agent's pin directory")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
@@ -153,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
                 report[str(pin_dir)] = read_pods(pin_dir)
             elif args.command == "policies":
                 report[str(pin_dir)] = read_policy_decisions(pin_dir)
+            elif args.command == "connections":
+                report[str(pin_dir)] = read_connections(pin_dir)
             else:
                 report[str(pin_dir)] = read_verdicts(pin_dir)
     except CtlError as exc:
@@ -177,6 +210,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {'policy':<40}{'decision':<22}{'connections':>12}")
             for row in body:
                 print(f"  {row['policy']:<40}{row['reason']:<22}{row['count']:>12}")
+        elif args.command == "connections":
+            print("  telemetry: " + ", ".join(f"{k} {v}" for k, v in body["telemetry"].items()))
+            print(f"  {'local':<23}{'remote':<23}{'side':<10}{'age (s)':>10}")
+            for conn in body["open"]:
+                side = "accepted" if conn["accepted"] else "connected"
+                print(f"  {conn['local']:<23}{conn['remote']:<23}{side:<10}{conn['age_s']:>10}")
         else:
             for reason, count in body.items():
                 if count:
