@@ -134,7 +134,6 @@ class NodeAgent:
             await identities.close()
             datapath.detach_cgroup(cgroup.fd)
             ring.stop()
-            await asyncio.sleep(0)  # the ring's last batch, scheduled on this loop
             telemetry.expire(everything=True)
             cgroup.leave()
             datapath.close(unpin=not cfg.keep_pins)

@@ -32,7 +32,7 @@ from types import FrameType
 from typing import Any, TextIO, TypeVar
 
 from agent.inpod.netns import NetnsWorker
-from agent.lab import control, probes
+from agent.lab import agents, control, probes
 from agent.lab.network import LabState, PodState
 
 IPERF_PORT = 5201
@@ -103,6 +103,9 @@ class ModeResult:
     rr_samples: int = 0
     connections: int = 0
     connection_seconds: float = 0.0
+    # Mesh only: CPU time (user + system) both node agents spent per new connection. Steadier
+    # than connections/s on a shared machine, whose speed varies from minute to minute.
+    agent_cpu_per_connection_us: float | None = None
     # Mesh only: proof the traffic went through the agents, read from their logs.
     tunnelled: dict[str, int] = field(default_factory=dict)
     # Connections the agents logged as ended by an error, by destination port.
@@ -174,18 +177,37 @@ def _measure(name: str, mode: str, settings: Settings, log: TextIO) -> ModeResul
             f"p99 {values['rr_latency_p99']:.0f} us",
             file=log,
         )
+        cpu_before = _agents_cpu_seconds(name) if mesh else 0.0
         count, seconds = _in_pod(client, lambda stop: _conn_client(cross.ip, settings, stop))
         result.connections, result.connection_seconds = count, seconds
         values["connections_per_second"] = count / seconds
+        cpu = ""
+        if mesh and count:
+            # The agents finish their last connections' bookkeeping just after the client.
+            time.sleep(0.5)
+            used = _agents_cpu_seconds(name) - cpu_before
+            result.agent_cpu_per_connection_us = used / count * 1e6
+            cpu = f", agents' CPU {result.agent_cpu_per_connection_us:.0f} us per connection"
         print(
             f"{mode}: {count} connections in {seconds:.1f} s, "
-            f"{values['connections_per_second']:.0f}/s",
+            f"{values['connections_per_second']:.0f}/s{cpu}",
             file=log,
         )
     if mesh:
         _check_tunnelled(state, result, expected_echo=1 + count)
     control.down(name)
     return result
+
+
+def _agents_cpu_seconds(name: str) -> float:
+    """User + system CPU time of the lab's node agents so far (/proc/<pid>/stat)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in agents.lab_agent_pids(name):
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return total / ticks
 
 
 # -- servers in the server pods ------------------------------------------------------------
@@ -471,6 +493,9 @@ def format_table(report: dict[str, Any]) -> str:
             f"{row['mesh']:>10.{metric.digits}f}"
             f"{'-' if ratio is None else f'{ratio:.3f}':>16}"
         )
+    cpu = report["details"]["mesh"]["agent_cpu_per_connection_us"]
+    if cpu is not None:
+        lines.append(f"{'node agents CPU per new connection (us)':<42}{cpu:>10.0f}")
     machine = report["machine"]
     lines.append(
         f"({machine['cpus']} CPUs, kernel {machine['kernel']}; latency and connections: "

@@ -78,6 +78,8 @@ def test_quick_bench_measures_both_modes_and_cleans_up(
     mesh = report["details"]["mesh"]
     assert all(count > 0 for count in mesh["tunnelled"].values()), mesh["tunnelled"]
     assert report["details"]["baseline"]["tunnelled"] == {}
+    assert mesh["agent_cpu_per_connection_us"] > 0
+    assert report["details"]["baseline"]["agent_cpu_per_connection_us"] is None
     for mode in ("baseline", "mesh"):
         assert report["details"][mode]["rr_samples"] >= 10
         assert report["details"][mode]["connections"] > 0

@@ -204,19 +204,28 @@ class LoadedDatapath:
                 with contextlib.suppress(Exception):
                     BPF.detach_func(self._functions[name], cgroup_fd, attach_type)
 
-    def open_telemetry_ring(self, on_event: Callable[[bytes], None]) -> None:
-        """Deliver each telemetry_events record, as bytes, to on_event during poll_rings."""
+    def open_telemetry_ring(self, on_event: Callable[[bytes], None]) -> int:
+        """Deliver each telemetry_events record, as bytes, to on_event during consume_rings.
+        Returns an epoll fd that is readable when records are waiting (for an event loop)."""
         import ctypes
+
+        from bcc import libbcc
 
         def callback(_ctx: object, data: int, size: int) -> int:
             on_event(ctypes.string_at(data, size))
             return 0
 
         self.table("telemetry_events").open_ring_buffer(callback)
+        epoll_fd = libbcc.lib.ring_buffer__epoll_fd
+        epoll_fd.restype, epoll_fd.argtypes = ctypes.c_int, [ctypes.c_void_p]
+        fd = int(epoll_fd(self._bpf._ringbuf_manager))
+        if fd < 0:
+            raise DatapathError("cannot get the telemetry ring buffer's epoll fd")
+        return fd
 
-    def poll_rings(self, timeout_ms: int) -> None:
-        """Wait up to timeout_ms for ring-buffer records and hand them to their callbacks."""
-        self._bpf.ring_buffer_poll(timeout_ms)
+    def consume_rings(self) -> None:
+        """Hand every waiting ring-buffer record to its callback, without blocking."""
+        self._bpf.ring_buffer_consume()
 
     def map_fd(self, name: str) -> int:
         """Also for maps bcc has no Python table type for (socket-local storage)."""

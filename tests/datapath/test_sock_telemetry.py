@@ -34,11 +34,12 @@ class Probe:
     def closed(self, cookie: int, timeout: float = 5.0) -> SocketClosed:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            self.datapath.poll_rings(50)
+            self.datapath.consume_rings()
             for raw in self.records:
                 event = decode(raw)
                 if event.cookie == cookie:
                     return event
+            time.sleep(0.01)
         raise AssertionError(f"no close record for socket {cookie}")
 
 
