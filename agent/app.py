@@ -24,7 +24,7 @@ from agent.proxy.inpod_proxy import InPodProxy
 from agent.state.local_source import LocalConfigSource
 from agent.state.store import MeshState, StateStore
 from agent.state.workload import Workload
-from agent.telemetry.connections import ConnectionTelemetry, TcpSeries
+from agent.telemetry.connections import ConnectionTelemetry, TcpSeries, TunnelCounts
 from agent.telemetry.otlp import OtlpExport
 from agent.telemetry.ring import RingReader
 
@@ -244,6 +244,9 @@ class NodeAgent:
 
     def tcp_series(self) -> list[tuple[tuple[str, ...], TcpSeries]]:
         return self.telemetry.series()
+
+    def tunnels(self) -> dict[str, TunnelCounts]:
+        return self.telemetry.tunnels()
 
     def telemetry_counts(self) -> dict[str, int]:
         """The kernel's telemetry_stats by name, and the connections that closed without a

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import pytest
 import yaml
 
-from agent.ctl import read_pods
+from agent.ctl import read_connections, read_pods
 from agent.lab import agents, probes
 from agent.lab.network import LabState, load_state
 from agent.telemetry.istio_labels import TCP_LABELS
@@ -286,3 +286,12 @@ def test_health_metrics_report_the_ring_and_the_maps(lab: Lab) -> None:
     assert samples[("ambient_telemetry_untracked_connections_total", ())] == 0
     assert samples[("ambient_map_entries", (("map", "pods"),))] == 2
     assert samples[("ambient_map_capacity", (("map", "sock_conns"),))] == 65536
+
+
+def test_the_kernel_tracks_the_pooled_hbone_sockets_while_they_live(lab: Lab) -> None:
+    probes.exchange(lab.state, "client-a", "server-b", 9007, 1, 1)
+    dialled = read_connections(agents.lab_pin_root(lab.name) / "node-1")["open"]
+    accepted = read_connections(agents.lab_pin_root(lab.name) / "node-2")["open"]
+    server_b = probes.pod(lab.state, "server-b").ip
+    assert any(c["remote"] == f"{server_b}:15008" and not c["accepted"] for c in dialled)
+    assert any(c["local"] == f"{server_b}:15008" and c["accepted"] for c in accepted)

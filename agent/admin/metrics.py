@@ -13,7 +13,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from agent.identity.manager import WorkloadCertificate
-from agent.telemetry.connections import TcpSeries
+from agent.telemetry.connections import TcpSeries, TunnelCounts
 from agent.telemetry.istio_labels import TCP_LABELS
 
 # Istio's names and help texts.
@@ -38,6 +38,7 @@ class AgentMetricsSource(Protocol):
     def tcp_series(self) -> list[tuple[tuple[str, ...], TcpSeries]]: ...
     def telemetry_counts(self) -> dict[str, int]: ...
     def map_fill(self) -> list[tuple[str, int, int]]: ...  # (map, entries, capacity)
+    def tunnels(self) -> dict[str, TunnelCounts]: ...
 
 
 class AgentCollector(Collector):
@@ -50,6 +51,20 @@ class AgentCollector(Collector):
             family = CounterMetricFamily(name, documentation, labels=TCP_LABELS)
             for labels, counters in series:
                 family.add_metric(labels, getattr(counters, attribute))
+            yield family
+        tunnels = self._source.tunnels()
+        for name, documentation, attribute in (
+            ("ambient_hbone_connections_closed", "HBONE connections closed.", "closed"),
+            ("ambient_hbone_sent_bytes", "Bytes sent on HBONE connections (TLS, acknowledged "
+             "by the peer), as the kernel counted them.", "sent_bytes"),
+            ("ambient_hbone_received_bytes", "Bytes received on HBONE connections (TLS), as "
+             "the kernel counted them.", "received_bytes"),
+            ("ambient_hbone_retransmits", "TCP segments retransmitted on HBONE connections.",
+             "retransmits"),
+        ):  # fmt: skip
+            family = CounterMetricFamily(name, documentation, labels=["direction"])
+            for direction, tunnel in sorted(tunnels.items()):
+                family.add_metric([direction], getattr(tunnel, attribute))
             yield family
         counts = self._source.telemetry_counts()
         events = CounterMetricFamily(

@@ -265,6 +265,10 @@ class HboneConnection(asyncio.Protocol):
 
     # -- calls from streams and owners -----------------------------------------------------
 
+    def socket(self) -> Any:
+        """The connection's socket (for its kernel cookie), once connected."""
+        return self._transport.get_extra_info("socket") if self._transport else None
+
     @property
     def peer(self) -> str:
         peer = self._transport.get_extra_info("peername") if self._transport else None

@@ -139,6 +139,11 @@ class InPodProxy:
                 _guarded(handler(pod, reader, writer), lambda: reset(writer))
             )
 
+        def verify_client(conn: HboneConnection, ssl_object: ssl.SSLObject | None) -> SpiffeId:
+            if (sock := conn.socket()) is not None:
+                self.telemetry.track_tunnel(socket_cookie(sock), "inbound")
+            return self._verify_client(ssl_object)
+
         def hbone_connection() -> HboneConnection:
             conn = HboneConnection(
                 hbone.HboneServer(),
@@ -146,7 +151,7 @@ class InPodProxy:
                     self._tunnel_in(pod, stream, request, c), stream.reset
                 ),
                 spawn=pod.spawn,
-                verify_peer=self._verify_client,
+                verify_peer=lambda ssl_object: verify_client(conn, ssl_object),
                 on_closed=conns.discard,
             )
             conns.add(conn)
@@ -310,6 +315,7 @@ class InPodProxy:
         context = self._client_contexts[SpiffeId.parse(key.source_identity)]
         expected = [SpiffeId.parse(uri) for uri in key.destination_identities]
         sock = await connect_from(pod.worker, key.destination)
+        self.telemetry.track_tunnel(socket_cookie(sock), "outbound")
         loop = asyncio.get_running_loop()
         try:
             _, conn = await loop.create_connection(

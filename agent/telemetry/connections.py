@@ -97,6 +97,16 @@ class TcpSeries:
         )
 
 
+@dataclass(slots=True)
+class TunnelCounts:
+    """HBONE connections (TLS on the wire) of one direction, as the kernel counted them."""
+
+    closed: int = 0
+    sent_bytes: int = 0
+    received_bytes: int = 0
+    retransmits: int = 0
+
+
 class ConnectionTelemetry:
     def __init__(
         self,
@@ -113,6 +123,8 @@ class ConnectionTelemetry:
         self._waiting: set[TrackedConnection] = set()  # done, kernel record not in yet
         self._unclaimed: OrderedDict[int, tuple[float, SocketClosed]] = OrderedDict()
         self._series: dict[tuple[str, ...], TcpSeries] = {}
+        self._tunnel_sockets: dict[int, str] = {}  # cookie -> direction
+        self._tunnels: dict[str, TunnelCounts] = {}
         self._lock = threading.Lock()  # series() is read from the OTLP exporter's thread
         self.kernel_records_missing = 0  # completed on the relay's counts instead
 
@@ -148,12 +160,39 @@ class ConnectionTelemetry:
         else:
             self._waiting.add(conn)
 
+    def track_tunnel(self, cookie: int, direction: str) -> None:
+        """An HBONE connection's socket ("outbound": dialled, "inbound": accepted on 15008)."""
+        if not self.kernel_records:
+            return
+        claimed = self._unclaimed.pop(cookie, None)
+        if claimed is not None:
+            self._count_tunnel(direction, claimed[1])
+        else:
+            self._tunnel_sockets[cookie] = direction
+
+    def tunnels(self) -> dict[str, TunnelCounts]:
+        with self._lock:
+            return {d: TunnelCounts(c.closed, c.sent_bytes, c.received_bytes, c.retransmits)
+                    for d, c in self._tunnels.items()}  # fmt: skip
+
+    def _count_tunnel(self, direction: str, event: SocketClosed) -> None:
+        with self._lock:
+            counts = self._tunnels.setdefault(direction, TunnelCounts())
+            counts.closed += 1
+            counts.sent_bytes += event.bytes_sent
+            counts.received_bytes += event.bytes_received
+            counts.retransmits += event.retransmits
+
     # -- the kernel's side -----------------------------------------------------------------
 
     def kernel_closed(self, events: Iterable[SocketClosed]) -> None:
         now = self._clock()
         for event in events:
             conn = self._by_cookie.pop(event.cookie, None)
+            tunnel = self._tunnel_sockets.pop(event.cookie, None) if conn is None else None
+            if tunnel is not None:
+                self._count_tunnel(tunnel, event)
+                continue
             if conn is None:
                 self._unclaimed[event.cookie] = (now, event)
                 if len(self._unclaimed) > UNCLAIMED_MAX:

@@ -512,3 +512,35 @@ def test_forget_workloads_keeps_a_series_shared_by_a_replacement_pod(rec: Record
     # The old pod was replaced: the new one, with the very same labels, is still there.
     assert rec.telemetry.forget_workloads({new_pod.uid, PAYMENTS.uid}) == 0
     assert rec.counts(from_new) == (2, 2, 2000, 40000)
+
+
+# -- HBONE tunnel sockets --------------------------------------------------------------------
+
+
+def test_tunnel_records_are_counted_per_direction_and_never_logged(rec: Recorder) -> None:
+    rec.telemetry.track_tunnel(7, "outbound")
+    rec.telemetry.track_tunnel(8, "inbound")
+    rec.telemetry.kernel_closed([record(7, received=10, sent=20), record(8, received=3, sent=4)])
+    rec.telemetry.kernel_closed([record(7, received=99, sent=99)])  # not tracked any more
+    tunnels = rec.telemetry.tunnels()
+    assert (
+        tunnels["outbound"].closed,
+        tunnels["outbound"].sent_bytes,
+        tunnels["outbound"].received_bytes,
+        tunnels["outbound"].retransmits,
+    ) == (1, 20, 10, 2)
+    assert (tunnels["inbound"].sent_bytes, tunnels["inbound"].received_bytes) == (4, 3)
+    assert rec.logs == [] and rec.telemetry.series() == []  # fmt: skip
+
+
+def test_a_tunnel_record_that_came_first_is_claimed_by_track_tunnel(rec: Recorder) -> None:
+    rec.telemetry.kernel_closed([record(9, received=5, sent=6)])
+    rec.telemetry.track_tunnel(9, "inbound")
+    assert rec.telemetry.tunnels()["inbound"].closed == 1
+
+
+def test_tunnels_are_not_tracked_without_kernel_records() -> None:
+    recorder = Recorder(kernel_records=False)
+    recorder.telemetry.track_tunnel(7, "outbound")
+    recorder.telemetry.kernel_closed([record(7)])
+    assert recorder.telemetry.tunnels() == {}
