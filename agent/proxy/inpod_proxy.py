@@ -267,7 +267,7 @@ class InPodProxy:
         if target is not None and tunnelled:
             await self._tunnel_out(pod, target, reader, writer, src, dst, conn)
         else:
-            await self._pass_through(pod, reader, writer, dst, None, conn, None)
+            await self._pass_through(pod, reader, writer, dst, None, conn, PolicyVerdict("none"))
 
     async def _tunnel_out(
         self,
@@ -366,11 +366,10 @@ class InPodProxy:
         dst: tuple[str, int],
         inbound_from: tuple[str, int] | None,
         conn: TrackedConnection,
-        verdict: PolicyVerdict | None,
+        verdict: PolicyVerdict,
     ) -> None:
         """Plain TCP to dst from the pod's netns: outbound to a destination outside the mesh,
         or inbound (inbound_from: the client, whose address the app sees)."""
-        verdict = verdict or PolicyVerdict("none")
         try:
             up = await connect_from(pod.worker, dst, inbound_from[0] if inbound_from else None)
         except (OSError, TimeoutError) as exc:
@@ -440,9 +439,10 @@ class InPodProxy:
             self._refused(report, verdict, f"denied: {verdict.reason} ({verdict.policy or '-'})")
             return
         except (OSError, TimeoutError) as exc:
+            verdict = self._verdict(up, allowed=True)  # read before close: it is on the socket
             up.close()
             conn.refuse(stream, 503)
-            self._refused(report, self._verdict(up, True), _failed("upstream connect", exc))
+            self._refused(report, verdict, _failed("upstream connect", exc))
             return
         tracked = self.telemetry.open(socket_cookie(up), report)
         verdict = self._verdict(up, allowed=True)
