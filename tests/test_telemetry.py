@@ -243,6 +243,12 @@ def test_a_denied_tunnel_is_logged_with_the_policy_at_both_ends(lab: Lab) -> Non
             "deny", "default/deny-client-a")  # fmt: skip
         assert destination["bytes_sent"] == destination["bytes_recv"] == 0
         assert completed(lab, "node-1", client)["policy.verdict"] == "deny"
+        decisions = [
+            s.value for s in probes.scrape(lab.state, "node-2")
+            if s.name == "ambient_policy_decisions_total"
+            and s.labels == {"policy": "default/deny-client-a", "reason": "denied-by-policy"}
+        ]  # fmt: skip
+        assert decisions == [1]
     finally:
         probes.apply_policies(lab.state, [], ("node-2",))
 
