@@ -6,12 +6,14 @@ import asyncio
 import contextlib
 import dataclasses
 import signal
+from collections.abc import Callable
 from typing import Any
 
 import structlog
 
 from agent.admin.metrics import AgentCollector
 from agent.admin.server import AdminAddresses, AdminServer
+from agent.cni_server import CniServer
 from agent.config import AgentConfig
 from agent.datapath import abi, loader
 from agent.datapath.cgroup import AgentCgroup
@@ -21,12 +23,14 @@ from agent.inpod.enrollment import EnrollmentError, PodEnroller
 from agent.policy.engine import PolicyEngine
 from agent.policy.kernel_maps import PolicyMaps
 from agent.proxy.inpod_proxy import InPodProxy
+from agent.state.cni_pods import CniPod, CniPods, with_cni_pods
 from agent.state.local_source import LocalConfigSource
 from agent.state.store import MeshState, StateStore
 from agent.state.workload import Workload
 from agent.telemetry.connections import ConnectionTelemetry, TcpSeries, TunnelCounts
 from agent.telemetry.otlp import OtlpExport
 from agent.telemetry.ring import RingReader
+from cni.protocol import Answer, Request
 
 log = structlog.get_logger("agent")
 
@@ -45,6 +49,9 @@ class NodeAgent:
         self.policy: PolicyEngine | None = None
         self._reconciled = False
         self._enroll_errors: dict[str, str] = {}
+        self._reconcile_lock = asyncio.Lock()
+        self.cni_pods: CniPods | None = None
+        self._publish: Callable[[], None] = lambda: None
         self.telemetry = ConnectionTelemetry(kernel_records=True)
 
     def stop(self, sig: signal.Signals) -> None:
@@ -75,10 +82,23 @@ class NodeAgent:
             await admin.close()
 
     async def _run(self, cfg: AgentConfig) -> int:
-        store = StateStore()
-        source = LocalConfigSource(cfg.config_file, store)
+        # The config source's state, and the state everyone reads: the config's plus the
+        # pods ambient-cni announced (agent/state/cni_pods.py).
+        config_store = StateStore()
+        source = LocalConfigSource(cfg.config_file, config_store)
         source.load_initial()  # a broken config at start is fatal; later ones are rejected
-        self.store = store
+        cni_pods = self.cni_pods = CniPods(cfg.state_dir / cfg.node / "cni-pods.json")
+        for gone in cni_pods.forget_vanished():
+            log.info("CNI pod gone while the agent was away", container=gone)
+        store = self.store = StateStore(
+            with_cni_pods(config_store.current, cni_pods.all(), cfg.node)
+        )
+
+        def publish() -> None:
+            store.replace(with_cni_pods(config_store.current, cni_pods.all(), cfg.node))
+
+        self._publish = publish
+        config_store.subscribe(lambda old, new: publish())
         ca = CertificateAuthority.load_or_create(cfg.ca_dir, cfg.trust_domain)
         identities = self.identities = IdentityManager(
             LocalCaClient(ca, cfg.certificate_ttl), ca.root_pem
@@ -102,10 +122,13 @@ class NodeAgent:
         proxy = self.proxy = InPodProxy(store, identities, policy, telemetry)
         enroller = self.enroller = PodEnroller(datapath, cfg.state_dir / cfg.node, proxy)
         tasks: list[asyncio.Task[None]] = []
+        cni_server = CniServer(cfg.cni_socket, self.cni_request) if cfg.cni_socket else None
         try:
             await enroller.recover(keep={w.uid for w in self._wanted(store.current)})
             await self._reconcile(enroller, store.current)
             store.subscribe(lambda old, new: self._state_changed.set())
+            if cni_server is not None:
+                await cni_server.start()
             tasks.append(asyncio.create_task(source.run(self.stopping)))
             tasks.append(asyncio.create_task(self._follow_state(enroller, store)))
             tasks.append(asyncio.create_task(self._expire_telemetry()))
@@ -116,6 +139,8 @@ class NodeAgent:
             await self.stopping.wait()
             log.info("agent stopping", node=cfg.node)
         finally:
+            if cni_server is not None:
+                await cni_server.close()  # new pods wait (the plugin retries) for the next agent
             for task in tasks:
                 task.cancel()
             for task in tasks:
@@ -158,7 +183,12 @@ class NodeAgent:
 
     async def _reconcile(self, enroller: PodEnroller, state: MeshState) -> None:
         """Enroll what the state wants on this node, unenroll the rest; a pod whose
-        workload changed is enrolled afresh."""
+        workload changed is enrolled afresh. One at a time: the state's follower and CNI
+        requests both come here."""
+        async with self._reconcile_lock:
+            await self._reconcile_locked(enroller, state)
+
+    async def _reconcile_locked(self, enroller: PodEnroller, state: MeshState) -> None:
         wanted = {w.uid: w for w in self._wanted(state)}
         # Policies first: a pod is never captured without its policies in the kernel.
         assert self.policy is not None
@@ -183,6 +213,44 @@ class NodeAgent:
         if gone:
             log.info("metric series of removed workloads dropped", series=gone)
         self._reconciled = True
+
+    # ---- ambient-cni requests ---------------------------------------------------------------
+
+    async def cni_request(self, request: Request) -> Answer:
+        """What the CNI plugin asks (cni/protocol.py). add answers once the pod is enrolled
+        (or known to stay out of the mesh), so its app never starts uncaptured."""
+        assert self.cni_pods is not None and self.enroller is not None and self.store
+        if request.op == "status":
+            missing = self.not_ready()
+            return Answer(ok=not missing, error="; ".join(missing))
+        if request.op == "add":
+            if not request.ips:
+                return Answer(ok=False, error="no pod addresses in the primary plugin's result")
+            self.cni_pods.add(CniPod(
+                request.container_id, request.netns, request.ifname, request.pod.namespace,
+                request.pod.name, request.pod.uid, request.ips,
+            ))  # fmt: skip
+        elif request.op == "del":
+            self.cni_pods.remove(request.container_id)
+        elif request.op == "gc":
+            released = self.cni_pods.keep_only(request.valid)
+            self._publish()
+            await self._reconcile(self.enroller, self.store.current)
+            return Answer(ok=True, released=tuple(released))
+        self._publish()
+        await self._reconcile(self.enroller, self.store.current)
+        pod = self.cni_pods.get(request.container_id)
+        if pod is None and request.op == "del":
+            return Answer(ok=True)
+        if pod is None:
+            return Answer(ok=False, error=f"container {request.container_id} is not known")
+        uid = pod.workload_uid
+        workload = next((w for w in self.store.current.workloads if w.uid == uid), None)
+        wanted = workload is not None and workload.captured
+        enrolled = uid in self.enroller.pods
+        if wanted and not enrolled:
+            return Answer(ok=False, error=self._enroll_errors.get(uid, "pod not enrolled"))
+        return Answer(ok=True, enrolled=enrolled)
 
     # ---- what the admin endpoints show ---------------------------------------------------
 

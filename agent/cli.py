@@ -9,7 +9,7 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
-from agent.config import DEFAULT_CA_DIR, DEFAULT_STATE_ROOT
+from agent.config import DEFAULT_CA_DIR, DEFAULT_CNI_SOCKET, DEFAULT_STATE_ROOT
 from agent.identity.spiffe import DEFAULT_TRUST_DOMAIN
 
 EPILOG = """examples:
@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--otlp-endpoint", help="export metrics over OTLP to this endpoint "
                      "(http://host:port); default: no export")  # fmt: skip
     run.add_argument("--otlp-protocol", choices=("grpc", "http/protobuf"), default="grpc")
+    run.add_argument("--cni-socket", default=str(DEFAULT_CNI_SOCKET),
+                     help="ambient-cni's socket (default %(default)s; '' for none)")  # fmt: skip
     run.add_argument("--otlp-interval", type=float, default=10.0,
                      help="seconds between OTLP exports (default 10)")  # fmt: skip
 
@@ -131,6 +133,7 @@ def _run(args: argparse.Namespace) -> int:
         otlp_endpoint=args.otlp_endpoint,
         otlp_protocol=args.otlp_protocol,
         otlp_interval=args.otlp_interval,
+        cni_socket=Path(args.cni_socket) if args.cni_socket else None,
     )
     try:
         return run_agent(config)

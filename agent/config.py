@@ -11,6 +11,7 @@ from agent.identity.spiffe import DEFAULT_TRUST_DOMAIN
 
 DEFAULT_STATE_ROOT = Path("/run/ambient-agent")
 DEFAULT_CA_DIR = Path("/var/lib/ambient-agent/ca")
+DEFAULT_CNI_SOCKET = Path("/var/run/ambient-agent/cni.sock")
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,3 +38,5 @@ class AgentConfig:
     otlp_endpoint: str | None = None
     otlp_protocol: str = "grpc"
     otlp_interval: float = 10.0
+    # Where ambient-cni reaches the agent (the plugin's agentSocket); None: no CNI.
+    cni_socket: Path | None = DEFAULT_CNI_SOCKET

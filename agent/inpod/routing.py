@@ -5,6 +5,8 @@
   destination address is remote.
 - accept_local=1 on the pod interface: looped packets carry the pod's own source address.
 - rp_filter=0 on the interface and `all` (the kernel uses the larger of the two).
+- `lo` up: table 133 delivers through it. Runtimes bring it up (the loopback CNI plugin),
+  but a sandbox whose `lo` is down would otherwise drop every captured packet silently.
 The values found before are returned so that unenrolling restores them exactly.
 """
 
@@ -64,6 +66,7 @@ def _add_routing() -> None:
     """Runs on the pod's worker thread: IPRoute binds in that thread's namespace."""
     with IPRoute() as ns:
         lo = int(ns.link_lookup(ifname="lo")[0])
+        ns.link("set", index=lo, state="up")
         if not _has_rule(ns):
             ns.rule("add", **DELIVER_RULE)
         ns.route(

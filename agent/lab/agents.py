@@ -82,6 +82,8 @@ def start_agents(state: LabState, agent_args: tuple[str, ...] = ()) -> None:
             "--state-dir", str(base / "agent-state"),
             "--ready-file", str(ready),
             "--ca-dir", str(base / "ca"),
+            # Each node's own ambient-cni socket: the lab's nodes share one filesystem.
+            "--cni-socket", str(base / f"cni-{node.name}.sock"),
             *agent_args,
         ]  # fmt: skip
         with open(log_path, "wb") as log:

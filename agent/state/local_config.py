@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from agent.policy.parse import PolicyError, parse_policy
+from agent.state.namespace import Namespace
 from agent.state.service import Service
 from agent.state.workload import DEFAULT_TRUST_DOMAIN, Protocol, Workload
 
@@ -35,6 +36,7 @@ class LocalConfig:
     workloads: tuple[Workload, ...]
     services: tuple[Service, ...]
     policies: tuple[dict[str, Any], ...]
+    namespaces: tuple[Namespace, ...] = ()
 
 
 _WORKLOAD_KEYS = {
@@ -77,10 +79,11 @@ def parse_local_config(text: str, source: str) -> LocalConfig:
     sections: dict[str, yaml.Node] = {}
     for key_node, value_node in root.value:
         key = key_node.value
-        if key not in ("workloads", "services", "policies"):
+        if key not in ("workloads", "services", "policies", "namespaces"):
             raise _error(
-                source, key_node, f"unknown key {key!r} (expected workloads, services, policies)"
-            )
+                source, key_node,
+                f"unknown key {key!r} (expected workloads, services, policies, namespaces)",
+            )  # fmt: skip
         if not isinstance(value_node, yaml.SequenceNode):
             raise _error(source, value_node, f"{key} must be a list")
         sections[key] = value_node
@@ -114,7 +117,34 @@ def parse_local_config(text: str, source: str) -> LocalConfig:
         "policy",
         [(node, [key]) for node, (key, _) in zip(policy_nodes, checked, strict=True)],
     )
-    return LocalConfig(workloads, services, tuple(raw for _, raw in checked))
+    namespace_nodes = _items(sections.get("namespaces"))
+    namespaces = tuple(_namespace(node, source) for node in namespace_nodes)
+    named = zip(namespace_nodes, namespaces, strict=True)
+    _require_unique(source, "namespace", [(node, [n.name]) for node, n in named])
+    return LocalConfig(workloads, services, tuple(raw for _, raw in checked), namespaces)
+
+
+def _namespace(node: yaml.Node, source: str) -> Namespace:
+    """`{name: default, labels: {istio.io/dataplane-mode: ambient}}`: a Kubernetes namespace
+    as the local config writes it (for pods that CNI announces)."""
+    if not isinstance(node, yaml.MappingNode):
+        raise _error(source, node, "a namespace must be a mapping")
+    fields = _fields(node)
+    unknown = sorted(set(fields) - {"name", "labels"})
+    if unknown:
+        raise _error(source, node, f"namespace has unknown keys {unknown}")
+    name_node = _present(fields, "name")
+    if name_node is None:
+        raise _error(source, node, "namespace is missing 'name'")
+    labels: dict[str, str] = {}
+    if (labels_node := _present(fields, "labels")) is not None:
+        raw = _construct(source, labels_node)
+        if not isinstance(raw, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in raw.items()
+        ):
+            raise _error(source, labels_node, "labels must map strings to strings")
+        labels = raw
+    return Namespace(_string(source, name_node, "namespace name"), labels)
 
 
 def _require_unique(

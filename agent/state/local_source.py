@@ -44,7 +44,7 @@ class _FileStamp:
 
 
 def mesh_state_of(config: LocalConfig) -> MeshState:
-    return MeshState(config.workloads, config.services, config.policies)
+    return MeshState(config.workloads, config.services, config.policies, config.namespaces)
 
 
 class LocalConfigSource:

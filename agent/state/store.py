@@ -15,6 +15,7 @@ from typing import Any
 
 import structlog
 
+from agent.state.namespace import Namespace
 from agent.state.service import Service
 from agent.state.workload import Workload
 
@@ -37,6 +38,8 @@ class MeshState:
     services: tuple[Service, ...] = ()
     # Raw until the policy layer interprets them; dicts have no hash, hence hash=False.
     policies: tuple[dict[str, Any], ...] = field(default=(), hash=False)
+    # Namespaces with their labels: what decides whether a pod a CNI plugin announces joins.
+    namespaces: tuple[Namespace, ...] = ()
 
     # Indexes, built once in __post_init__ so that every lookup on a snapshot is a dict get.
     # Where two entries claim the same key the first wins; the local config parser rejects
@@ -79,6 +82,9 @@ class MeshState:
         object.__setattr__(
             self, "_by_service_key", {k: tuple(v) for k, v in by_service_key.items()}
         )
+
+    def namespace(self, name: str) -> Namespace | None:
+        return next((n for n in self.namespaces if n.name == name), None)
 
     def workload_by_ip(self, ip: str) -> Workload | None:
         canonical = _canonical_ip(ip)

@@ -1,0 +1,130 @@
+"""Pods that `ambient-cni` announced on this node, and how they join the mesh state.
+
+The CNI plugin knows what the runtime knows: the sandbox's netns and interface, the addresses
+the primary plugin assigned, and the pod's namespace, name and uid (CNI_ARGS). The mesh state
+knows the rest: whether the namespace is in ambient mode, and (when a source declared the
+pod) its service account, labels and services. with_cni_pods() joins the two into workloads
+the agent enrolls like any other. The registry is kept on disk, so an agent that restarts
+keeps its pods and lets go of those whose sandbox is gone meanwhile.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import structlog
+
+from agent.state.namespace import ambient_enrolled
+from agent.state.store import MeshState
+from agent.state.workload import DEFAULT_TRUST_DOMAIN, Protocol, Workload
+
+log = structlog.get_logger("agent.cni")
+
+
+@dataclass(frozen=True, slots=True)
+class CniPod:
+    container_id: str
+    netns: str
+    interface: str
+    namespace: str
+    name: str
+    uid: str
+    ips: tuple[str, ...]
+
+    @property
+    def workload_uid(self) -> str:
+        return self.uid or f"cni//{self.container_id}"
+
+
+class CniPods:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._pods: dict[str, CniPod] = {}
+        if path.exists():
+            try:
+                for raw in json.loads(path.read_text()):
+                    pod = CniPod(**{**raw, "ips": tuple(raw["ips"])})
+                    self._pods[pod.container_id] = pod
+            except (ValueError, TypeError, KeyError) as exc:
+                # A damaged record must not stop the agent; the runtime's GC will resend.
+                log.error("CNI pod records unreadable; starting without them",
+                          path=str(path), error=str(exc))  # fmt: skip
+
+    def all(self) -> tuple[CniPod, ...]:
+        return tuple(self._pods.values())
+
+    def get(self, container_id: str) -> CniPod | None:
+        return self._pods.get(container_id)
+
+    def add(self, pod: CniPod) -> None:
+        self._pods[pod.container_id] = pod
+        self._save()
+
+    def remove(self, container_id: str) -> CniPod | None:
+        pod = self._pods.pop(container_id, None)
+        if pod is not None:
+            self._save()
+        return pod
+
+    def keep_only(self, valid: Iterable[str]) -> list[str]:
+        """The runtime's garbage collection: forget every container not in valid."""
+        keep = set(valid)
+        gone = [cid for cid in self._pods if cid not in keep]
+        for cid in gone:
+            del self._pods[cid]
+        if gone:
+            self._save()
+        return gone
+
+    def forget_vanished(self) -> list[str]:
+        """After a restart: pods whose netns no longer exists were deleted while we were
+        away (their DEL found no agent)."""
+        gone = [cid for cid, pod in self._pods.items() if not os.path.exists(pod.netns)]
+        for cid in gone:
+            del self._pods[cid]
+        if gone:
+            self._save()
+        return gone
+
+    def _save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_suffix(".partial")
+        partial.write_text(json.dumps([asdict(p) for p in self._pods.values()], indent=1))
+        partial.replace(self.path)
+
+
+def with_cni_pods(state: MeshState, pods: Iterable[CniPod], node: str) -> MeshState:
+    """The state with the CNI-announced pods as workloads of `node`: captured (HBONE) when
+    their namespace is in ambient mode and they did not opt out, or when a source declared
+    them in the mesh; otherwise known as out-of-mesh workloads."""
+    workloads = list(state.workloads)
+    for pod in pods:
+        declared = next(
+            (w for w in workloads if (w.namespace, w.name) == (pod.namespace, pod.name)), None
+        )
+        labels = dict(declared.labels) if declared else {}
+        in_mesh = ambient_enrolled(state.namespace(pod.namespace), labels) or bool(
+            declared and declared.captured
+        )
+        workload = Workload(
+            uid=pod.workload_uid,
+            name=pod.name or pod.container_id[:12],
+            namespace=pod.namespace or "default",
+            service_account=declared.service_account if declared else "default",
+            ips=pod.ips,
+            protocol=Protocol.HBONE if in_mesh else Protocol.TCP,
+            node=node,
+            netns=pod.netns,
+            interface=pod.interface or "eth0",
+            trust_domain=declared.trust_domain if declared else DEFAULT_TRUST_DOMAIN,
+            services=declared.services if declared else {},
+            labels=labels,
+        )
+        if declared is not None:
+            workloads.remove(declared)
+        workloads.append(workload)
+    return MeshState(tuple(workloads), state.services, state.policies, state.namespaces)
