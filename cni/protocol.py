@@ -77,12 +77,12 @@ def _object(data: bytes, what: str) -> dict[str, Any]:
         raise ProtocolError(f"{what} of {len(data)} bytes is over the {MAX_MESSAGE} limit")
     try:
         body = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(f"{what} is not JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, huge numbers, deep nests
+        raise ProtocolError(f"{what} is not JSON this side can read: {exc}") from None
     if not isinstance(body, dict):
         raise ProtocolError(f"{what} must be a JSON object")
     version = body.get("version")
-    if version != VERSION:
+    if type(version) is not int or version != VERSION:  # not True, not 1.0
         raise ProtocolError(f"{what} has protocol version {version!r}; this side speaks {VERSION}")
     return body
 

@@ -46,11 +46,10 @@ class CniPods:
         self._pods: dict[str, CniPod] = {}
         if path.exists():
             try:
-                for raw in json.loads(path.read_text()):
-                    pod = CniPod(**{**raw, "ips": tuple(raw["ips"])})
-                    self._pods[pod.container_id] = pod
-            except (ValueError, TypeError, KeyError) as exc:
-                # A damaged record must not stop the agent; the runtime's GC will resend.
+                self._pods = {pod.container_id: pod for pod in _read_records(path)}
+            except (OSError, ValueError, TypeError, KeyError) as exc:
+                # A damaged file must not stop the agent: it starts with none (all or
+                # nothing), and the runtime's next GC or CHECK tells it again.
                 log.error("CNI pod records unreadable; starting without them",
                           path=str(path), error=str(exc))  # fmt: skip
 
@@ -97,23 +96,43 @@ class CniPods:
         partial.replace(self.path)
 
 
+def _read_records(path: Path) -> list[CniPod]:
+    records = json.loads(path.read_text())
+    if not isinstance(records, list):
+        raise ValueError("not a list of pods")
+    pods = []
+    for raw in records:
+        ips = raw["ips"]
+        if not isinstance(ips, list) or not all(isinstance(ip, str) for ip in ips):
+            raise ValueError(f"ips of {raw.get('container_id')!r} is not a list of addresses")
+        pod = CniPod(**{**raw, "ips": tuple(ips)})
+        if not all(isinstance(getattr(pod, f), str) for f in _TEXT_FIELDS):
+            raise ValueError(f"record of {pod.container_id!r} has a field that is not text")
+        pods.append(pod)
+    return pods
+
+
+_TEXT_FIELDS = ("container_id", "netns", "interface", "namespace", "name", "uid")
+
+
 def with_cni_pods(state: MeshState, pods: Iterable[CniPod], node: str) -> MeshState:
     """The state with the CNI-announced pods as workloads of `node`: captured (HBONE) when
     their namespace is in ambient mode and they did not opt out, or when a source declared
     them in the mesh; otherwise known as out-of-mesh workloads."""
     workloads = list(state.workloads)
     for pod in pods:
+        namespace = pod.namespace or "default"  # a runtime that named none: Kubernetes' default
         declared = next(
-            (w for w in workloads if (w.namespace, w.name) == (pod.namespace, pod.name)), None
+            (w for w in workloads if (w.namespace, w.name) == (namespace, pod.name)), None
         )
         labels = dict(declared.labels) if declared else {}
-        in_mesh = ambient_enrolled(state.namespace(pod.namespace), labels) or bool(
+        in_mesh = ambient_enrolled(state.namespace(namespace), labels) or bool(
             declared and declared.captured
         )
         workload = Workload(
             uid=pod.workload_uid,
             name=pod.name or pod.container_id[:12],
-            namespace=pod.namespace or "default",
+            namespace=namespace,
             service_account=declared.service_account if declared else "default",
             ips=pod.ips,
             protocol=Protocol.HBONE if in_mesh else Protocol.TCP,
