@@ -24,6 +24,7 @@ from agent.policy.engine import PolicyEngine
 from agent.policy.kernel_maps import PolicyMaps
 from agent.proxy.inpod_proxy import InPodProxy
 from agent.state.cni_pods import CniPod, CniPods, with_cni_pods
+from agent.state.kube_source import KubeSource, api_client_from
 from agent.state.local_source import LocalConfigSource
 from agent.state.store import MeshState, StateStore
 from agent.state.workload import Workload
@@ -85,8 +86,15 @@ class NodeAgent:
         # The config source's state, and the state everyone reads: the config's plus the
         # pods ambient-cni announced (agent/state/cni_pods.py).
         config_store = StateStore()
-        source = LocalConfigSource(cfg.config_file, config_store)
-        source.load_initial()  # a broken config at start is fatal; later ones are rejected
+        source: LocalConfigSource | KubeSource
+        if cfg.kubernetes:
+            source = KubeSource(config_store, cfg.node, api_client_from(cfg.kubeconfig),
+                                trust_domain=cfg.trust_domain)  # fmt: skip
+            await asyncio.to_thread(source.load_initial)  # a full first list, or no start
+        else:
+            assert cfg.config_file is not None
+            source = LocalConfigSource(cfg.config_file, config_store)
+            source.load_initial()  # a broken config at start is fatal; later ones are rejected
         cni_pods = self.cni_pods = CniPods(cfg.state_dir / cfg.node / "cni-pods.json")
         for gone in cni_pods.forget_vanished():
             log.info("CNI pod gone while the agent was away", container=gone)

@@ -33,7 +33,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the node agent")
-    run.add_argument("--config", type=Path, required=True, help="local config file (YAML)")
+    source = run.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", type=Path, help="local config file (YAML)")
+    source.add_argument("--kubernetes", action="store_true",
+                        help="follow the Kubernetes API (in-cluster, or --kubeconfig)")  # fmt: skip
+    run.add_argument("--kubeconfig", type=Path, help="with --kubernetes: a kubeconfig file")
     run.add_argument("--node", required=True, help="this node's name, as in the config")
     run.add_argument("--pin-dir", type=Path, help="bpffs directory for pins "
                      "(default /sys/fs/bpf/ambient/<node>)")  # fmt: skip
@@ -114,13 +118,19 @@ def _run(args: argparse.Namespace) -> int:
     from agent.datapath import abi
     from agent.datapath.loader import DatapathError
     from agent.identity.ca import CaError
+    from agent.state.kube_source import KubeSourceError
     from agent.state.local_config import ConfigError
     from agent.telemetry.otlp import OtlpError
 
+    if args.kubeconfig and not args.kubernetes:
+        print("ambient-agent: --kubeconfig needs --kubernetes", file=sys.stderr)
+        return 2
     logs.configure(json_lines=args.log_format == "json")
     config = AgentConfig(
         node=args.node,
         config_file=args.config,
+        kubernetes=args.kubernetes,
+        kubeconfig=args.kubeconfig,
         pin_dir=args.pin_dir or abi.DEFAULT_PIN_DIR / args.node,
         state_dir=args.state_dir,
         ready_file=args.ready_file,
@@ -137,7 +147,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     try:
         return run_agent(config)
-    except (DatapathError, ConfigError, CaError, OtlpError) as exc:
+    except (DatapathError, ConfigError, CaError, OtlpError, KubeSourceError) as exc:
         print(f"ambient-agent: {exc}", file=sys.stderr)
         return 2
 

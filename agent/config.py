@@ -17,7 +17,8 @@ DEFAULT_CNI_SOCKET = Path("/var/run/ambient-agent/cni.sock")
 @dataclass(frozen=True, slots=True)
 class AgentConfig:
     node: str
-    config_file: Path
+    # Where the mesh state comes from: a local config file, or the Kubernetes API.
+    config_file: Path | None
     pin_dir: Path = abi.DEFAULT_PIN_DIR
     state_dir: Path = DEFAULT_STATE_ROOT
     ready_file: Path | None = None
@@ -40,3 +41,5 @@ class AgentConfig:
     otlp_interval: float = 10.0
     # Where ambient-cni reaches the agent (the plugin's agentSocket); None: no CNI.
     cni_socket: Path | None = DEFAULT_CNI_SOCKET
+    kubernetes: bool = False
+    kubeconfig: Path | None = None  # else in-cluster (the ServiceAccount's token)

@@ -9,6 +9,7 @@ the veth, the address lease)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import socket
@@ -17,7 +18,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from agent.datapath.loader import remove_pins
 from agent.inpod.netns import NetnsWorker
 from cni.install import build_zipapp
 from tests.cni_runtime import Attachment, CniRuntime, PluginFailed
+from tests.kube.fake_api import NAMESPACES, NODE, FakeApiServer, recorded_events
 
 pytestmark = pytest.mark.kernel
 
@@ -90,6 +92,23 @@ class Node:
 
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[Node]:
+    config = tmp_path / "mesh.yaml"
+    config.write_text(yaml.safe_dump({
+        "namespaces": [{"name": "default", "labels": {"istio.io/dataplane-mode": "ambient"}},
+                       {"name": "legacy"}],
+    }))  # fmt: skip
+    with _node(tmp_path, "node", ["--config", str(config)]) as made:
+        yield made
+
+
+@contextlib.contextmanager
+def _node(
+    tmp_path: Path,
+    node_name: str,
+    source: list[str],
+    before_agent: Callable[[Path], None] | None = None,
+) -> Iterator[Node]:
+    """A node netns with an agent process for `node_name`, its state from `source`."""
     if not (REFERENCE_PLUGINS / "bridge").exists():
         pytest.fail("containernetworking-plugins is not installed (scripts/bootstrap-host.sh)")
     name = "cn" + uuid.uuid4().hex[:6]
@@ -111,21 +130,18 @@ def node(tmp_path: Path) -> Iterator[Node]:
             {"type": "ambient-cni", "agentSocket": str(socket_path), "timeoutSeconds": 30},
         ],
     }  # fmt: skip
-    config = tmp_path / "mesh.yaml"
-    config.write_text(yaml.safe_dump({
-        "namespaces": [{"name": "default", "labels": {"istio.io/dataplane-mode": "ambient"}},
-                       {"name": "legacy"}],
-    }))  # fmt: skip
     pin_dir = abi.DEFAULT_PIN_DIR / name / "node"
     argv = [
         "nsenter", f"--net={netns}", "--", sys.executable, "-m", "agent", "run",
-        "--node", "node", "--config", str(config), "--pin-dir", str(pin_dir),
+        "--node", node_name, *source, "--pin-dir", str(pin_dir),
         "--state-dir", str(tmp_path / "state"), "--ready-file", str(tmp_path / "ready"),
         "--ca-dir", str(tmp_path / "ca"), "--cni-socket", str(socket_path),
     ]  # fmt: skip
     made = Node(name, netns, tmp_path, pin_dir, CniRuntime(conflist, plugin_dir, netns), argv,
                 None, [])  # fmt: skip
     try:
+        if before_agent is not None:
+            before_agent(netns)
         made.start_agent()
         yield made
     finally:
@@ -175,6 +191,67 @@ def test_a_pod_added_through_the_chain_is_enrolled_and_its_traffic_tunnelled(nod
               if p.name.startswith("10.242.7.")]  # fmt: skip
     assert leases == []
     assert json.loads((node.tmp / "state" / "node" / "cni-pods.json").read_text()) == []
+
+
+def test_a_namespace_relabel_releases_and_enrolls_a_running_pod(tmp_path: Path) -> None:
+    """The agent follows the Kubernetes API (recorded answers, tests/kube/fake_api.py, served
+    from a netns of its own, reached through a veth); the pod came through the CNI chain."""
+    name = "cn" + uuid.uuid4().hex[:6]
+    api = FakeApiServer.recorded()
+    api.host = API_ADDRESS
+    api_netns = Path(f"/run/netns/{name}-api")
+    subprocess.run(["ip", "netns", "add", api_netns.name], check=True)
+    try:
+        subprocess.run(["ip", "-n", api_netns.name, "link", "set", "lo", "up"], check=True)
+        with _node(tmp_path, NODE, ["--kubernetes", "--kubeconfig", str(tmp_path / "kubeconfig")],
+                   before_agent=lambda netns: _serve_api(api, netns, api_netns, tmp_path)
+                   ) as node:  # fmt: skip
+            pod = Attachment("p" * 64, str(node.pod_netns("productpage")), namespace="shop",
+                             name="productpage-v1-5f8d7b9c4-jz6tn",
+                             uid="7a1c2e3f-4b5d-4c6e-8f90-a1b2c3d4e5f6")  # fmt: skip
+            address = pod_address(node.runtime.add(pod))
+            assert enrolled(node) == {address}  # namespace shop is ambient in the API
+            api.send(NAMESPACES, recorded_events("namespaces-shop-released.jsonl"))
+            _until(lambda: enrolled(node) == set(), "released after the label went")
+            api.send(NAMESPACES, recorded_events("namespaces-shop-enrolled.jsonl"))
+            _until(lambda: enrolled(node) == {address}, "enrolled again when the label came back")
+            node.runtime.delete(pod)
+    finally:
+        api.stop()
+        subprocess.run(["ip", "netns", "del", api_netns.name], check=False)
+
+
+API_ADDRESS = "10.243.0.1"
+
+
+def _serve_api(api: FakeApiServer, node_netns: Path, api_netns: Path, tmp_path: Path) -> None:
+    """A veth between the node and the API's netns, the server listening there, and a
+    kubeconfig pointing at it."""
+    veth = "ka" + uuid.uuid4().hex[:8]
+    subprocess.run(["ip", "link", "add", veth, "netns", node_netns.name, "type", "veth",
+                    "peer", "name", "api0", "netns", api_netns.name], check=True)  # fmt: skip
+    for netns, dev, address in ((node_netns, veth, "10.243.0.2/30"),
+                                (api_netns, "api0", f"{API_ADDRESS}/30")):  # fmt: skip
+        subprocess.run(["ip", "-n", netns.name, "addr", "add", address, "dev", dev], check=True)
+        subprocess.run(["ip", "-n", netns.name, "link", "set", dev, "up"], check=True)
+    worker = NetnsWorker(str(api_netns))  # the listening socket is made in that netns
+    try:
+        worker.call(api.start)
+    finally:
+        worker.close()
+    (tmp_path / "kubeconfig").write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "test",
+        "clusters": [{"name": "test", "cluster": {"server": api.url}}],
+        "users": [{"name": "test", "user": {}}],
+        "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test"}}],
+    }))  # fmt: skip
+
+
+def _until(condition: Callable[[], bool], what: str, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not {what} within {timeout:.0f}s"
+        time.sleep(0.1)
 
 
 def test_del_is_idempotent_and_unknown_containers_are_fine(node: Node) -> None:
