@@ -24,7 +24,6 @@ import pytest
 import yaml
 
 from agent import cli
-from agent.state.local_config import parse_local_config
 from cni import install as cni_install
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,7 +110,6 @@ def test_manifests_are_the_expected_objects() -> None:
     assert sorted((doc["kind"], doc["metadata"]["name"]) for _, doc in DOCUMENTS) == [
         ("ClusterRole", "ambient-agent"),
         ("ClusterRoleBinding", "ambient-agent"),
-        ("ConfigMap", "ambient-agent-config"),
         ("DaemonSet", "ambient-agent"),
         ("Namespace", NAMESPACE),
         ("ServiceAccount", SERVICE_ACCOUNT),
@@ -236,7 +234,6 @@ def test_agent_mounts() -> None:
     for host in ("/lib/modules", "/usr/src"):
         assert _host_path_of(agent, f"/host{host}") == host
         assert mounts[f"/host{host}"]["readOnly"] is True
-    assert mounts["/etc/ambient-agent"]["readOnly"] is True
 
 
 def test_agent_arguments_are_accepted_by_the_agents_parser() -> None:
@@ -247,12 +244,8 @@ def test_agent_arguments_are_accepted_by_the_agents_parser() -> None:
     assert parsed.command == "run"
     assert parsed.node == "node-1"
     assert parsed.admin_address == "127.0.0.1"
-    # The config file is the ConfigMap's mesh.yaml, mounted from the ConfigMap volume.
-    assert parsed.config == Path("/etc/ambient-agent/mesh.yaml")
-    (config_mount,) = [m for m in agent["volumeMounts"] if m["mountPath"] == "/etc/ambient-agent"]
-    (config_volume,) = [v for v in _pod_spec()["volumes"] if v["name"] == config_mount["name"]]
-    configmap = _one("ConfigMap", config_volume["configMap"]["name"])
-    assert parsed.config.name in configmap["data"]
+    # The mesh state comes from the API, in-cluster (no kubeconfig, no local config file).
+    assert parsed.kubernetes and parsed.kubeconfig is None and parsed.config is None
     # The socket and the state dir are on the host, at the same path as in the container
     # (the plugin runs on the host), and kept across agent restarts.
     socket_dir = str(Path(parsed.cni_socket).parent)
@@ -285,18 +278,6 @@ def test_init_container_installs_the_plugin_for_the_agents_socket() -> None:
     assert _host_path_of(agent, str(parsed.cni_bin_dir)) == "/opt/cni/bin"
     assert _host_path_of(agent, str(parsed.cni_conf_dir)) == "/etc/cni/net.d"
     assert init["image"] == _container("agent")["image"]
-
-
-# --- the ConfigMap --------------------------------------------------------------------------
-
-
-def test_configmap_mesh_yaml_is_an_empty_valid_local_config() -> None:
-    text = _one("ConfigMap", "ambient-agent-config")["data"]["mesh.yaml"]
-    config = parse_local_config(text, "manifests/configmap.yaml:mesh.yaml")
-    assert (config.workloads, config.services, config.policies, config.namespaces) == (
-        (), (), (), (),
-    )  # fmt: skip
-    assert set(yaml.safe_load(text)) == {"workloads", "services", "policies", "namespaces"}
 
 
 # --- the image ------------------------------------------------------------------------------
