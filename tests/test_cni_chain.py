@@ -335,3 +335,21 @@ def _wait_for(node: Node, match: Any, timeout: float = 10) -> dict[str, Any]:
                 return event
         time.sleep(0.1)
     raise AssertionError("agent never logged the expected event")
+
+
+def test_gc_and_status_through_the_plugin(node: Node) -> None:
+    """GC and STATUS are spec 1.1; Debian's reference plugins (1.1.1) stop at 1.0.0, so the
+    runtime's GC reaches only ambient-cni here, with a 1.1.0 config as libcni sends it."""
+    kept = Attachment("g" * 64, str(node.pod_netns("kept")), name="kept")
+    dropped = Attachment("h" * 64, str(node.pod_netns("dropped")), name="dropped")
+    addresses = {p.name: pod_address(node.runtime.add(p)) for p in (kept, dropped)}
+    ambient_cni = node.runtime.conflist["plugins"][-1]
+    status = node.runtime.run_one(ambient_cni, "STATUS", None, extra={"cniVersion": "1.1.0"})
+    assert status.returncode == 0, status.stdout
+    valid = [{"containerID": kept.container_id, "ifname": "eth0"}]
+    done = node.runtime.run_one(ambient_cni, "GC", None, extra={
+        "cniVersion": "1.1.0", "cni.dev/valid-attachments": valid})  # fmt: skip
+    assert done.returncode == 0, done.stdout
+    assert enrolled(node) == {addresses["kept"]}
+    node.runtime.delete(kept)
+    node.runtime.delete(dropped)  # its sandbox's network is still the runtime's to remove
