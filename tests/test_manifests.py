@@ -91,9 +91,28 @@ def _host_path_of(container: Manifest, mount_path: str) -> str:
     return str(volume["hostPath"]["path"])
 
 
+def _expanded(container: Manifest, words: list[str]) -> list[str]:
+    """`words` with the kubelet's $(NAME) expansion done from the container's env: values,
+    ConfigMap keys (which must exist), and the node's name for the fieldRef."""
+    values: dict[str, str] = {}
+    for var in container.get("env", []):
+        source = var.get("valueFrom", {})
+        if "value" in var:
+            values[var["name"]] = var["value"]
+        elif "configMapKeyRef" in source:
+            ref = source["configMapKeyRef"]
+            values[var["name"]] = _one("ConfigMap", ref["name"])["data"][ref["key"]]
+        elif source.get("fieldRef", {}).get("fieldPath") == "spec.nodeName":
+            values[var["name"]] = "node-1"
+    expanded = [re.sub(r"\$\((\w+)\)", lambda m: values[m[1]], word) for word in words]
+    assert not any("$(" in word for word in expanded), expanded
+    return expanded
+
+
 def _agent_args() -> list[str]:
-    """The agent's command line with the kubelet's $(NODE_NAME) expansion done."""
-    return [arg.replace("$(NODE_NAME)", "node-1") for arg in _container("agent")["args"]]
+    """The agent's command line as the kubelet runs it."""
+    agent = _container("agent")
+    return _expanded(agent, agent["args"])
 
 
 # --- the kustomization and the schemas ------------------------------------------------------
@@ -110,6 +129,7 @@ def test_manifests_are_the_expected_objects() -> None:
     assert sorted((doc["kind"], doc["metadata"]["name"]) for _, doc in DOCUMENTS) == [
         ("ClusterRole", "ambient-agent"),
         ("ClusterRoleBinding", "ambient-agent"),
+        ("ConfigMap", "ambient-agent-settings"),
         ("DaemonSet", "ambient-agent"),
         ("Namespace", NAMESPACE),
         ("ServiceAccount", SERVICE_ACCOUNT),
@@ -204,9 +224,11 @@ def test_agent_probes_readiness_and_liveness_on_15021() -> None:
     assert liveness["failureThreshold"] * liveness["periodSeconds"] >= 30
     assert agent["securityContext"]["privileged"] is True
     assert {"requests", "limits"} <= set(agent["resources"])
-    assert agent["env"] == [
-        {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}
-    ]
+    assert agent["env"][0] == {
+        "name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    }  # fmt: skip
+    # The rest are the settings ConfigMap's keys (checked by _expanded when the args parse).
+    assert all("configMapKeyRef" in var["valueFrom"] for var in agent["env"][1:])
 
 
 def test_every_mount_has_its_volume_and_every_volume_is_used() -> None:
@@ -268,7 +290,8 @@ def test_init_container_installs_the_plugin_for_the_agents_socket() -> None:
     init = _container("install-cni", init=True)
     command = init["command"]
     assert command[:2] == ["ambient-cni", "install"]
-    parsed = cni_install._parser().parse_args(command[1:])
+    parsed = cni_install._parser().parse_args(_expanded(init, command)[1:])
+    assert parsed.exclude_namespaces == ["kube-system"] and parsed.timeout_seconds == 30
     agent_socket = cli._parser().parse_args(_agent_args()[1:]).cni_socket
     assert parsed.agent_socket == agent_socket
     assert _host_path_of(init, str(parsed.cni_bin_dir)) == "/opt/cni/bin"
