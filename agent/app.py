@@ -324,6 +324,9 @@ class NodeAgent:
     def tunnels(self) -> dict[str, TunnelCounts]:
         return self.telemetry.tunnels()
 
+    def open_connections(self) -> int:
+        return self.telemetry.open_connections
+
     def telemetry_counts(self) -> dict[str, int]:
         """The kernel's telemetry_stats by name, and the connections that closed without a
         kernel record (counted on the relay's figures instead)."""

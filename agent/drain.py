@@ -8,6 +8,15 @@ from collections.abc import Coroutine
 from typing import Any
 
 
+async def stopped_within(stop: asyncio.Event, seconds: float) -> bool:
+    """Wait up to `seconds` for `stop`; True when it was set (the caller should end)."""
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except TimeoutError:
+        return False
+    return True
+
+
 class Drain:
     def __init__(self) -> None:
         self._tasks: set[asyncio.Task[Any]] = set()

@@ -291,6 +291,7 @@ def test_health_metrics_report_the_ring_and_the_maps(lab: Lab) -> None:
     assert samples[("ambient_telemetry_ring_events_total", (("outcome", "dropped"),))] == 0
     assert samples[("ambient_telemetry_ring_events_total", (("outcome", "sent"),))] > 0
     assert samples[("ambient_telemetry_untracked_connections_total", ())] == 0
+    assert samples[("ambient_proxied_connections_open", ())] == 0  # every exchange ended
     assert samples[("ambient_map_entries", (("map", "pods"),))] == 2
     assert samples[("ambient_map_capacity", (("map", "sock_conns"),))] == 65536
 

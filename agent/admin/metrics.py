@@ -39,6 +39,7 @@ class AgentMetricsSource(Protocol):
     def telemetry_counts(self) -> dict[str, int]: ...
     def map_fill(self) -> list[tuple[str, int, int]]: ...  # (map, entries, capacity)
     def tunnels(self) -> dict[str, TunnelCounts]: ...
+    def open_connections(self) -> int: ...
 
 
 class AgentCollector(Collector):
@@ -52,6 +53,11 @@ class AgentCollector(Collector):
             for labels, counters in series:
                 family.add_metric(labels, getattr(counters, attribute))
             yield family
+        yield GaugeMetricFamily(
+            "ambient_proxied_connections_open",
+            "Connections of enrolled pods the agent relays now (opened, not yet closed).",
+            value=self._source.open_connections(),
+        )
         tunnels = self._source.tunnels()
         for name, documentation, attribute in (
             ("ambient_hbone_connections_closed", "HBONE connections closed.", "closed"),

@@ -39,7 +39,7 @@ from agent.inpod.netns import NetnsWorker
 from agent.policy.engine import PolicyEngine
 from agent.proxy.live import LiveConnection
 from agent.proxy.relay import ByteStream, RelayResult, SocketStream, relay, reset
-from agent.state.store import StateStore
+from agent.state.store import MeshState, StateStore
 from agent.state.workload import Workload
 from agent.telemetry.connections import (
     ConnectionReport,
@@ -247,23 +247,13 @@ class InPodProxy:
         target = state.workload_by_ip(dst[0])
         tunnelled = target is not None and target.captured
         _captured(pod, "outbound", src, dst, dataplane_mode(tunnelled, target))
-        target_id = identity_of(target).uri if target is not None and tunnelled else None
-        service = destination_service(state, target, dst[1])
-        labels = connection_labels(
-            Reporter.SOURCE, pod.workload, identity_of(pod.workload).uri, target, target_id,
-            service, SecurityPolicy.MUTUAL_TLS if tunnelled else SecurityPolicy.NONE,
+        report = _report(
+            state, Reporter.SOURCE, tunnelled,
+            (_addr(src), pod.workload, identity_of(pod.workload).uri),
+            (_addr(dst), dst[1], target, identity_of(target).uri if target and tunnelled else None),
+            {"dst.hbone_addr": _addr((dst[0], abi.PORT_HBONE)) if tunnelled else None},
         )  # fmt: skip
-        fields = {
-            "src.addr": _addr(src), **_peer_fields("src", pod.workload),
-            "src.identity": identity_of(pod.workload).uri,
-            "dst.addr": _addr(dst), **_peer_fields("dst", target), "dst.identity": target_id,
-            "dst.service": service.hostname if service else None,
-            "dst.hbone_addr": _addr((dst[0], abi.PORT_HBONE)) if tunnelled else None,
-            "route": "hbone" if tunnelled else "passthrough",
-        }  # fmt: skip
-        conn = self.telemetry.open(
-            _cookie(writer), ConnectionReport(labels, "outbound", True, fields)
-        )
+        conn = self.telemetry.open(_cookie(writer), report)
         if target is not None and tunnelled:
             await self._tunnel_out(pod, target, reader, writer, src, dst, conn)
         else:
@@ -341,20 +331,11 @@ class InPodProxy:
         state = self._store.current
         source = state.workload_by_ip(src[0])
         _captured(pod, "inbound", src, dst, dataplane_mode(False, pod.workload))
-        service = destination_service(state, pod.workload, dst[1])
-        labels = connection_labels(
-            Reporter.DESTINATION, source, None, pod.workload, identity_of(pod.workload).uri,
-            service, SecurityPolicy.NONE,
+        report = _report(
+            state, Reporter.DESTINATION, False, (_addr(src), source, None),
+            (_addr(dst), dst[1], pod.workload, identity_of(pod.workload).uri),
         )  # fmt: skip
-        fields = {
-            "src.addr": _addr(src), **_peer_fields("src", source), "src.identity": None,
-            "dst.addr": _addr(dst), **_peer_fields("dst", pod.workload),
-            "dst.identity": identity_of(pod.workload).uri,
-            "dst.service": service.hostname if service else None, "route": "passthrough",
-        }  # fmt: skip
-        conn = self.telemetry.open(
-            _cookie(writer), ConnectionReport(labels, "inbound", True, fields)
-        )
+        conn = self.telemetry.open(_cookie(writer), report)
         # pod_ingress authorized the SYN before it reached 15006 (a denial never gets here).
         await self._pass_through(pod, reader, writer, dst, src, conn, PolicyVerdict("allow"))
 
@@ -405,19 +386,13 @@ class InPodProxy:
         source = state.workload_by_ip(client_ip)
         if source is not None and identity_of(source).uri != principal:
             source = None
-        service = destination_service(state, pod.workload, request.port)
-        labels = connection_labels(
-            Reporter.DESTINATION, source, principal, pod.workload, identity_of(pod.workload).uri,
-            service, SecurityPolicy.MUTUAL_TLS,
+        client = _forwarded_for(request.headers.get(hbone.FORWARDED, "")) or peer
+        # The registered socket is the one to the app: its peer is the server.
+        report = _report(
+            state, Reporter.DESTINATION, True, (client, source, principal),
+            (request.authority, request.port, pod.workload, identity_of(pod.workload).uri),
+            {"src.hbone_addr": peer}, peer_is_client=False,
         )  # fmt: skip
-        fields = {
-            "src.addr": _forwarded_for(request.headers.get(hbone.FORWARDED, "")) or peer,
-            **_peer_fields("src", source), "src.identity": principal, "src.hbone_addr": peer,
-            "dst.addr": request.authority, **_peer_fields("dst", pod.workload),
-            "dst.identity": identity_of(pod.workload).uri,
-            "dst.service": service.hostname if service else None, "route": "hbone",
-        }  # fmt: skip
-        report = ConnectionReport(labels, "inbound", False, fields)
         if request.host not in pod.workload.ips:
             conn.refuse(stream, 400)
             self._refused(report, PolicyVerdict("none"),
@@ -491,6 +466,33 @@ def _captured(
 ) -> None:
     log.info("connection captured", direction=direction, pod=pod.workload.key,
              dataplane_mode=mode, **{"src.addr": _addr(src), "dst.addr": _addr(dst)})  # fmt: skip
+
+
+def _report(
+    state: MeshState,
+    reporter: Reporter,
+    tunnelled: bool,
+    source: tuple[str, Workload | None, str | None],
+    destination: tuple[str, int, Workload | None, str | None],
+    extra: dict[str, Any] | None = None,
+    peer_is_client: bool = True,
+) -> ConnectionReport:
+    """A connection's Istio labels and access log fields, from its two ends: source
+    (address, workload, principal) and destination (address, port, workload, principal)."""
+    src_addr, src_workload, src_principal = source
+    dst_addr, dst_port, dst_workload, dst_principal = destination
+    service = destination_service(state, dst_workload, dst_port)
+    security = SecurityPolicy.MUTUAL_TLS if tunnelled else SecurityPolicy.NONE
+    labels = connection_labels(reporter, src_workload, src_principal, dst_workload,
+                               dst_principal, service, security)  # fmt: skip
+    fields = {
+        "src.addr": src_addr, **_peer_fields("src", src_workload), "src.identity": src_principal,
+        "dst.addr": dst_addr, **_peer_fields("dst", dst_workload), "dst.identity": dst_principal,
+        "dst.service": service.hostname if service else None,
+        "route": "hbone" if tunnelled else "passthrough", **(extra or {}),
+    }  # fmt: skip
+    direction = "outbound" if reporter is Reporter.SOURCE else "inbound"
+    return ConnectionReport(labels, direction, peer_is_client, fields)
 
 
 def _failed(what: str, exc: BaseException) -> str:

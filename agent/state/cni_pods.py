@@ -119,12 +119,14 @@ def with_cni_pods(state: MeshState, pods: Iterable[CniPod], node: str) -> MeshSt
     """The state with the CNI-announced pods as workloads of `node`: captured (HBONE) when
     their namespace is in ambient mode and they did not opt out, or when a source declared
     them in the mesh; otherwise known as out-of-mesh workloads."""
-    workloads = list(state.workloads)
+    workloads = {w.uid: w for w in state.workloads}
+    # The first workload of each namespace/name, as a source declared it.
+    by_name: dict[tuple[str, str], Workload] = {}
+    for workload in state.workloads:
+        by_name.setdefault((workload.namespace, workload.name), workload)
     for pod in pods:
         namespace = pod.namespace or "default"  # a runtime that named none: Kubernetes' default
-        declared = next(
-            (w for w in workloads if (w.namespace, w.name) == (namespace, pod.name)), None
-        )
+        declared = by_name.get((namespace, pod.name))
         labels = dict(declared.labels) if declared else {}
         in_mesh = ambient_enrolled(state.namespace(namespace), labels) or bool(
             declared and declared.captured
@@ -144,6 +146,6 @@ def with_cni_pods(state: MeshState, pods: Iterable[CniPod], node: str) -> MeshSt
             labels=labels,
         )
         if declared is not None:
-            workloads.remove(declared)
-        workloads.append(workload)
-    return MeshState(tuple(workloads), state.services, state.policies, state.namespaces)
+            workloads.pop(declared.uid, None)
+        workloads[workload.uid] = workload
+    return MeshState(tuple(workloads.values()), state.services, state.policies, state.namespaces)

@@ -52,6 +52,7 @@ import structlog
 from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
+from agent.drain import stopped_within
 from agent.state.kube_objects import (
     Kind,
     KubeObject,
@@ -362,7 +363,7 @@ class KubeSource:
                         error=_describe(exc),
                         retry_in=round(delay, 2),
                     )
-            if delay > 0 and await _stopped_within(stop, delay):
+            if delay > 0 and await stopped_within(stop, delay):
                 break
 
     def _list_or_missing(self, follower: _Follower, notify: Callable[[], None]) -> None:
@@ -560,14 +561,6 @@ def _set_result(future: asyncio.Future[_T], result: _T) -> None:
 def _set_exception(future: asyncio.Future[Any], error: Exception) -> None:
     if not future.done():
         future.set_exception(error)
-
-
-async def _stopped_within(stop: asyncio.Event, seconds: float) -> bool:
-    try:
-        await asyncio.wait_for(stop.wait(), seconds)
-    except TimeoutError:
-        return False
-    return True
 
 
 def _status_of(exc: BaseException) -> int | None:

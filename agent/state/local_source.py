@@ -15,6 +15,7 @@ from pathlib import Path
 
 import structlog
 
+from agent.drain import stopped_within
 from agent.state.local_config import ConfigError, LocalConfig, parse_local_config
 from agent.state.store import MeshState, StateStore
 
@@ -81,7 +82,7 @@ class LocalConfigSource:
     async def run(self, stop: asyncio.Event) -> None:
         """Reload the file whenever it changes, until `stop` is set. A bad or missing file is
         logged as "config rejected" and the state in force stays as it is."""
-        while not await _stopped_within(stop, self.poll_interval):
+        while not await stopped_within(stop, self.poll_interval):
             try:
                 await self._check(stop)
             except Exception:
@@ -131,7 +132,7 @@ class LocalConfigSource:
         """Wait until the file's stamp holds still for settle_interval. False if the file went
         away meanwhile (the next poll reports that) or the source is stopping."""
         while True:
-            if await _stopped_within(stop, self.settle_interval):
+            if await stopped_within(stop, self.settle_interval):
                 return False
             try:
                 again = _stat(self.path)
@@ -184,14 +185,6 @@ def _stat(path: Path) -> _FileStamp:
         raise ConfigError(str(path), None, "file is missing") from exc
     except OSError as exc:
         raise ConfigError(str(path), None, f"cannot stat: {exc.strerror}") from exc
-
-
-async def _stopped_within(stop: asyncio.Event, seconds: float) -> bool:
-    try:
-        await asyncio.wait_for(stop.wait(), seconds)
-    except TimeoutError:
-        return False
-    return True
 
 
 def _counts(state: MeshState) -> dict[str, int]:

@@ -54,6 +54,12 @@ class MeshState:
     _by_service_key: Mapping[str, tuple[Workload, ...]] = field(
         init=False, repr=False, compare=False, hash=False
     )
+    _services_by_key: Mapping[str, Service] = field(
+        init=False, repr=False, compare=False, hash=False
+    )
+    _namespaces_by_name: Mapping[str, Namespace] = field(
+        init=False, repr=False, compare=False, hash=False
+    )
 
     def __post_init__(self) -> None:
         by_ip: dict[str, Workload] = {}
@@ -82,9 +88,21 @@ class MeshState:
         object.__setattr__(
             self, "_by_service_key", {k: tuple(v) for k, v in by_service_key.items()}
         )
+        services_by_key: dict[str, Service] = {}
+        for service in self.services:
+            services_by_key.setdefault(service.key, service)
+        object.__setattr__(self, "_services_by_key", services_by_key)
+        namespaces_by_name: dict[str, Namespace] = {}
+        for namespace in self.namespaces:
+            namespaces_by_name.setdefault(namespace.name, namespace)
+        object.__setattr__(self, "_namespaces_by_name", namespaces_by_name)
 
     def namespace(self, name: str) -> Namespace | None:
-        return next((n for n in self.namespaces if n.name == name), None)
+        return self._namespaces_by_name.get(name)
+
+    def service(self, key: str) -> Service | None:
+        """The service whose key ("namespace/hostname") a workload's `services` names."""
+        return self._services_by_key.get(key)
 
     def workload_by_ip(self, ip: str) -> Workload | None:
         canonical = _canonical_ip(ip)

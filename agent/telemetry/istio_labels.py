@@ -95,11 +95,9 @@ def destination_service(state: MeshState, workload: Workload | None, port: int) 
     if workload is None:
         return None
     for key in workload.services:
-        namespace, _, hostname = key.partition("/")
-        for service in state.services:
-            named = service.namespace == namespace and service.hostname == hostname
-            if named and (port in service.ports.values() or not service.ports):
-                return service
+        service = state.service(key)
+        if service is not None and (port in service.ports.values() or not service.ports):
+            return service
     return None
 
 

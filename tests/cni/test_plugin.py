@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from cni.protocol import Answer, PodRef, ProtocolError, Request, decode_request
+from tests.cni import REQUIRED_VARIABLES
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PLUGIN_RUN_LIMIT = 10.0  # seconds: far beyond any case here; a hang fails, never blocks
@@ -177,19 +178,7 @@ def test_missing_or_unknown_command_is_invalid_environment(command: str | None) 
     assert "CNI_COMMAND" in error["msg"]
 
 
-@pytest.mark.parametrize(
-    ("command", "variable"),
-    [
-        ("ADD", "CNI_CONTAINERID"),
-        ("ADD", "CNI_NETNS"),
-        ("ADD", "CNI_IFNAME"),
-        ("CHECK", "CNI_CONTAINERID"),
-        ("CHECK", "CNI_NETNS"),
-        ("CHECK", "CNI_IFNAME"),
-        ("DEL", "CNI_CONTAINERID"),
-        ("DEL", "CNI_IFNAME"),
-    ],
-)
+@pytest.mark.parametrize(("command", "variable"), REQUIRED_VARIABLES)
 def test_each_missing_variable_is_named(agent: FakeAgent, command: str, variable: str) -> None:
     config = network_config(agent.socket_path, prevResult=PREV_RESULT_1_0)
     error = cni_error(run_plugin(command, config, **{variable: None}), 4)

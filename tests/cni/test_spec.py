@@ -22,6 +22,7 @@ from cni.spec import (
     pod_ips,
     version_result,
 )
+from tests.cni import REQUIRED_VARIABLES
 
 K8S_ARGS = (
     "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=cart-7f9c;"
@@ -84,19 +85,7 @@ def test_without_k8s_args_the_pod_is_unnamed() -> None:
     assert parse_environment(environment).pod == PodRef()
 
 
-@pytest.mark.parametrize(
-    ("command", "variable"),
-    [
-        ("ADD", "CNI_CONTAINERID"),
-        ("ADD", "CNI_NETNS"),
-        ("ADD", "CNI_IFNAME"),
-        ("CHECK", "CNI_CONTAINERID"),
-        ("CHECK", "CNI_NETNS"),
-        ("CHECK", "CNI_IFNAME"),
-        ("DEL", "CNI_CONTAINERID"),
-        ("DEL", "CNI_IFNAME"),
-    ],
-)
+@pytest.mark.parametrize(("command", "variable"), REQUIRED_VARIABLES)
 def test_a_missing_variable_is_named(command: str, variable: str) -> None:
     environment = {**FULL_ENVIRONMENT, "CNI_COMMAND": command}
     del environment[variable]
