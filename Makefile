@@ -13,8 +13,8 @@ test: host $(STAMP) lint
 	$(BIN)/python -m pytest -ra tests
 
 lint: $(STAMP)
-	$(BIN)/ruff check agent cni tests
-	$(BIN)/ruff format --check agent cni tests
+	$(BIN)/ruff check agent cni lab bench tests
+	$(BIN)/ruff format --check agent cni lab bench tests
 	$(BIN)/mypy
 
 host:

@@ -13,7 +13,6 @@ import structlog
 
 from agent.admin.metrics import AgentCollector
 from agent.admin.server import AdminAddresses, AdminServer
-from agent.cni_server import CniServer
 from agent.config import AgentConfig
 from agent.datapath import abi, loader
 from agent.datapath.cgroup import AgentCgroup
@@ -23,9 +22,10 @@ from agent.inpod.enrollment import EnrollmentError, PodEnroller
 from agent.policy.engine import PolicyEngine
 from agent.policy.kernel_maps import PolicyMaps
 from agent.proxy.inpod_proxy import InPodProxy
-from agent.state.cni_pods import CniPod, CniPods, with_cni_pods
-from agent.state.kube_source import KubeSource, api_client_from
-from agent.state.local_source import LocalConfigSource
+from agent.sources.cni_pods import CniPod, CniPods, with_cni_pods
+from agent.sources.cni_server import CniServer
+from agent.sources.kube_source import KubeSource, api_client_from
+from agent.sources.local_source import LocalConfigSource
 from agent.state.store import MeshState, StateStore
 from agent.state.workload import Workload
 from agent.telemetry.connections import ConnectionTelemetry, TcpSeries, TunnelCounts
@@ -84,7 +84,7 @@ class NodeAgent:
 
     async def _run(self, cfg: AgentConfig) -> int:
         # The config source's state, and the state everyone reads: the config's plus the
-        # pods ambient-cni announced (agent/state/cni_pods.py).
+        # pods ambient-cni announced (agent/sources/cni_pods.py).
         config_store = StateStore()
         source: LocalConfigSource | KubeSource
         if cfg.kubernetes:

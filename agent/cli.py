@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from datetime import timedelta
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
 from agent.config import DEFAULT_CA_DIR, DEFAULT_CNI_SOCKET, DEFAULT_STATE_ROOT
 from agent.identity.spiffe import DEFAULT_TRUST_DOMAIN
+
+# Entry points of this group add a subcommand: a callable taking the subparsers.
+TOOL_COMMANDS = "ambient_agent.commands"
 
 EPILOG = """examples:
   ambient-agent run --config mesh.yaml --node node-1     run a node agent
@@ -62,33 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--otlp-interval", type=float, default=10.0,
                      help="seconds between OTLP exports (default 10)")  # fmt: skip
 
-    lab = sub.add_parser("lab", help="a local cluster of netns nodes and pods")
-    lab_sub = lab.add_subparsers(dest="lab_command", required=True)
-    up = lab_sub.add_parser("up", help="build the lab and start a node agent per node")
-    up.add_argument("--topology", type=Path, help="topology YAML (docs/lab.md)")
-    up.add_argument("--no-agents", action="store_true", help="build the network only")
-    up.add_argument("--agent-arg", action="append", default=[], metavar="ARG",
-                    help="an extra `run` argument for every agent, e.g. "
-                    "--agent-arg=--otlp-endpoint=http://127.0.0.1:4317 (repeatable)")  # fmt: skip
-    status = lab_sub.add_parser("status", help="show nodes, pods and agents")
-    status.add_argument("--json", action="store_true")
-    exe = lab_sub.add_parser("exec", help="run a command in a pod's or node's netns")
-    exe.add_argument("target", help="pod or node name")
-    exe.add_argument("argv", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
-    lab_sub.add_parser("down", help="stop agents, remove every netns and pin of the lab")
-    for p in (up, status, exe, lab_sub.choices["down"]):
-        p.add_argument("--name", default="lab", help="lab name (default: lab)")
-
-    bench = sub.add_parser("bench", help="measure the mesh against no mesh on the lab")
-    bench.add_argument("--json", action="store_true", help="machine-readable result")
-    bench.add_argument("--quick", action="store_true", help="short runs (for tests)")
-    bench.add_argument("--policy", action="store_true",
-                       help="L4 authorization: compile cost and kernel decision cost")  # fmt: skip
-    bench.add_argument("--name", default="bench", help="lab name (default: bench)")
-
-    demo = sub.add_parser("demo", help="bring the lab up, show the mesh's paths, tear down")
-    demo.add_argument("--json", action="store_true", help="machine-readable result")
-    demo.add_argument("--name", default="demo", help="lab name (default: demo)")
+    for command in _tool_commands():
+        command.load()(sub)
     return parser
 
 
@@ -96,19 +73,15 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "run":
         return _run(args)
-    if args.command == "lab":
-        return _lab(args)
-    if args.command == "bench":
-        if args.policy:
-            from agent.policy.bench import run_policy_bench
+    # A tool command (lab, demo, bench) registered itself with its handler.
+    result: int = args.handler(args)
+    return result
 
-            return run_policy_bench(json_output=args.json, quick=args.quick)
-        from agent.bench import run_bench
 
-        return run_bench(args.name, json_output=args.json, quick=args.quick)
-    from agent.demo import run_demo
-
-    return run_demo(args.name, json_output=args.json)
+def _tool_commands() -> list[EntryPoint]:
+    """The commands of the tooling beside the runtime (lab/, bench/): they import the agent,
+    never the other way round, so the agent finds them as installed entry points."""
+    return sorted(entry_points(group=TOOL_COMMANDS), key=lambda e: e.name)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -118,8 +91,8 @@ def _run(args: argparse.Namespace) -> int:
     from agent.datapath import abi
     from agent.datapath.loader import DatapathError
     from agent.identity.ca import CaError
-    from agent.state.kube_source import KubeSourceError
-    from agent.state.local_config import ConfigError
+    from agent.sources.kube_source import KubeSourceError
+    from agent.sources.local_config import ConfigError
     from agent.telemetry.otlp import OtlpError
 
     if args.kubeconfig and not args.kubernetes:
@@ -150,31 +123,3 @@ def _run(args: argparse.Namespace) -> int:
     except (DatapathError, ConfigError, CaError, OtlpError, KubeSourceError) as exc:
         print(f"ambient-agent: {exc}", file=sys.stderr)
         return 2
-
-
-def _lab(args: argparse.Namespace) -> int:
-    from agent.lab import control
-    from agent.lab.network import LabError
-    from agent.lab.topology import TopologyError
-
-    try:
-        if args.lab_command == "up":
-            state = control.up(args.name, args.topology, agents_too=not args.no_agents,
-                               agent_args=tuple(args.agent_arg))  # fmt: skip
-            print(control.describe(control.status(state.name)))
-        elif args.lab_command == "status":
-            report = control.status(args.name)
-            print(json.dumps(report, indent=2) if args.json else control.describe(report))
-        elif args.lab_command == "exec":
-            command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
-            if not command:
-                raise LabError("lab exec needs a command: lab exec POD -- COMMAND [ARGS...]")
-            argv = control.exec_argv(args.name, args.target, command)
-            os.execvp(argv[0], argv)
-        elif args.lab_command == "down":
-            control.down(args.name)
-            print(f"lab {args.name}: down")
-    except (LabError, TopologyError) as exc:
-        print(f"ambient-agent lab: {exc}", file=sys.stderr)
-        return 1
-    return 0

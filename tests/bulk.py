@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from agent.inpod.netns import NetnsWorker
+from agent.netns import NetnsWorker
 
 BLOCK = 1024 * 1024
 

@@ -28,17 +28,17 @@ from agent.datapath.loader import LoadedDatapath
 from agent.identity.ca import CertificateAuthority
 from agent.identity.manager import IdentityManager, LocalCaClient
 from agent.inpod.enrollment import PodEnroller
-from agent.lab import agents, probes
-from agent.lab.network import LabNetwork, LabState, PodState
-from agent.lab.topology import default_topology
 from agent.policy.engine import PolicyEngine
 from agent.policy.kernel_maps import PolicyMaps
 from agent.proxy.inpod_proxy import InPodProxy
-from agent.state.local_config import parse_local_config
-from agent.state.local_source import mesh_state_of
+from agent.sources.local_config import parse_local_config
+from agent.sources.local_source import mesh_state_of
 from agent.state.store import MeshState, StateStore
 from agent.state.workload import Workload
 from agent.telemetry.connections import ConnectionTelemetry
+from lab import agents, probes
+from lab.network import LabNetwork, LabState, PodState
+from lab.topology import default_topology
 
 T = TypeVar("T")
 APP = 8080

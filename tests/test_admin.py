@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agent.inpod.netns import NetnsWorker
-from agent.lab import probes
-from agent.lab.network import LabState, load_state
+from agent.netns import NetnsWorker
+from lab import probes
+from lab.network import LabState, load_state
 
 pytestmark = pytest.mark.kernel
 

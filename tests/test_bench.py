@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from agent import bench
-from agent.lab import agents, control
+from bench import datapath as bench
+from lab import agents, control
 
 pytestmark = pytest.mark.kernel
 
@@ -89,7 +89,8 @@ def test_quick_bench_measures_both_modes_and_cleans_up(
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_interrupted_bench_tears_everything_down(lab_name: str, signum: int) -> None:
     code = (
-        f"from agent.bench import run_bench; raise SystemExit(run_bench({lab_name!r}, True, True))"
+        "from bench.datapath import run_bench; "
+        f"raise SystemExit(run_bench({lab_name!r}, True, True))"
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", code],

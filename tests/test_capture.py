@@ -11,8 +11,8 @@ import pytest
 
 from agent.ctl import read_pods
 from agent.datapath import abi, tc
-from agent.inpod.netns import NetnsWorker
-from agent.lab import probes
+from agent.netns import NetnsWorker
+from lab import probes
 from tests.inprocess_mesh import APP, Mesh, mesh_fixture, whoami_everywhere
 
 pytestmark = pytest.mark.kernel

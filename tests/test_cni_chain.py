@@ -29,7 +29,7 @@ import yaml
 from agent.ctl import read_pods
 from agent.datapath import abi
 from agent.datapath.loader import remove_pins
-from agent.inpod.netns import NetnsWorker
+from agent.netns import NetnsWorker
 from cni.install import build_zipapp
 from tests.cni_runtime import Attachment, CniRuntime, PluginFailed
 from tests.kube.fake_api import NAMESPACES, NODE, FakeApiServer, recorded_events

@@ -1,4 +1,4 @@
-"""agent/cni_server.py: the agent's end of the ambient-cni socket, on real unix sockets.
+"""agent/sources/cni_server.py: the agent's end of the ambient-cni socket, on real unix sockets.
 
 No pytest-asyncio here: each test runs its own event loop with asyncio.run, bounded by
 TEST_LIMIT so that a hang fails instead of blocking."""
@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from agent import cni_server
-from agent.cni_server import CniServer
+from agent.sources import cni_server
+from agent.sources.cni_server import CniServer
 from cni.protocol import MAX_MESSAGE, Answer, PodRef, Request, decode_answer
 
 TEST_LIMIT = 5.0  # seconds for a whole test; each takes milliseconds

@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 import yaml
 
-from agent.inpod.netns import NetnsWorker
-from agent.lab import probes
-from agent.lab.agents import lab_agent_pids, lab_pin_root
-from agent.lab.network import load_state
+from agent.netns import NetnsWorker
+from lab import probes
+from lab.agents import lab_agent_pids, lab_pin_root
+from lab.network import load_state
 from tests import bulk
 
 pytestmark = pytest.mark.kernel

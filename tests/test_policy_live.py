@@ -12,8 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from agent.inpod.netns import NetnsWorker
-from agent.lab import probes
+from agent.netns import NetnsWorker
+from lab import probes
 from tests.inprocess_mesh import APP, Mesh, mesh_fixture, whoami_everywhere
 
 pytestmark = pytest.mark.kernel

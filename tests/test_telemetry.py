@@ -21,9 +21,9 @@ import pytest
 import yaml
 
 from agent.ctl import read_connections, read_pods
-from agent.lab import agents, probes
-from agent.lab.network import LabState, load_state
 from agent.telemetry.istio_labels import TCP_LABELS
+from lab import agents, probes
+from lab.network import LabState, load_state
 
 pytestmark = pytest.mark.kernel
 

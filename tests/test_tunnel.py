@@ -23,9 +23,9 @@ from agent.identity import tls
 from agent.identity.ca import CertificateAuthority
 from agent.identity.manager import WorkloadCertificate
 from agent.identity.spiffe import SpiffeId
-from agent.inpod.netns import NetnsWorker
-from agent.lab import probes
+from agent.netns import NetnsWorker
 from agent.state.store import MeshState
+from lab import probes
 from tests import bulk
 from tests.inprocess_mesh import APP, Mesh, mesh_fixture, whoami_everywhere
 

@@ -13,7 +13,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from agent.datapath.loader import DatapathError
-from agent.inpod.netns import NetnsWorker
+from agent.netns import NetnsWorker
 
 INGRESS_PARENT = 0xFFFFFFF2
 EGRESS_PARENT = 0xFFFFFFF3

@@ -24,7 +24,7 @@ from agent.datapath import abi, tc
 from agent.datapath.loader import LoadedDatapath
 from agent.drain import Drain
 from agent.inpod import routing, sockets
-from agent.inpod.netns import NetnsWorker
+from agent.netns import NetnsWorker
 from agent.proxy.inpod_proxy import InPodProxy
 from agent.state.workload import Protocol, Workload
 

@@ -19,7 +19,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from agent.datapath import abi
-from agent.inpod.netns import NetnsWorker
+from agent.netns import NetnsWorker
 
 # ip rule fwmark DELIVER_MARK/MARK_MASK lookup DELIVER_ROUTE_TABLE pref DELIVER_RULE_PRIORITY
 DELIVER_RULE = {

@@ -27,7 +27,7 @@ from functools import partial
 from typing import TypeVar
 
 from agent.identity.spiffe import SpiffeId
-from agent.policy.model import (
+from agent.state.policy import (
     Action,
     IpNetwork,
     Match,

@@ -24,9 +24,9 @@ from agent.policy.compiler import (
     identity_masks,
 )
 from agent.policy.kernel_maps import PolicyMaps
-from agent.policy.model import Policy, WorkloadSelectorTarget, applies_to
-from agent.policy.parse import PolicyError, parse_policies, to_local_document
-from agent.proxy.live import LiveConnection
+from agent.policy.live import LiveConnection
+from agent.sources.authorization_policy import PolicyError, parse_policies, to_local_document
+from agent.state.policy import Policy, WorkloadSelectorTarget, applies_to
 from agent.state.store import MeshState
 from agent.state.workload import Workload
 

@@ -35,9 +35,9 @@ from agent.identity import tls
 from agent.identity.manager import IdentityManager, WorkloadCertificate
 from agent.identity.spiffe import SpiffeId
 from agent.inpod import sockets
-from agent.inpod.netns import NetnsWorker
+from agent.netns import NetnsWorker
 from agent.policy.engine import PolicyEngine
-from agent.proxy.live import LiveConnection
+from agent.policy.live import LiveConnection
 from agent.proxy.relay import ByteStream, RelayResult, SocketStream, relay, reset
 from agent.state.store import MeshState, StateStore
 from agent.state.workload import Workload

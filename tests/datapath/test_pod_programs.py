@@ -25,7 +25,7 @@ from agent.datapath.abi import VerdictReason as R
 from agent.datapath.prog_run import RunResult, run_tc
 from agent.inpod import sockets
 from agent.inpod.enrollment import pod_key_addr
-from agent.inpod.netns import NetnsWorker
+from agent.netns import NetnsWorker
 
 pytestmark = pytest.mark.kernel
 

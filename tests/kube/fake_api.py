@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from agent.state.kube_source import Timings
+from agent.sources.kube_source import Timings
 
 RECORDED = Path(__file__).parent / "recorded"
 NODE = "node-1"

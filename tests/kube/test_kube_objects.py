@@ -1,4 +1,4 @@
-"""Kubernetes objects -> mesh state (agent/state/kube_objects.py): the translation rules.
+"""Kubernetes objects -> mesh state (agent/sources/kube_objects.py): the translation rules.
 
 Objects are written as the API returns them in JSON; each table names the rule it checks.
 """
@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from agent.policy.parse import parse_policy
-from agent.state.kube_objects import (
+from agent.sources.authorization_policy import parse_policy
+from agent.sources.kube_objects import (
     Kind,
     KubeObjects,
     mesh_state_from,

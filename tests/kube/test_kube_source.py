@@ -1,4 +1,4 @@
-"""The Kubernetes source (agent/state/kube_source.py) against recorded API answers.
+"""The Kubernetes source (agent/sources/kube_source.py) against recorded API answers.
 
 No API server can run on these machines, so a small fake one on 127.0.0.1 serves recorded
 answers (tests/kube/recorded/: list responses, and watch events one JSON object per line) on
@@ -28,7 +28,7 @@ import kubernetes.client
 import pytest
 from structlog.testing import capture_logs
 
-from agent.state.kube_source import Backoff, KubeSource, KubeSourceError, Timings
+from agent.sources.kube_source import Backoff, KubeSource, KubeSourceError, Timings
 from agent.state.store import MeshState, StateStore
 from agent.state.workload import Protocol, Workload
 from tests.kube.fake_api import (

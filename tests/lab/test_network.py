@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from agent.lab import network
-from agent.lab.network import (
+from lab import network
+from lab.network import (
     LabError,
     LabNetwork,
     LabState,
@@ -25,7 +25,7 @@ from agent.lab.network import (
     load_state,
     status,
 )
-from agent.lab.topology import PodSpec, default_topology, parse_topology
+from lab.topology import PodSpec, default_topology, parse_topology
 
 THREE_NODES = """\
 nodeNetwork: 192.168.77.0/28

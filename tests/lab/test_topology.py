@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.lab.topology import (
+from lab.topology import (
     NodeSpec,
     PodSpec,
     Topology,

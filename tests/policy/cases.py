@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.identity.spiffe import SpiffeId
-from agent.policy.model import Connection, Decision, Policy, Reason, Verdict, WorkloadSelectorTarget
-from agent.policy.parse import parse_policy
+from agent.sources.authorization_policy import parse_policy
+from agent.state.policy import Connection, Decision, Policy, Reason, Verdict, WorkloadSelectorTarget
 
 SERVER_IP = "10.240.2.2"
 PORT = 8080

@@ -1,4 +1,4 @@
-"""`ambient-agent bench --policy` (agent/policy/bench.py) on the real kernel, in quick mode:
+"""`ambient-agent bench --policy` (bench/policy.py) on the real kernel, in quick mode:
 every section measured, and nothing left behind. Benchmarks are not judged on speed."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from agent.datapath import abi
-from agent.policy import bench
-from agent.policy.parse import parse_policies
+from agent.sources.authorization_policy import parse_policies
+from bench import policy as bench
 
 
 def _netns() -> set[str]:

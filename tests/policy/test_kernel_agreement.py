@@ -23,13 +23,13 @@ from agent.datapath.abi import VerdictReason
 from agent.datapath.loader import LoadedDatapath
 from agent.datapath.prog_run import run_tc
 from agent.inpod.enrollment import pod_key_addr
-from agent.inpod.netns import NetnsWorker
+from agent.netns import NetnsWorker
 from agent.policy.compiler import IdentityNumbers, PolicyNumbers, compile_policies
 from agent.policy.kernel_maps import PolicyMaps
-from agent.policy.model import Connection, Decision, Reason, Verdict
-from agent.policy.reference import DRY_RUN_DEFAULT_DENY
+from agent.state.policy import Connection, Decision, Reason, Verdict
 from agent.state.workload import Protocol, Workload
 from tests.policy.cases import CASES, SERVER_IP, Case
+from tests.policy.reference import DRY_RUN_DEFAULT_DENY
 
 pytestmark = pytest.mark.kernel
 

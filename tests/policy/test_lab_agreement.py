@@ -23,11 +23,11 @@ from typing import Any
 
 import pytest
 
-from agent.inpod.netns import NetnsWorker
-from agent.lab import probes
-from agent.lab.network import LabState, load_state
-from agent.policy.model import Reason, Verdict
-from agent.policy.parse import to_local_document
+from agent.netns import NetnsWorker
+from agent.sources.authorization_policy import to_local_document
+from agent.state.policy import Reason, Verdict
+from lab import probes
+from lab.network import LabState, load_state
 from tests.policy.cases import CASES, Case
 
 pytestmark = pytest.mark.kernel

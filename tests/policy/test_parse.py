@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from agent.policy.model import (
+from agent.sources.authorization_policy import PolicyError, parse_policies, parse_policy
+from agent.state.policy import (
     Action,
     Match,
     Policy,
@@ -17,7 +18,6 @@ from agent.policy.model import (
     StringMatch,
     StringMatchKind,
 )
-from agent.policy.parse import PolicyError, parse_policies, parse_policy
 
 net = ipaddress.ip_network
 
@@ -971,7 +971,7 @@ def test_duplicates_are_refused_across_shapes() -> None:
 def test_every_case_policy_round_trips_through_the_local_shape() -> None:
     import dataclasses
 
-    from agent.policy.parse import to_local_document
+    from agent.sources.authorization_policy import to_local_document
     from tests.policy.cases import CASES
 
     for case in CASES:

@@ -6,7 +6,7 @@ import ipaddress
 
 import pytest
 
-from agent.policy.model import (
+from agent.state.policy import (
     Action,
     Connection,
     Decision,
@@ -18,8 +18,8 @@ from agent.policy.model import (
     StringMatchKind,
     Verdict,
 )
-from agent.policy.reference import decide, policy_matches
 from tests.policy.cases import CASES, CLIENT, PLAIN, SERVER, Case
+from tests.policy.reference import decide, policy_matches
 
 
 def test_the_table_is_big_enough_and_names_are_unique() -> None:

@@ -1,4 +1,4 @@
-"""The CNI pod registry (agent/state/cni_pods.py) and the namespace rule it relies on."""
+"""The CNI pod registry (agent/sources/cni_pods.py) and the namespace rule it relies on."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from agent.state.cni_pods import CniPod, CniPods, with_cni_pods
+from agent.sources.cni_pods import CniPod, CniPods, with_cni_pods
 from agent.state.namespace import DATAPLANE_MODE_LABEL, Namespace, ambient_enrolled
 from agent.state.service import Service
 from agent.state.store import MeshState

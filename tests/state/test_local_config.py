@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.state.local_config import ConfigError, load_local_config, parse_local_config
+from agent.sources.local_config import ConfigError, load_local_config, parse_local_config
 from agent.state.service import Service
 from agent.state.workload import Protocol
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.state.local_config import ConfigError, load_local_config, parse_local_config
-from agent.state.local_source import mesh_state_of
+from agent.sources.local_config import ConfigError, load_local_config, parse_local_config
+from agent.sources.local_source import mesh_state_of
 from agent.state.namespace import DATAPLANE_MODE_LABEL, Namespace, ambient_enrolled
 from agent.state.store import MeshState
 

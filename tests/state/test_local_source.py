@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from agent.state.local_config import ConfigError
-from agent.state.local_source import LocalConfigSource
+from agent.sources.local_config import ConfigError
+from agent.sources.local_source import LocalConfigSource
 from agent.state.store import MeshState, StateStore
 
 

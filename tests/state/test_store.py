@@ -5,7 +5,7 @@ import threading
 
 from structlog.testing import capture_logs
 
-from agent.state.local_config import parse_local_config
+from agent.sources.local_config import parse_local_config
 from agent.state.service import Service
 from agent.state.store import MeshState, StateStore
 from agent.state.workload import Protocol, Workload

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from agent.policy.parse import PolicyError, parse_policy
+from agent.sources.authorization_policy import PolicyError, parse_policy
 from agent.state.namespace import Namespace
 from agent.state.service import Service
 from agent.state.workload import DEFAULT_TRUST_DOMAIN, Protocol, Workload

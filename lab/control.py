@@ -7,10 +7,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from agent.lab import agents
-from agent.lab.network import LabError, LabNetwork, LabState, check_lab_name
-from agent.lab.network import exec_argv as _argv
-from agent.lab.topology import default_topology, load_topology
+from lab import agents
+from lab.network import LabError, LabNetwork, LabState, check_lab_name
+from lab.network import exec_argv as _argv
+from lab.topology import default_topology, load_topology
 
 
 def up(

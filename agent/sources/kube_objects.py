@@ -4,7 +4,7 @@
 API's JSON shape (camelCase, as `kubectl get -o json` prints them); `apply` and `replace_all`
 take watch events and list results. `mesh_state_from` turns the whole of it into a MeshState.
 Nothing here talks to an API server or reads a clock: the I/O shell is
-agent/state/kube_source.py, and tests hand dicts in and look at the state that comes out.
+agent/sources/kube_source.py, and tests hand dicts in and look at the state that comes out.
 
 The translation follows istiod's for ztunnel (pilot/pkg/serviceregistry/kube/controller/
 ambient: workloads.go, services.go), reduced to what this agent models:
@@ -66,7 +66,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TypeGuard
 
-from agent.policy.parse import DRY_RUN_ANNOTATION
+from agent.sources.authorization_policy import DRY_RUN_ANNOTATION
 from agent.state.namespace import Namespace, ambient_enrolled
 from agent.state.service import Service
 from agent.state.store import MeshState

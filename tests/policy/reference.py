@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import TypeVar
 
-from agent.policy.model import (
+from agent.state.policy import (
     Action,
     Clause,
     Connection,

@@ -183,10 +183,8 @@ def load_topology(path: Path) -> Topology:
 
 
 def default_topology() -> Topology:
-    resource = resources.files("agent.lab").joinpath(DEFAULT_TOPOLOGY_FILE)
-    return parse_topology(
-        resource.read_text(encoding="utf-8"), f"agent/lab/{DEFAULT_TOPOLOGY_FILE}"
-    )
+    resource = resources.files("lab").joinpath(DEFAULT_TOPOLOGY_FILE)
+    return parse_topology(resource.read_text(encoding="utf-8"), f"lab/{DEFAULT_TOPOLOGY_FILE}")
 
 
 def parse_topology(text: str, source: str = "<string>") -> Topology:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from agent.policy.model import (
+from agent.state.policy import (
     ROOT_NAMESPACE,
     Action,
     Clause,

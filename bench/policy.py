@@ -42,7 +42,7 @@ from agent.datapath.abi import VerdictReason
 from agent.datapath.loader import LoadedDatapath, preflight
 from agent.datapath.prog_run import run_tc
 from agent.inpod.enrollment import pod_key_addr
-from agent.inpod.netns import NetnsWorker
+from agent.netns import NetnsWorker
 from agent.policy.compiler import (
     FALLBACK,
     MAX_TERMS,
@@ -52,8 +52,8 @@ from agent.policy.compiler import (
     compile_policies,
 )
 from agent.policy.kernel_maps import PolicyMaps
-from agent.policy.model import ROOT_NAMESPACE, Action, Policy, WorkloadSelectorTarget, applies_to
-from agent.policy.parse import parse_policies, parse_policy
+from agent.sources.authorization_policy import parse_policies, parse_policy
+from agent.state.policy import ROOT_NAMESPACE, Action, Policy, WorkloadSelectorTarget, applies_to
 from agent.state.workload import Protocol, Workload
 
 SEED = 20240611

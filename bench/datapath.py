@@ -31,9 +31,9 @@ from dataclasses import asdict, dataclass, field
 from types import FrameType
 from typing import Any, TextIO, TypeVar
 
-from agent.inpod.netns import NetnsWorker
-from agent.lab import agents, control, probes
-from agent.lab.network import LabState, PodState
+from agent.netns import NetnsWorker
+from lab import agents, control, probes
+from lab.network import LabState, PodState
 
 IPERF_PORT = 5201
 ECHO_PORT = 9000
@@ -218,7 +218,7 @@ def _iperf_server(target: PodState) -> contextlib.AbstractContextManager[None]:
 
 
 def _echo_server(target: PodState) -> contextlib.AbstractContextManager[None]:
-    code = f"from agent.bench import serve_echo; serve_echo({ECHO_PORT})"
+    code = f"from bench.datapath import serve_echo; serve_echo({ECHO_PORT})"
     return probes.pod_server(target, ECHO_PORT, [sys.executable, "-c", code])
 
 

@@ -24,7 +24,7 @@ from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
 
-from agent.lab.topology import Topology, parse_topology
+from lab.topology import Topology, parse_topology
 
 DEFAULT_LAB_NAME = "lab"
 STATE_ROOT = Path("/run/ambient-lab")

@@ -16,7 +16,7 @@ from pathlib import Path
 import structlog
 
 from agent.drain import stopped_within
-from agent.state.local_config import ConfigError, LocalConfig, parse_local_config
+from agent.sources.local_config import ConfigError, LocalConfig, parse_local_config
 from agent.state.store import MeshState, StateStore
 
 log = structlog.get_logger("agent.state")

@@ -1,6 +1,6 @@
 """Feed the state store from the Kubernetes API, and follow it.
 
-Every kind the mesh state is made of (agent/state/kube_objects.py: pods, namespaces, services,
+Every kind the mesh state is made of (agent/sources/kube_objects.py: pods, namespaces, services,
 EndpointSlices, AuthorizationPolicies, Gateways, HTTPRoutes) is followed by a loop of its own:
 
 - **list** it (in pages: `limit`, then `continue`), make the list that kind's objects, and
@@ -53,7 +53,7 @@ from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
 from agent.drain import stopped_within
-from agent.state.kube_objects import (
+from agent.sources.kube_objects import (
     Kind,
     KubeObject,
     KubeObjects,

@@ -23,7 +23,7 @@ from agent.datapath.cgroup import cgroup2_root, remove_cgroups
 from agent.datapath.loader import remove_pins
 from agent.identity.ca import CertificateAuthority
 from agent.identity.spiffe import DEFAULT_TRUST_DOMAIN
-from agent.lab.network import STATE_ROOT, LabError, LabState
+from lab.network import STATE_ROOT, LabError, LabState
 
 READY_TIMEOUT = 90.0
 STOP_TIMEOUT = 15.0

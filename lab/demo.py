@@ -18,8 +18,8 @@ from typing import Any
 from agent.ctl import read_pods, read_policy_decisions, read_verdicts
 from agent.datapath import abi
 from agent.identity.spiffe import DEFAULT_TRUST_DOMAIN
-from agent.lab import agents, control, probes
-from agent.lab.network import LabState, PodState
+from lab import agents, control, probes
+from lab.network import LabState, PodState
 
 APP_PORT = 8080
 

@@ -19,8 +19,8 @@ from typing import Any
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.inpod.netns import NetnsWorker
-from agent.lab.network import LabState, PodState
+from agent.netns import NetnsWorker
+from lab.network import LabState, PodState
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def pod_server(target: PodState, port: int, argv: list[str]) -> Iterator[None]:
 
 
 def whoami_server(target: PodState, port: int = 8080) -> contextlib.AbstractContextManager[None]:
-    return pod_server(target, port, [sys.executable, "-m", "agent.lab.whoami", "--port", str(port)])
+    return pod_server(target, port, [sys.executable, "-m", "lab.whoami", "--port", str(port)])
 
 
 def _wait_listening(target: PodState, port: int, proc: subprocess.Popen[bytes], what: str) -> None:

@@ -1,0 +1,26 @@
+"""`ambient-agent bench`: registered as a tool command (pyproject's entry points)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def register(sub: Any) -> None:
+    bench = sub.add_parser("bench", help="measure the mesh against no mesh on the lab")
+    bench.set_defaults(handler=_bench)
+    bench.add_argument("--json", action="store_true", help="machine-readable result")
+    bench.add_argument("--quick", action="store_true", help="short runs (for tests)")
+    bench.add_argument("--policy", action="store_true",
+                       help="L4 authorization: compile cost and kernel decision cost")  # fmt: skip
+    bench.add_argument("--name", default="bench", help="lab name (default: bench)")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    if args.policy:
+        from bench.policy import run_policy_bench
+
+        return run_policy_bench(json_output=args.json, quick=args.quick)
+    from bench.datapath import run_bench
+
+    return run_bench(args.name, json_output=args.json, quick=args.quick)
