@@ -22,6 +22,7 @@ from agent.inpod.enrollment import EnrollmentError, PodEnroller
 from agent.policy.engine import PolicyEngine
 from agent.policy.kernel_maps import PolicyMaps
 from agent.proxy.inpod_proxy import InPodProxy
+from agent.sources.authorization_policy import to_local_document
 from agent.sources.cni_pods import CniPod, CniPods, with_cni_pods
 from agent.sources.cni_server import CniServer
 from agent.sources.kube_source import KubeSource, api_client_from
@@ -285,7 +286,8 @@ class NodeAgent:
             "not_ready": self.not_ready(),
             "workloads": [_workload_dump(w) for w in state.workloads] if state else [],
             "services": [dataclasses.asdict(s) for s in state.services] if state else [],
-            "policies": self.policy.policies_in_force() if self.policy else [],
+            "policies": [to_local_document(p) for p in self.policy.policies_in_force()]
+            if self.policy else [],
             "enrolled": sorted(p.workload.key for p in self.enroller.pods.values())
             if self.enroller else [],
             "certificates": [

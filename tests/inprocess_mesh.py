@@ -31,6 +31,7 @@ from agent.inpod.enrollment import PodEnroller
 from agent.policy.engine import PolicyEngine
 from agent.policy.kernel_maps import PolicyMaps
 from agent.proxy.inpod_proxy import InPodProxy
+from agent.sources.authorization_policy import parse_policies
 from agent.sources.local_config import parse_local_config
 from agent.sources.local_source import mesh_state_of
 from agent.state.store import MeshState, StateStore
@@ -82,7 +83,7 @@ class Mesh:
     def set_policies(self, documents: list[dict[str, Any]]) -> None:
         """Put policies in the state and into the kernel, as the agent's reconcile does."""
         current = self.store.current
-        state = MeshState(current.workloads, current.services, tuple(documents))
+        state = MeshState(current.workloads, current.services, parse_policies(documents))
         self.loop.call(self.store.replace, state)
         destinations = [pod.workload for pod in self.enroller.pods.values()]
         self.loop.run(self.policy.apply(state, destinations))

@@ -1,9 +1,9 @@
 """Keeps the kernel's policy maps in step with the mesh state.
 
-On every state change: parse the policies, compile them for this node's enrolled workloads,
-write them under the idle generation, flip, and delete the old generation after a grace
-period. A policy set that does not parse is refused as a whole and the one in force stays.
-Also tags HBONE upstream sockets with the peer's identity for agent_connect4.
+On every state change: compile the state's policies (parsed once, by their source) for this
+node's enrolled workloads, write them under the idle generation, flip, and delete the old
+generation after a grace period, without waiting for it. Also tags HBONE upstream sockets with
+the peer's identity for agent_connect4.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Iterable
-from typing import Any
 
 import structlog
 
@@ -25,7 +24,6 @@ from agent.policy.compiler import (
 )
 from agent.policy.kernel_maps import PolicyMaps
 from agent.policy.live import LiveConnection
-from agent.sources.authorization_policy import PolicyError, parse_policies, to_local_document
 from agent.state.policy import Policy, WorkloadSelectorTarget, applies_to
 from agent.state.store import MeshState
 from agent.state.workload import Workload
@@ -50,19 +48,26 @@ class PolicyEngine:
         self._compiled: CompiledPolicies | None = None
         self._policies: tuple[Policy, ...] = ()
         self._lock = asyncio.Lock()
+        # The generation the last flip retired is deleted RETIRE_GRACE later, by a timer: an
+        # apply does not wait for it. Only an apply within that grace, which must reuse the
+        # generation, waits out the rest of it first.
+        self._reusable_at = 0.0
+        self._retiring: asyncio.TimerHandle | None = None
 
     async def apply(self, state: MeshState, destinations: Iterable[Workload]) -> None:
         async with self._lock:
-            try:
-                policies = parse_policies(state.policies)
-            except PolicyError as exc:
-                log.error("policies rejected, the previous set stays in force", error=str(exc))
-                return
+            policies = state.policies
             targets = [(w, dict(w.labels)) for w in destinations]
             compiled = compile_policies(
                 policies, targets, state.workloads, self.identities, self.policy_numbers
             )
+            loop = asyncio.get_running_loop()
+            if (wait := self._reusable_at - loop.time()) > 0:
+                await asyncio.sleep(wait)
+            self._cancel_retirement()  # write() clears the idle generation itself
             retired = self._maps.write(compiled)
+            self._reusable_at = loop.time() + RETIRE_GRACE
+            self._retiring = loop.call_later(RETIRE_GRACE, self._retire, retired)
             self._compiled = compiled
             self._policies = policies
             for workload, labels in targets:
@@ -81,8 +86,19 @@ class PolicyEngine:
                     log.warning("policy fallback: denying", reason=tables.fallback_reason)
             log.info("policies applied", policies=len(policies), workloads=len(targets),
                      generation=self._maps.generation)  # fmt: skip
-            await asyncio.sleep(RETIRE_GRACE)
-            self._maps.clear_generation(retired)
+
+    def _retire(self, generation: int) -> None:
+        self._retiring = None
+        self._maps.clear_generation(generation)
+
+    def _cancel_retirement(self) -> None:
+        if self._retiring is not None:
+            self._retiring.cancel()
+            self._retiring = None
+
+    def close(self) -> None:
+        """Before the datapath closes: no retirement may touch its maps afterwards."""
+        self._cancel_retirement()
 
     def tag_upstream(self, sock: socket.socket, peer: SpiffeId, client_ip: str) -> None:
         """Before the upstream connect of an HBONE tunnel: who the verified peer is."""
@@ -128,11 +144,9 @@ class PolicyEngine:
             for (policy, reason), count in self._maps.decisions().items()
         )  # fmt: skip
 
-    def policies_in_force(self) -> list[dict[str, Any]]:
-        """The policies as enforced, in the local shape (for the config dump)."""
-        if self._compiled is None:
-            return []
-        return [to_local_document(p) for p in self._policies]
+    def policies_in_force(self) -> tuple[Policy, ...]:
+        """The policies the kernel's maps hold now."""
+        return self._policies if self._compiled is not None else ()
 
     def decision(self, sock: socket.socket) -> tuple[str | None, str] | None:
         """(policy name or None, reason) agent_connect4 wrote back on this upstream socket:

@@ -66,11 +66,16 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TypeGuard
 
-from agent.sources.authorization_policy import DRY_RUN_ANNOTATION
+import structlog
+
+from agent.sources.authorization_policy import DRY_RUN_ANNOTATION, PolicyError, parse_policies
 from agent.state.namespace import Namespace, ambient_enrolled
+from agent.state.policy import Policy
 from agent.state.service import Service
 from agent.state.store import MeshState
 from agent.state.workload import Protocol, Workload
+
+log = structlog.get_logger("agent.kubernetes")
 
 # One object as the API returns it in JSON (a dict, camelCase keys).
 KubeObject = Mapping[str, Any]
@@ -193,8 +198,15 @@ _ATTRIBUTE_OF = {
 }
 
 
-def mesh_state_from(objects: KubeObjects, cluster_id: str, trust_domain: str) -> MeshState:
-    """The mesh state the objects describe (the rules are in the module docstring)."""
+def mesh_state_from(
+    objects: KubeObjects,
+    cluster_id: str,
+    trust_domain: str,
+    policies_in_force: tuple[Policy, ...] = (),
+) -> MeshState:
+    """The mesh state the objects describe (the rules are in the module docstring). When an
+    AuthorizationPolicy does not parse, the set stays `policies_in_force` as a whole: dropping
+    the broken one alone could lift a DENY."""
     namespaces = tuple(
         sorted((_namespace(obj) for obj in objects.namespaces.values()), key=lambda n: n.name)
     )
@@ -232,11 +244,15 @@ def mesh_state_from(objects: KubeObjects, cluster_id: str, trust_domain: str) ->
     for pod in pods:  # newest first, so the newest backing pod resolves a named port
         for service_key, ports in memberships[pod.key].items():
             backing_ports.setdefault(service_key, []).append(ports)
-    policies = tuple(
-        policy
-        for _, obj in sorted(objects.authorization_policies.items())
-        if (policy := _authorization_policy(obj)) is not None
-    )
+    try:
+        policies = parse_policies(
+            document
+            for _, obj in sorted(objects.authorization_policies.items())
+            if (document := _authorization_policy(obj)) is not None
+        )
+    except PolicyError as exc:
+        log.error("policies rejected, the previous set stays in force", error=str(exc))
+        policies = policies_in_force
     return MeshState(
         workloads=workloads,
         services=tuple(_service(s, backing_ports.get(s.key, ())) for s in services),

@@ -16,6 +16,7 @@ import yaml
 
 from agent.sources.authorization_policy import PolicyError, parse_policy
 from agent.state.namespace import Namespace
+from agent.state.policy import Policy
 from agent.state.service import Service
 from agent.state.workload import DEFAULT_TRUST_DOMAIN, Protocol, Workload
 
@@ -35,7 +36,7 @@ class ConfigError(Exception):
 class LocalConfig:
     workloads: tuple[Workload, ...]
     services: tuple[Service, ...]
-    policies: tuple[dict[str, Any], ...]
+    policies: tuple[Policy, ...]
     namespaces: tuple[Namespace, ...] = ()
 
 
@@ -115,13 +116,13 @@ def parse_local_config(text: str, source: str) -> LocalConfig:
     _require_unique(
         source,
         "policy",
-        [(node, [key]) for node, (key, _) in zip(policy_nodes, checked, strict=True)],
+        [(node, [policy.key]) for node, policy in zip(policy_nodes, checked, strict=True)],
     )
     namespace_nodes = _items(sections.get("namespaces"))
     namespaces = tuple(_namespace(node, source) for node in namespace_nodes)
     named = zip(namespace_nodes, namespaces, strict=True)
     _require_unique(source, "namespace", [(node, [n.name]) for node, n in named])
-    return LocalConfig(workloads, services, tuple(raw for _, raw in checked), namespaces)
+    return LocalConfig(workloads, services, tuple(checked), namespaces)
 
 
 def _namespace(node: yaml.Node, source: str) -> Namespace:
@@ -370,14 +371,13 @@ def _is_port(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535
 
 
-def _policy(node: yaml.Node, source: str) -> tuple[str, dict[str, Any]]:
-    """Checked with the policy parser itself, in either shape (local or Kubernetes), so a
-    broken policy refuses the whole file with its line and the last good state stays."""
+def _policy(node: yaml.Node, source: str) -> Policy:
+    """Parsed here, once, in either shape (local or Kubernetes), so a broken policy refuses
+    the whole file with its line and the last good state stays."""
     if not isinstance(node, yaml.MappingNode):
         raise _error(source, node, "a policy must be a mapping")
     policy: dict[str, Any] = _construct(source, node)
     try:
-        parsed = parse_policy(policy)
+        return parse_policy(policy)
     except PolicyError as exc:
         raise _error(source, node, f"policy {exc}") from None
-    return parsed.key, policy

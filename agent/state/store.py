@@ -11,11 +11,11 @@ import ipaddress
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import structlog
 
 from agent.state.namespace import Namespace
+from agent.state.policy import Policy
 from agent.state.service import Service
 from agent.state.workload import Workload
 
@@ -36,8 +36,8 @@ def _canonical_ip(ip: str) -> str | None:
 class MeshState:
     workloads: tuple[Workload, ...] = ()
     services: tuple[Service, ...] = ()
-    # Raw until the policy layer interprets them; dicts have no hash, hence hash=False.
-    policies: tuple[dict[str, Any], ...] = field(default=(), hash=False)
+    # Parsed by the source that read them (agent/sources/authorization_policy.py).
+    policies: tuple[Policy, ...] = ()
     # Namespaces with their labels: what decides whether a pod a CNI plugin announces joins.
     namespaces: tuple[Namespace, ...] = ()
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from agent.sources.authorization_policy import parse_policy
+from agent.sources.authorization_policy import parse_policies
 from agent.sources.kube_objects import (
     Kind,
     KubeObjects,
@@ -555,34 +555,49 @@ def test_authorization_policies_pass_through_in_the_shape_the_policy_parser_read
         {"targetRefs": [{"kind": "Service", "group": "", "name": "reviews"}], "action": "ALLOW"},
     )
     state = state_of(authorizationpolicies=[allow, deny, for_waypoint])
-    assert state.policies == (
-        {
-            "apiVersion": "security.istio.io/v1",
-            "kind": "AuthorizationPolicy",
-            "metadata": {
-                "name": "deny-legacy",
-                "namespace": "shop",
+    assert state.policies == parse_policies(
+        [
+            {
+                "apiVersion": "security.istio.io/v1",
+                "kind": "AuthorizationPolicy",
+                "metadata": {
+                    "name": "deny-legacy",
+                    "namespace": "shop",
+                },
+                "spec": deny["spec"],
             },
-            "spec": deny["spec"],
-        },
-        {
-            "apiVersion": "security.istio.io/v1",
-            "kind": "AuthorizationPolicy",
-            "metadata": {
-                "name": "productpage-viewer",
-                "namespace": "shop",
-                "annotations": {"istio.io/dry-run": "true"},
+            {
+                "apiVersion": "security.istio.io/v1",
+                "kind": "AuthorizationPolicy",
+                "metadata": {
+                    "name": "productpage-viewer",
+                    "namespace": "shop",
+                    "annotations": {"istio.io/dry-run": "true"},
+                },
+                "spec": allow["spec"],
             },
-            "spec": allow["spec"],
-        },
+        ]
     )
-    parsed = [parse_policy(policy) for policy in state.policies]
-    assert [(p.key, p.dry_run) for p in parsed] == [
+    assert [(p.key, p.dry_run) for p in state.policies] == [
         ("shop/deny-legacy", False),
         ("shop/productpage-viewer", True),
     ]
-    # A copy: whatever holds the state cannot change the source's objects, nor the reverse.
-    assert state.policies[1]["spec"] is not allow["spec"]
+
+
+def test_a_policy_that_does_not_parse_keeps_the_set_in_force() -> None:
+    """Dropping the broken policy alone could lift a DENY: the whole set stays as it was."""
+    deny = authorization_policy(
+        "deny-legacy", {"action": "DENY", "rules": [{"to": [{"operation": {"ports": ["5432"]}}]}]}
+    )
+    broken = authorization_policy(
+        "broken", {"action": "DENY", "rules": [{"from": [{"source": {"ipBlocks": ["x"]}}]}]}
+    )
+    in_force = state_of(authorizationpolicies=[deny]).policies
+    objects = KubeObjects()
+    for obj in (deny, broken):
+        objects.apply(Kind.AUTHORIZATION_POLICIES, "ADDED", obj)
+    state = mesh_state_from(objects, "Kubernetes", "cluster.local", in_force)
+    assert state.policies == in_force
 
 
 # --- KubeObjects ------------------------------------------------------------------------------

@@ -154,9 +154,7 @@ def test_load_initial_builds_the_state_from_every_list(
         "shop/reviews.shop.svc.cluster.local",
     ]
     # The waypoint-attached policy is for the waypoint; the other passes through as written.
-    assert [p["metadata"] for p in state.policies] == [
-        {"name": "productpage-viewer", "namespace": "shop"}
-    ]
+    assert [p.key for p in state.policies] == ["shop/productpage-viewer"]
     assert [n.name for n in state.namespaces] == ["default", "istio-system", "kube-system", "shop"]
 
     (loaded,) = logged(logs, "kubernetes state loaded")

@@ -6,11 +6,11 @@ import json
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
+from agent.sources.authorization_policy import parse_policy
 from agent.sources.cni_pods import CniPod, CniPods, with_cni_pods
 from agent.state.namespace import DATAPLANE_MODE_LABEL, Namespace, ambient_enrolled
 from agent.state.service import Service
@@ -233,7 +233,9 @@ def test_pod_without_namespace_follows_the_default_namespace_rule() -> None:
 
 def test_rest_of_the_state_is_kept_and_the_input_untouched() -> None:
     service = Service(name="cart", namespace="shop", hostname="cart.shop.svc.cluster.local")
-    policy: dict[str, Any] = {"name": "p", "namespace": "shop"}
+    policy = parse_policy(
+        {"name": "p", "namespace": "shop", "scope": "Namespace", "action": "Allow"}
+    )
     namespaces = (Namespace("shop", AMBIENT), Namespace("other"))
     unrelated = declared("other", "db")
     state = MeshState((declared(), unrelated), (service,), (policy,), namespaces)

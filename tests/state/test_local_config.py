@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.sources.authorization_policy import parse_policy
 from agent.sources.local_config import ConfigError, load_local_config, parse_local_config
 from agent.state.service import Service
 from agent.state.workload import Protocol
@@ -139,12 +140,12 @@ def test_workload_defaults_for_new_fields() -> None:
     assert dict(legacy.services) == {} and legacy.waypoint is None
 
 
-def test_policies_stay_raw_mappings() -> None:
+def test_policies_are_parsed_once_by_the_source() -> None:
     (policy,) = parse_local_config(MESH, "mesh.yaml").policies
-    assert policy == {
+    assert policy == parse_policy({
         "name": "allow-sleep", "namespace": "default", "scope": "Namespace", "action": "Allow",
         "rules": [],
-    }  # fmt: skip
+    })  # fmt: skip
 
 
 def test_service_ports_are_read_only() -> None:
