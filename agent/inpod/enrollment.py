@@ -13,6 +13,7 @@ import contextlib
 import ipaddress
 import json
 import socket
+import typing
 from collections.abc import Coroutine
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,7 +26,6 @@ from agent.datapath.loader import LoadedDatapath
 from agent.drain import Drain
 from agent.inpod import routing, sockets
 from agent.netns import NetnsWorker
-from agent.proxy.inpod_proxy import InPodProxy
 from agent.state.workload import Protocol, Workload
 
 log = structlog.get_logger("agent.enrollment")
@@ -42,6 +42,16 @@ LISTENERS: tuple[tuple[int, bool], ...] = (
 
 class EnrollmentError(Exception):
     pass
+
+
+class PodTraffic(typing.Protocol):
+    """What serves an enrolled pod's captured connections: the in-pod proxy
+    (agent/proxy/inpod_proxy.py), which app.py hands in."""
+
+    async def serve(
+        self, pod: EnrolledPod, listeners: dict[int, socket.socket]
+    ) -> list[asyncio.Server]: ...
+    def release(self, pod: EnrolledPod) -> None: ...
 
 
 @dataclass
@@ -81,7 +91,7 @@ def pod_key_addr(ip: str) -> int:
 
 
 class PodEnroller:
-    def __init__(self, datapath: LoadedDatapath, state_dir: Path, proxy: InPodProxy) -> None:
+    def __init__(self, datapath: LoadedDatapath, state_dir: Path, proxy: PodTraffic) -> None:
         self._datapath = datapath
         self._proxy = proxy
         self._records_dir = state_dir / "pods"

@@ -1,0 +1,157 @@
+"""15001, outbound: what an enrolled pod's app connects to.
+
+The connection's local address is its original destination. A destination in the mesh (a
+workload with protocol HBONE) is reached through HBONE: mutual TLS with the source pod's
+certificate to the destination's 15008, the destination's identity checked, CONNECT to
+ip:port. Anything else is passed through as plain TCP from inside the pod netns, as ztunnel
+does for destinations outside the mesh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import ssl
+from collections.abc import Callable
+
+from agent.datapath import abi
+from agent.hbone import protocol as hbone
+from agent.hbone.connection import HboneConnection, TunnelRefused
+from agent.hbone.pool import HboneClientPool, PoolKey
+from agent.identity import tls
+from agent.identity.spiffe import SpiffeId
+from agent.proxy import report
+from agent.proxy.pod import Pod, connect_from, identity_of
+from agent.proxy.relay import SocketStream, relay, reset
+from agent.proxy.tls_contexts import TlsContexts
+from agent.state.store import StateStore
+from agent.state.workload import Workload
+from agent.telemetry.connections import ConnectionTelemetry, PolicyVerdict, TrackedConnection
+from agent.telemetry.events import socket_cookie
+from agent.telemetry.istio_labels import Reporter, dataplane_mode
+
+HANDSHAKE_TIMEOUT = 10.0
+
+
+class Outbound:
+    def __init__(
+        self,
+        store: StateStore,
+        contexts: TlsContexts,
+        telemetry: ConnectionTelemetry,
+        pod_by_ip: Callable[[str], Pod | None],
+    ) -> None:
+        self._store = store
+        self._contexts = contexts
+        self._telemetry = telemetry
+        self._pod_by_ip = pod_by_ip
+        self.pool = HboneClientPool(self._dial)
+
+    async def handle(
+        self, pod: Pod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        src, dst = report.endpoints(writer)
+        state = self._store.current
+        target = state.workload_by_ip(dst[0])
+        tunnelled = target is not None and target.captured
+        report.captured(pod, "outbound", src, dst, dataplane_mode(tunnelled, target))
+        hbone_addr = report.address((dst[0], abi.PORT_HBONE)) if tunnelled else None
+        conn = self._telemetry.open(report.cookie(writer), report.connection_report(
+            state, Reporter.SOURCE, tunnelled,
+            (report.address(src), pod.workload, identity_of(pod.workload).uri),
+            (report.address(dst), dst[1], target,
+             identity_of(target).uri if target and tunnelled else None),
+            {"dst.hbone_addr": hbone_addr},
+        ))  # fmt: skip
+        if target is not None and tunnelled:
+            await self._tunnel(pod, target, reader, writer, src, dst, conn)
+        else:
+            await self._pass_through(pod, reader, writer, dst, conn)
+
+    async def _tunnel(
+        self,
+        pod: Pod,
+        target: Workload,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        src: report.Endpoint,
+        dst: report.Endpoint,
+        conn: TrackedConnection,
+    ) -> None:
+        source_id, target_id = identity_of(pod.workload), identity_of(target)
+        hbone_addr = (dst[0], abi.PORT_HBONE)
+        key = PoolKey(source_id.uri, frozenset({target_id.uri}), hbone_addr, src[0])
+        source = pod.workload
+        headers = {
+            hbone.FORWARDED: f'for="{report.address(src)}"',
+            # Who is calling, for the destination's telemetry (ztunnel's baggage keys).
+            hbone.BAGGAGE: f"k8s.namespace.name={source.namespace},"
+            f"k8s.pod.name={source.name},service.name={source.name}",
+            hbone.TRACEPARENT: f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01",
+        }
+        try:
+            stream, _ = await self.pool.open_tunnel(key, report.address(dst), headers)
+        except TunnelRefused as exc:
+            reset(writer)  # the pod sees what a refused connection looks like
+            # 401 is the destination's L4 authorization saying no; its log names the policy.
+            verdict = PolicyVerdict("deny") if exc.status == 401 else PolicyVerdict("none")
+            self._telemetry.done(conn, verdict, error=f"tunnel refused: {exc.status}")
+            return
+        except (OSError, ssl.SSLError, tls.PeerIdentityError, TimeoutError) as exc:
+            reset(writer)
+            self._telemetry.done(conn, PolicyVerdict("none"), error=report.failed("tunnel", exc))
+            return
+        # Allowed by the destination's kernel (it answered 200 only after its connect).
+        relayed = await relay(SocketStream(reader, writer), stream)
+        report.finish(self._telemetry, conn, PolicyVerdict("allow"), relayed)
+
+    async def _dial(self, key: PoolKey) -> HboneConnection:
+        """A new HBONE connection from the source pod's netns (mark 0x539: not captured)."""
+        pod = self._pod_by_ip(key.source_ip)
+        if pod is None:
+            raise ConnectionAbortedError(f"source pod {key.source_ip} is no longer enrolled")
+        context = self._contexts.client(SpiffeId.parse(key.source_identity))
+        expected = [SpiffeId.parse(uri) for uri in key.destination_identities]
+        sock = await connect_from(pod.worker, key.destination)
+        self._telemetry.track_tunnel(socket_cookie(sock), "outbound")
+        loop = asyncio.get_running_loop()
+        try:
+            _, conn = await loop.create_connection(
+                lambda: HboneConnection(
+                    hbone.HboneClient(),
+                    verify_peer=lambda obj: tls.verify_server_identity(_tls(obj), expected),
+                ),
+                sock=sock, ssl=context, server_hostname="",
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
+            )  # fmt: skip
+        except BaseException:
+            sock.close()
+            raise
+        await conn.ready()  # raises verify_peer's refusal (PeerIdentityError)
+        return conn
+
+    async def _pass_through(
+        self,
+        pod: Pod,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        dst: report.Endpoint,
+        conn: TrackedConnection,
+    ) -> None:
+        """Plain TCP to a destination outside the mesh, from the pod's netns."""
+        verdict = PolicyVerdict("none")
+        try:
+            up = await connect_from(pod.worker, dst)
+        except (OSError, TimeoutError) as exc:
+            reset(writer)
+            self._telemetry.done(conn, verdict, error=report.failed("upstream connect", exc))
+            return
+        up_reader, up_writer = await asyncio.open_connection(sock=up)
+        relayed = await relay(SocketStream(reader, writer), SocketStream(up_reader, up_writer))
+        report.finish(self._telemetry, conn, verdict, relayed)
+
+
+def _tls(obj: ssl.SSLObject | None) -> ssl.SSLObject:
+    if obj is None:
+        raise tls.PeerIdentityError("not a TLS connection")
+    return obj

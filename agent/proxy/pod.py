@@ -1,0 +1,44 @@
+"""What the proxy needs of an enrolled pod, and connections made from inside it."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Coroutine
+from typing import Any, Protocol
+
+from agent.identity.spiffe import SpiffeId
+from agent.inpod import sockets
+from agent.netns import NetnsWorker
+from agent.state.workload import Workload
+
+CONNECT_TIMEOUT = 10.0
+
+
+class Pod(Protocol):
+    """An enrolled pod, as the proxy sees it (agent/inpod/enrollment.py's EnrolledPod)."""
+
+    @property
+    def workload(self) -> Workload: ...
+    @property
+    def worker(self) -> NetnsWorker: ...
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> object: ...
+
+
+def identity_of(workload: Workload) -> SpiffeId:
+    return SpiffeId(workload.trust_domain, workload.namespace, workload.service_account)
+
+
+async def connect_from(
+    worker: NetnsWorker, dst: tuple[str, int], source_ip: str | None = None
+) -> socket.socket:
+    """A connected agent socket inside the pod's netns; with source_ip, bound to that
+    (foreign) address so the peer sees the original client."""
+    sock = await worker.run(sockets.upstream, (source_ip, 0) if source_ip else None)
+    try:
+        loop = asyncio.get_running_loop()
+        await asyncio.wait_for(loop.sock_connect(sock, dst), CONNECT_TIMEOUT)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

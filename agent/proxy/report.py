@@ -1,0 +1,103 @@
+"""What the proxy tells the telemetry about a connection: its Istio labels and access log
+fields at open, and how it ended (agent/telemetry/connections.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import structlog
+
+from agent.hbone import protocol as hbone
+from agent.proxy.pod import Pod
+from agent.proxy.relay import RelayResult
+from agent.state.store import MeshState
+from agent.state.workload import Workload
+from agent.telemetry.connections import (
+    ConnectionReport,
+    ConnectionTelemetry,
+    PolicyVerdict,
+    Relayed,
+    TrackedConnection,
+)
+from agent.telemetry.events import socket_cookie
+from agent.telemetry.istio_labels import (
+    Reporter,
+    SecurityPolicy,
+    connection_labels,
+    destination_service,
+)
+
+log = structlog.get_logger("agent.proxy")
+
+Endpoint = tuple[str, int]
+
+
+def address(endpoint: Endpoint) -> str:
+    return hbone.format_authority(endpoint[0], endpoint[1])
+
+
+def endpoints(writer: asyncio.StreamWriter) -> tuple[Endpoint, Endpoint]:
+    """(peer, local) of an accepted connection; for a captured one, local is the original
+    destination."""
+    peer, local = writer.get_extra_info("peername"), writer.get_extra_info("sockname")
+    return (peer[0], peer[1]), (local[0], local[1])
+
+
+def cookie(writer: asyncio.StreamWriter) -> int | None:
+    sock = writer.get_extra_info("socket")
+    return socket_cookie(sock) if sock is not None else None
+
+
+def captured(pod: Pod, direction: str, src: Endpoint, dst: Endpoint, mode: str) -> None:
+    addresses = {"src.addr": address(src), "dst.addr": address(dst)}
+    log.info("connection captured", direction=direction, pod=pod.workload.key,
+             dataplane_mode=mode, **addresses)  # fmt: skip
+
+
+def connection_report(
+    state: MeshState,
+    reporter: Reporter,
+    tunnelled: bool,
+    source: tuple[str, Workload | None, str | None],
+    destination: tuple[str, int, Workload | None, str | None],
+    extra: dict[str, Any] | None = None,
+    peer_is_client: bool = True,
+) -> ConnectionReport:
+    """A connection's Istio labels and access log fields, from its two ends: source
+    (address, workload, principal) and destination (address, port, workload, principal)."""
+    src_addr, src_workload, src_principal = source
+    dst_addr, dst_port, dst_workload, dst_principal = destination
+    service = destination_service(state, dst_workload, dst_port)
+    security = SecurityPolicy.MUTUAL_TLS if tunnelled else SecurityPolicy.NONE
+    labels = connection_labels(reporter, src_workload, src_principal, dst_workload,
+                               dst_principal, service, security)  # fmt: skip
+    fields = {
+        "src.addr": src_addr, **_peer_fields("src", src_workload), "src.identity": src_principal,
+        "dst.addr": dst_addr, **_peer_fields("dst", dst_workload), "dst.identity": dst_principal,
+        "dst.service": service.hostname if service else None,
+        "route": "hbone" if tunnelled else "passthrough", **(extra or {}),
+    }  # fmt: skip
+    direction = "outbound" if reporter is Reporter.SOURCE else "inbound"
+    return ConnectionReport(labels, direction, peer_is_client, fields)
+
+
+def finish(
+    telemetry: ConnectionTelemetry,
+    conn: TrackedConnection,
+    verdict: PolicyVerdict,
+    relayed: RelayResult,
+) -> None:
+    """A relayed connection is complete; relay() is always called with the client's side
+    first."""
+    counts = Relayed(relayed.a_to_b, relayed.b_to_a)
+    telemetry.done(conn, verdict, counts, relayed.error)
+
+
+def failed(what: str, exc: BaseException) -> str:
+    return f"{what} failed: {exc or type(exc).__name__}"
+
+
+def _peer_fields(end: str, workload: Workload | None) -> dict[str, str | None]:
+    return {f"{end}.workload": workload.name if workload else None,
+            f"{end}.namespace": workload.namespace if workload else None}  # fmt: skip
