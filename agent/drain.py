@@ -1,11 +1,28 @@
-"""One shutdown path for every long-running task: stop accepting, let work finish until a
-deadline, then cancel what is left."""
+"""One drain and shutdown path for everything long-running in the agent.
+
+- `Drain` holds tasks (a pod's connections, the state followers, the Kubernetes watches).
+  Closing it is the one way they end: stop taking new work is the caller's part (close the
+  listener, set the stop event), then they get a grace deadline, then the rest is cancelled.
+- `ShutdownSteps` holds the undo steps of start-up, registered as each step is done, and
+  runs them in reverse. Every step runs even when an earlier one failed: a failure is logged
+  and counted, and the next step still runs, so no hook, pin or pod change is left behind
+  because of another step's error.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+import inspect
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
+
+import structlog
+
+log = structlog.get_logger("agent.drain")
+
+# How often a drain with a nudge repeats it while it waits (a watch may be only just opening,
+# so asking once is not enough).
+NUDGE_INTERVAL = 0.05
 
 
 async def stopped_within(stop: asyncio.Event, seconds: float) -> bool:
@@ -18,7 +35,8 @@ async def stopped_within(stop: asyncio.Event, seconds: float) -> bool:
 
 
 class Drain:
-    def __init__(self) -> None:
+    def __init__(self, name: str = "tasks") -> None:
+        self.name = name
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str | None = None) -> asyncio.Task[Any]:
@@ -27,13 +45,52 @@ class Drain:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def close(self, grace: float) -> int:
-        """Wait up to `grace` seconds, then cancel. Returns how many were cancelled."""
-        if not self._tasks:
+    async def close(self, grace: float, nudge: Callable[[], None] | None = None) -> int:
+        """Wait up to `grace` seconds (calling `nudge` meanwhile, if given), then cancel.
+        Returns how many were cancelled. A task that failed is logged, never re-raised."""
+        tasks = set(self._tasks)
+        if not tasks:
             return 0
-        _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        pending = {task for task in tasks if not task.done()}
+        while pending and (left := deadline - loop.time()) > 0:
+            if nudge is not None:
+                nudge()
+            timeout = min(left, NUDGE_INTERVAL) if nudge is not None else left
+            _, pending = await asyncio.wait(pending, timeout=timeout)
         for task in pending:
             task.cancel()
         if pending:
             await asyncio.wait(pending)
+        for task in tasks:
+            if not task.cancelled() and (error := task.exception()) is not None:
+                log.error("task failed", drain=self.name, task=task.get_name(),
+                          error=f"{type(error).__name__}: {error}")  # fmt: skip
         return len(pending)
+
+
+Undo = Callable[[], Awaitable[object] | object]
+
+
+class ShutdownSteps:
+    def __init__(self) -> None:
+        self._steps: list[tuple[str, Undo]] = []
+        self.failed: list[str] = []
+
+    def defer(self, name: str, undo: Undo) -> None:
+        """Register the undo of a step just done; it runs at shutdown, before those
+        registered earlier."""
+        self._steps.append((name, undo))
+
+    async def run(self) -> None:
+        while self._steps:
+            name, undo = self._steps.pop()
+            try:
+                result = undo()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception as exc:
+                self.failed.append(name)
+                log.error("shutdown step failed; the remaining steps still run", step=name,
+                          error=f"{type(exc).__name__}: {exc}")  # fmt: skip

@@ -52,7 +52,7 @@ import structlog
 from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
-from agent.drain import stopped_within
+from agent.drain import Drain, stopped_within
 from agent.sources.kube_objects import (
     Kind,
     KubeObject,
@@ -303,10 +303,11 @@ class KubeSource:
                 loop.call_soon_threadsafe(changed.set)
 
         self._stopping.clear()
-        followers = [
-            asyncio.create_task(self._follow(f, stop, notify), name=f"kube-{f.kind.value}")
-            for f in self._followers
-        ]
+        followers = Drain("kubernetes followers")
+        for follower in self._followers:
+            followers.spawn(
+                self._follow(follower, stop, notify), name=f"kube-{follower.kind.value}"
+            )
         publisher = asyncio.create_task(self._publish_changes(changed), name="kube-publish")
         try:
             await stop.wait()
@@ -478,26 +479,16 @@ class KubeSource:
         until_resync = follower.listed_at + self.timings.resync_interval - time.monotonic()
         return max(1, int(min(jittered, until_resync)))
 
-    async def _end(self, followers: list[asyncio.Task[None]]) -> None:
+    async def _end(self, followers: Drain) -> None:
         """Stop the followers: interrupt their watches until their threads let go, up to
-        stop_grace (a watch may only just be opening, so interrupting once is not enough)."""
+        stop_grace, then cancel (a thread ends on its own; it is a daemon either way)."""
         self._stopping.set()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timings.stop_grace
-        pending = {task for task in followers if not task.done()}
-        while pending and loop.time() < deadline:
+
+        def interrupt() -> None:
             for follower in self._followers:
                 follower.interrupt()
-            _, pending = await asyncio.wait(pending, timeout=0.05)
-        for task in pending:
-            task.cancel()  # its thread ends on its own; it is a daemon either way
-        for task in followers:
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-            except Exception:
-                log.exception("kubernetes follower failed", task=task.get_name())
+
+        await followers.close(self.timings.stop_grace, nudge=interrupt)
 
     # --- publishing ---------------------------------------------------------------------------
 

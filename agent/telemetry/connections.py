@@ -10,6 +10,7 @@ are the relay's own counts used, and the log line says so (`bytes_source`).
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import OrderedDict
@@ -19,6 +20,7 @@ from typing import Any
 
 import structlog
 
+from agent.drain import stopped_within
 from agent.telemetry.events import SocketClosed
 from agent.telemetry.istio_labels import ConnectionLabels
 
@@ -202,6 +204,11 @@ class ConnectionTelemetry:
             if conn.finished is not None:
                 self._waiting.discard(conn)
                 self._complete(conn)
+
+    async def expire_every(self, seconds: float, stop: asyncio.Event) -> None:
+        """expire() every `seconds` until `stop` is set: the agent's telemetry task."""
+        while not await stopped_within(stop, seconds):
+            self.expire()
 
     def expire(self, everything: bool = False) -> None:
         """Complete connections whose kernel record is overdue (with everything: all that

@@ -1,0 +1,135 @@
+"""What the admin endpoints show of a node agent: readiness, the config dump and the figures
+the metrics collector reads (agent/admin/metrics.py's AgentMetricsSource).
+
+The agent's parts come up one by one; app.py sets each here as it exists, and until then
+readiness names what is missing and the figures read as none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from agent.datapath import abi
+from agent.datapath.loader import LoadedDatapath
+from agent.identity.manager import IdentityManager, WorkloadCertificate
+from agent.inpod.enrollment import PodEnroller
+from agent.policy.engine import PolicyEngine
+from agent.reconcile import Reconciler
+from agent.sources.authorization_policy import to_local_document
+from agent.state.store import StateStore
+from agent.state.workload import Workload
+from agent.telemetry.connections import ConnectionTelemetry, TcpSeries, TunnelCounts
+
+
+class NodeStatus:
+    def __init__(
+        self, node: str, pin_dir: Path, stopping: asyncio.Event, telemetry: ConnectionTelemetry
+    ) -> None:
+        self.node = node
+        self.pin_dir = pin_dir
+        self.stopping = stopping
+        self.telemetry = telemetry
+        self.store: StateStore | None = None
+        self.identities: IdentityManager | None = None
+        self.datapath: LoadedDatapath | None = None
+        self.enroller: PodEnroller | None = None
+        self.policy: PolicyEngine | None = None
+        self.reconciler: Reconciler | None = None
+
+    def not_ready(self) -> list[str]:
+        """Empty when ready: config loaded, programs loaded, every wanted pod enrolled (its
+        certificate issued with it)."""
+        if self.stopping.is_set():
+            return ["shutting down"]
+        missing = []
+        if self.store is None:
+            missing.append("config not loaded")
+        if self.datapath is None:
+            missing.append("eBPF programs not loaded")
+        if self.reconciler is None or not self.reconciler.reconciled:
+            missing.append("pods not enrolled yet")
+        if self.reconciler is not None:
+            errors = self.reconciler.enroll_errors.values()
+            missing += [f"pod not enrolled: {error}" for error in errors]
+        return missing
+
+    def config_dump(self) -> dict[str, Any]:
+        state = self.store.current if self.store else None
+        policies = self.policy.policies_in_force() if self.policy else ()
+        return {
+            "node": self.node,
+            "ready": not self.not_ready(),
+            "not_ready": self.not_ready(),
+            "workloads": [_workload_dump(w) for w in state.workloads] if state else [],
+            "services": [dataclasses.asdict(s) for s in state.services] if state else [],
+            "policies": [to_local_document(p) for p in policies],
+            "enrolled": sorted(p.workload.key for p in self.enroller.pods.values())
+            if self.enroller else [],
+            "certificates": [
+                {"identity": c.identity.uri, "serial": f"{c.leaf.serial_number:x}",
+                 "not_before": c.not_before.isoformat(), "not_after": c.not_after.isoformat(),
+                 "refresh_at": c.refresh_at.isoformat()}
+                for c in self.certificates()
+            ],
+            "datapath": {"pin_dir": str(self.pin_dir),
+                         "programs": sorted(self.datapath.program_fds) if self.datapath else []},
+        }  # fmt: skip
+
+    # -- AgentMetricsSource -----------------------------------------------------------------
+
+    def kernel_verdicts(self) -> dict[str, int]:
+        if self.datapath is None:
+            return {}
+        return {
+            abi.VerdictReason(int(k.value)).name: sum(v)
+            for k, v in self.datapath.table("verdicts").items()
+        }
+
+    def policy_decisions(self) -> list[tuple[str, str, int]]:
+        return self.policy.decisions() if self.policy else []
+
+    def enrolled_pods(self) -> int:
+        return len(self.enroller.pods) if self.enroller else 0
+
+    def programs_loaded(self) -> int:
+        return len(self.datapath.program_fds) if self.datapath else 0
+
+    def certificates(self) -> list[WorkloadCertificate]:
+        return self.identities.certificates() if self.identities else []
+
+    def tcp_series(self) -> list[tuple[tuple[str, ...], TcpSeries]]:
+        return self.telemetry.series()
+
+    def tunnels(self) -> dict[str, TunnelCounts]:
+        return self.telemetry.tunnels()
+
+    def open_connections(self) -> int:
+        return self.telemetry.open_connections
+
+    def telemetry_counts(self) -> dict[str, int]:
+        """The kernel's telemetry_stats by name, and the connections that closed without a
+        kernel record (counted on the relay's figures instead)."""
+        counts = {"kernel_records_missing": self.telemetry.kernel_records_missing}
+        if self.datapath is not None:
+            for key, per_cpu in self.datapath.table("telemetry_stats").items():
+                counts[abi.TelemetryStat(int(key.value)).name.lower()] = sum(per_cpu)
+        return counts
+
+    def map_fill(self) -> list[tuple[str, int, int]]:
+        """(map, entries, capacity) for the maps that fill with pods and connections."""
+        if self.datapath is None:
+            return []
+        tables = ((name, self.datapath.table(name)) for name in abi.FILL_MAPS)
+        return [(name, len(table), int(table.max_entries)) for name, table in tables]
+
+
+def _workload_dump(workload: Workload) -> dict[str, Any]:
+    return {
+        "uid": workload.uid, "name": workload.name, "namespace": workload.namespace,
+        "serviceAccount": workload.service_account, "workloadIps": list(workload.ips),
+        "protocol": workload.protocol.value, "node": workload.node,
+        "labels": dict(workload.labels),
+    }  # fmt: skip
