@@ -1,0 +1,102 @@
+"""Policy changes and live connections (agent in-process, tests/support/inprocess_mesh.py).
+
+By default a policy change applies to new connections only. With --cut-denied-connections,
+the agent re-asks the kernel about each live inbound connection (policy_probe) and resets
+those the new policies deny.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from agent.netns import NetnsWorker
+from lab import probes
+from tests.support.inprocess_mesh import APP, Mesh, mesh_fixture, whoami_everywhere
+
+pytestmark = pytest.mark.kernel
+
+
+@pytest.fixture(scope="module")
+def mesh() -> Iterator[Mesh]:
+    yield from mesh_fixture("tl")
+
+
+@pytest.fixture(scope="module")
+def servers(mesh: Mesh) -> Iterator[None]:
+    yield from whoami_everywhere(mesh)
+
+
+def deny_both(mesh: Mesh) -> list[dict[str, object]]:
+    return [
+        {"name": "deny-outsider", "namespace": "default", "scope": "WorkloadSelector",
+         "selector": {"matchLabels": {"app": "server-b"}}, "action": "Deny",
+         "rules": [{"clauses": [{"matches": [{"sourceIps": [mesh.pod("outsider").ip]}]}]}]},
+        {"name": "deny-client-a", "namespace": "default", "scope": "WorkloadSelector",
+         "selector": {"matchLabels": {"app": "server-b"}}, "action": "Deny",
+         "rules": [{"clauses": [{"matches": [
+             {"principals": [{"exact": "cluster.local/ns/default/sa/client-a"}]}]}]}]},
+    ]  # fmt: skip
+
+
+class Held:
+    """A connection kept open from a pod across a policy change."""
+
+    def __init__(self, mesh: Mesh, pod: str) -> None:
+        self.worker = NetnsWorker(str(mesh.pod(pod).netns_path))
+        server = mesh.pod("server-b").ip
+        self.sock: socket.socket = self.worker.call(
+            lambda: socket.create_connection((server, APP), timeout=5)
+        )
+
+    def exchange(self) -> str:
+        def inside() -> str:
+            try:
+                self.sock.sendall(b"ping\n")
+                line = self.sock.recv(4096)
+            except ConnectionResetError:
+                return "reset"
+            return "reply" if line.startswith(b"peer=") else f"closed {line!r}"
+
+        return self.worker.call(inside)
+
+    def close(self) -> None:
+        self.worker.call(self.sock.close)
+        self.worker.close()
+
+
+def test_live_connections_are_kept_by_default_and_cut_when_asked(mesh: Mesh, servers: None) -> None:
+    plaintext, tunnelled = Held(mesh, "outsider"), Held(mesh, "client-a")
+    try:
+        assert (plaintext.exchange(), tunnelled.exchange()) == ("reply", "reply")
+        mesh.set_policies(deny_both(mesh))
+        # The default: the change applies to new connections only.
+        assert (plaintext.exchange(), tunnelled.exchange()) == ("reply", "reply")
+        outcome, _ = probes.try_connect(mesh.pod("outsider").netns_path,
+                                        mesh.pod("server-b").ip, APP, timeout=1.5)  # fmt: skip
+        assert outcome == "timeout"  # a new plaintext connection is dropped in the kernel
+        # Asked for: the kernel re-checks each live inbound connection; both are now denied.
+        live = mesh.proxy.live_connections()
+        assert {c.src_ip for c in live} >= {mesh.pod("outsider").ip, mesh.pod("client-a").ip}
+        assert mesh.loop.call(mesh.policy.cut_denied, live) == 2
+        assert (plaintext.exchange(), tunnelled.exchange()) == ("reset", "reset")
+        cut = mesh.events("connection cut by a policy change")
+        assert {e["policy"] for e in cut} == {"default/deny-outsider", "default/deny-client-a"}
+    finally:
+        plaintext.close()
+        tunnelled.close()
+        mesh.set_policies([])
+
+
+def test_cutting_spares_connections_the_policies_still_allow(mesh: Mesh, servers: None) -> None:
+    held = Held(mesh, "client-a")
+    try:
+        assert held.exchange() == "reply"
+        mesh.set_policies(deny_both(mesh)[:1])  # only the outsider is denied
+        assert mesh.loop.call(mesh.policy.cut_denied, mesh.proxy.live_connections()) == 0
+        assert held.exchange() == "reply"
+    finally:
+        held.close()
+        mesh.set_policies([])
