@@ -73,6 +73,20 @@ class Drain:
 Undo = Callable[[], Awaitable[object] | object]
 
 
+async def run_step(name: str, undo: Undo, **context: object) -> Exception | None:
+    """Run one undo step, sync or async. A failure is logged with the step's name and
+    returned, never raised, so the caller goes on with the next step."""
+    try:
+        result = undo()
+        if inspect.isawaitable(result):
+            await result
+    except Exception as exc:
+        log.error("undo step failed; the remaining steps still run", step=name,
+                  error=f"{type(exc).__name__}: {exc}", **context)  # fmt: skip
+        return exc
+    return None
+
+
 class ShutdownSteps:
     def __init__(self) -> None:
         self._steps: list[tuple[str, Undo]] = []
@@ -86,11 +100,5 @@ class ShutdownSteps:
     async def run(self) -> None:
         while self._steps:
             name, undo = self._steps.pop()
-            try:
-                result = undo()
-                if inspect.isawaitable(result):
-                    await result
-            except Exception as exc:
+            if await run_step(name, undo, during="shutdown") is not None:
                 self.failed.append(name)
-                log.error("shutdown step failed; the remaining steps still run", step=name,
-                          error=f"{type(exc).__name__}: {exc}")  # fmt: skip

@@ -60,9 +60,15 @@ def mesh_config(state: LabState) -> dict[str, Any]:
     }
 
 
-def start_agents(state: LabState, agent_args: tuple[str, ...] = ()) -> None:
+AGENT_COMMAND = (sys.executable, "-m", "agent")
+
+
+def start_agents(
+    state: LabState, agent_args: tuple[str, ...] = (), command: tuple[str, ...] = AGENT_COMMAND
+) -> None:
     """Start every node's agent (with agent_args added to `agent run`), wait until each has
-    enrolled its pods, record their pids."""
+    enrolled its pods, record their pids. `command` runs the agent's CLI (a test may wrap
+    it)."""
     base = lab_dir(state.name)
     config = base / "mesh.yaml"
     config.write_text(yaml.safe_dump(mesh_config(state), sort_keys=False))
@@ -74,8 +80,7 @@ def start_agents(state: LabState, agent_args: tuple[str, ...] = ()) -> None:
         ready = base / f"agent-{node.name}.ready"
         ready.unlink(missing_ok=True)
         argv = [
-            "nsenter", f"--net={node.netns_path}", "--",
-            sys.executable, "-m", "agent", "run",
+            "nsenter", f"--net={node.netns_path}", "--", *command, "run",
             "--node", node.name,
             "--config", str(config),
             "--pin-dir", str(lab_pin_root(state.name) / node.name),

@@ -41,7 +41,11 @@ class AgentCgroup:
         self._fd: int | None = None
 
     def enter(self) -> None:
-        """Move this process (all its threads) into the agent's cgroup."""
+        """Move this process (all its threads) into the agent's cgroup. One an agent that
+        died left behind is removed first, and its programs with it (a cgroup still holding
+        a live process cannot be removed, and is joined as it is)."""
+        if self.path.exists():
+            remove_cgroups(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / "cgroup.procs").write_text(str(os.getpid()))
         self._fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)

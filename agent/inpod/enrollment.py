@@ -23,7 +23,7 @@ import structlog
 
 from agent.datapath import abi, tc
 from agent.datapath.loader import LoadedDatapath
-from agent.drain import Drain
+from agent.drain import Drain, Undo, run_step
 from agent.inpod import routing, sockets
 from agent.netns import NetnsWorker
 from agent.state.workload import Protocol, Workload
@@ -85,6 +85,13 @@ class EnrolledPod:
         return self.workload.namespace
 
 
+def _close_listeners(pod: EnrolledPod) -> None:
+    for server in pod.servers:
+        server.close()
+    for sock in pod.listen_sockets:
+        sock.close()  # those no server took over yet
+
+
 def pod_key_addr(ip: str) -> int:
     """struct pod_key.addr holds the address in network order; ctypes writes host order."""
     return int.from_bytes(socket.inet_aton(ip), "little")
@@ -143,7 +150,8 @@ class PodEnroller:
         try:
             await self._setup(pod, earlier)
         except BaseException as exc:
-            await self._teardown(pod)
+            with contextlib.suppress(Exception):  # each failed step is logged; this one counts
+                await self._teardown(pod)
             if isinstance(exc, (OSError, ValueError)):
                 raise EnrollmentError(f"{workload.key}: enrolling failed: {exc}") from exc
             raise
@@ -190,27 +198,45 @@ class PodEnroller:
         log.info("pod unenrolled", pod=pod.workload.key)
 
     async def _teardown(self, pod: EnrolledPod) -> None:
-        """Undo whatever part of enrollment happened; each step tolerates absence."""
+        """Undo whatever part of enrollment happened; each step tolerates absence, and each
+        runs even when an earlier one failed (the first failure is raised at the end)."""
         record = pod.record
+        failures: list[Exception] = []
+
+        async def step(name: str, undo: Undo) -> None:
+            if (failure := await run_step(name, undo, pod=pod.workload.key)) is not None:
+                failures.append(failure)
+
+        await step("pods map entry", lambda: self._forget_addresses(record.ips))
+        await step("tc programs", lambda: asyncio.to_thread(
+            tc.detach, pod.worker, record.interface, record.created_clsact))  # fmt: skip
+        if record.sysctls:
+            sysctls = record.sysctls
+            await step("routing", lambda: asyncio.to_thread(routing.remove, pod.worker, sysctls))
+        await step("listeners", lambda: _close_listeners(pod))
+        await step("proxy", lambda: self._proxy.release(pod))
+        await step("connections", lambda: pod.connections.close(UNENROLL_GRACE))
+        await step("netns worker", pod.worker.close)
+        await step("record", lambda: self._record_path(record.uid).unlink(missing_ok=True))
+        if failures:
+            raise failures[0]
+
+    def _forget_addresses(self, ips: list[str]) -> None:
         pods = self._datapath.table("pods")
-        for ip in record.ips:
+        for ip in ips:
             with contextlib.suppress(KeyError):
                 del pods[pods.Key(addr=pod_key_addr(ip))]
-        await asyncio.to_thread(tc.detach, pod.worker, record.interface, record.created_clsact)
-        if record.sysctls:
-            await asyncio.to_thread(routing.remove, pod.worker, record.sysctls)
-        for server in pod.servers:
-            server.close()
-        for sock in pod.listen_sockets:
-            sock.close()  # those no server took over yet
-        self._proxy.release(pod)
-        await pod.connections.close(UNENROLL_GRACE)
-        pod.worker.close()
-        self._record_path(record.uid).unlink(missing_ok=True)
 
     async def unenroll_all(self) -> None:
+        """Every pod, even when one of them fails (the first failure is raised at the end)."""
+        failures: list[Exception] = []
         for uid in list(self.pods):
-            await self.unenroll(uid)
+            try:
+                await self.unenroll(uid)
+            except Exception as exc:
+                failures.append(exc)
+        if failures:
+            raise failures[0]
 
     async def recover(self, keep: set[str]) -> None:
         """Undo enrollments a previous agent left behind for pods no longer wanted."""
