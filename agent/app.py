@@ -16,7 +16,7 @@ import structlog
 from agent.admin.metrics import AgentCollector
 from agent.admin.server import AdminAddresses, AdminServer
 from agent.config import AgentConfig
-from agent.datapath import abi, loader
+from agent.datapath import loader
 from agent.datapath.cgroup import AgentCgroup
 from agent.drain import Drain, ShutdownSteps
 from agent.identity.ca import CertificateAuthority
@@ -115,7 +115,7 @@ class NodeAgent:
         undo("programs and pins", lambda: datapath.close(unpin=not cfg.keep_pins))
         status.datapath = datapath
         log.info("datapath loaded", pin_dir=str(cfg.pin_dir), programs=list(datapath.program_fds))
-        cgroup = AgentCgroup(_instance(cfg))
+        cgroup = AgentCgroup(cfg.cgroup_instance)
         cgroup.enter()
         undo("agent cgroup", cgroup.leave)
         undo("telemetry of open connections", lambda: self.telemetry.expire(everything=True))
@@ -131,7 +131,7 @@ class NodeAgent:
         undo("HBONE client pool", proxy.close)
         enroller = status.enroller = PodEnroller(datapath, cfg.state_dir / cfg.node, proxy)
         undo("pod enrollments", enroller.unenroll_all)
-        undo("pod connections", lambda: self._drain_pods(enroller))
+        undo("pod connections", lambda: enroller.drain_connections(cfg.drain_grace))
         reconciler = status.reconciler = Reconciler(
             cfg.node, enroller, policy, self.telemetry,
             proxy.live_connections if cfg.cut_denied_connections else None,
@@ -159,24 +159,6 @@ class NodeAgent:
         await self.stopping.wait()
         log.info("agent stopping", node=cfg.node)
         return reconciler.failures
-
-    async def _drain_pods(self, enroller: PodEnroller) -> None:
-        """Stop accepting on every pod's listeners, then let their connections finish."""
-        for pod in enroller.pods.values():
-            for server in pod.servers:
-                server.close()
-        for pod in enroller.pods.values():
-            cancelled = await pod.connections.close(self.config.drain_grace)
-            if cancelled:
-                log.warning("connections cut at shutdown", pod=pod.workload.key,
-                            count=cancelled)  # fmt: skip
-
-
-def _instance(cfg: AgentConfig) -> str:
-    """The agent's cgroup name: its pin directory below /sys/fs/bpf/ambient (lab/node-1)."""
-    if cfg.pin_dir.is_relative_to(abi.DEFAULT_PIN_DIR) and cfg.pin_dir != abi.DEFAULT_PIN_DIR:
-        return str(cfg.pin_dir.relative_to(abi.DEFAULT_PIN_DIR))
-    return cfg.node
 
 
 def run_agent(config: AgentConfig) -> int:

@@ -43,3 +43,12 @@ class AgentConfig:
     cni_socket: Path | None = DEFAULT_CNI_SOCKET
     kubernetes: bool = False
     kubeconfig: Path | None = None  # else in-cluster (the ServiceAccount's token)
+
+    @property
+    def cgroup_instance(self) -> str:
+        """The agent's cgroup name: its pin directory below /sys/fs/bpf/ambient (lab/node-1),
+        else its node."""
+        pins = self.pin_dir
+        if pins.is_relative_to(abi.DEFAULT_PIN_DIR) and pins != abi.DEFAULT_PIN_DIR:
+            return str(pins.relative_to(abi.DEFAULT_PIN_DIR))
+        return self.node

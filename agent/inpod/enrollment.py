@@ -227,6 +227,18 @@ class PodEnroller:
             with contextlib.suppress(KeyError):
                 del pods[pods.Key(addr=pod_key_addr(ip))]
 
+    async def drain_connections(self, grace: float) -> None:
+        """At shutdown: stop accepting on every pod's listeners, then let their connections
+        finish, up to `grace`."""
+        for pod in self.pods.values():
+            for server in pod.servers:
+                server.close()
+        for pod in self.pods.values():
+            cancelled = await pod.connections.close(grace)
+            if cancelled:
+                log.warning("connections cut at shutdown", pod=pod.workload.key,
+                            count=cancelled)  # fmt: skip
+
     async def unenroll_all(self) -> None:
         """Every pod, even when one of them fails (the first failure is raised at the end)."""
         failures: list[Exception] = []
