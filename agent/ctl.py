@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.datapath import abi
-from agent.datapath.abi import VerdictReason
+from agent.datapath.abi import PolicyReason, VerdictReason
 
 EPILOG = """examples:
   ambientctl pins                          every agent's pinned programs and maps
@@ -81,16 +81,6 @@ def read_verdicts(pin_dir: Path) -> dict[str, int]:
     return counts
 
 
-POLICY_REASONS = (
-    "no-policy",
-    "allowed-by-policy",
-    "denied-by-policy",
-    "default-deny",
-    "dry-run-would-deny",
-    "fallback",
-)  # enum policy_reason, bpf/lib/policy.h
-
-
 def read_policy_decisions(pin_dir: Path) -> list[dict[str, Any]]:
     """Decisions the kernel counted, per policy and reason, with the policies' names."""
     names = {
@@ -104,7 +94,7 @@ def read_policy_decisions(pin_dir: Path) -> list[dict[str, Any]]:
         policy = int(key["policy"])
         rows.append({
             "policy": names.get(policy, "-") if policy else "-",
-            "reason": POLICY_REASONS[int(key["reason"])],
+            "reason": PolicyReason.label_of(int(key["reason"])),
             "count": count,
         })  # fmt: skip
     return sorted(rows, key=lambda r: (r["policy"], r["reason"]))

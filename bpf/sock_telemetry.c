@@ -33,7 +33,7 @@ struct sock_conn {
     __u64 bytes_acked0;
 };
 
-/* One closed connection. Mirrored by agent/telemetry/events.py (its size is checked). */
+/* One closed connection. Mirrored by agent/telemetry/events.py (checked member by member). */
 struct sock_closed_event {
     __u64 cookie;
     __u64 opened_ns;

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import TypeVar
 
+from agent.datapath import abi
 from agent.identity.spiffe import SpiffeId
 from agent.state.policy import (
     Action,
@@ -38,14 +39,15 @@ from agent.state.policy import (
 )
 from agent.state.workload import Workload
 
-MASK_WORDS = 4
+# struct policy_mask: MASK_WORDS words of 64 bits (bpf/lib/policy.h, read and checked by abi).
+MASK_WORDS = abi.POLICY_MASK_WORDS
 MAX_TERMS = 64 * MASK_WORDS
 ANY_V4 = ipaddress.IPv4Network("0.0.0.0/0")
 
-# flags of struct pol_workload
-HAS_ALLOW = 0x1
-DRY_HAS_ALLOW = 0x2
-FALLBACK = 0x4
+# flags of struct pol_workload, read from bpf/lib/policy.h
+HAS_ALLOW = abi.POL_HAS_ALLOW
+DRY_HAS_ALLOW = abi.POL_DRY_HAS_ALLOW
+FALLBACK = abi.POL_FALLBACK
 
 UNAUTHENTICATED = 0
 

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 
 import structlog
 
+from agent.datapath.abi import PolicyReason
 from agent.identity.spiffe import SpiffeId
 from agent.policy.compiler import (
     CompiledPolicies,
@@ -29,12 +30,6 @@ from agent.state.store import MeshState
 from agent.state.workload import Workload
 
 log = structlog.get_logger("agent.policy")
-
-# enum policy_reason (bpf/lib/policy.h)
-POLICY_REASONS = {
-    0: "no-policy", 1: "allowed-by-policy", 2: "denied-by-policy", 3: "default-deny",
-    4: "dry-run-would-deny", 5: "fallback",
-}  # fmt: skip
 
 # A decision reads the generation once and then does a handful of lookups: far below this.
 RETIRE_GRACE = 0.5
@@ -131,7 +126,7 @@ class PolicyEngine:
                 cut += 1
                 log.info("connection cut by a policy change", pod=conn.pod, src=conn.src_ip,
                          dst=f"{conn.dst_ip}:{conn.dst_port}",
-                         reason=POLICY_REASONS.get(reason, reason),
+                         reason=PolicyReason.label_of(reason),
                          policy=self.policy_numbers.names().get(policy))  # fmt: skip
         return cut
 
@@ -139,8 +134,7 @@ class PolicyEngine:
         """(policy, reason, count) as the kernel counted them."""
         names = self.policy_numbers.names()
         return sorted(
-            (names.get(policy, "-") if policy else "-", POLICY_REASONS.get(reason, str(reason)),
-             count)
+            (names.get(policy, "-") if policy else "-", PolicyReason.label_of(reason), count)
             for (policy, reason), count in self._maps.decisions().items()
         )  # fmt: skip
 
@@ -155,4 +149,4 @@ class PolicyEngine:
         if decided is None:
             return None
         policy, reason = decided
-        return self.policy_numbers.names().get(policy), POLICY_REASONS.get(reason, str(reason))
+        return self.policy_numbers.names().get(policy), PolicyReason.label_of(reason)

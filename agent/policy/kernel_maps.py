@@ -16,12 +16,29 @@ from agent.datapath.loader import DatapathError, LoadedDatapath
 from agent.datapath.prog_run import run_tc
 from agent.policy.compiler import MASK_WORDS, CompiledPolicies, WorkloadTables
 
-_WORD = (1 << 64) - 1
-_GENERATION_MAPS = (
-    "pol_workloads", "pol_identities", "pol_src_ips", "pol_dst_ips", "pol_ports", "pol_terms",
-    "workload_identities",
-)  # fmt: skip
+_WORD = (1 << 64) - 1  # struct policy_mask's words are __u64 (checked in abi)
+# Every map whose key carries a policy generation, read from the C.
+_GENERATION_MAPS = abi.maps_keyed_by("gen")
 _BPF_ANY = 0
+
+# The members of each struct this module names, all of them in the C's order: a ctypes
+# struct takes a name it lacks without a word (as an attribute or keyword), so they are
+# checked against the C at import. pol_workload's masks are WorkloadTables' attributes too.
+_WORKLOAD_MASKS = ("deny", "allow", "dry_deny", "dry_allow", "identity_default")
+_MEMBERS_NAMED = {
+    "pol_config": ("gen",),
+    "pol_workload_key": ("gen", "addr"),
+    "pol_workload": ("wid", "flags", *_WORKLOAD_MASKS),
+    "pol_identity_key": ("gen", "wid", "identity"),
+    "pol_lpm_key": ("prefixlen", "gen", "wid", "addr"),
+    "pol_port_key": ("gen", "wid", "port"),
+    "pol_term_key": ("gen", "wid", "term"),
+    "workload_identity_key": ("gen", "addr"),
+    "policy_name": ("name",),
+    "policy_stat_key": ("policy", "reason"),
+}
+for _c_struct, _members in _MEMBERS_NAMED.items():
+    abi.check_field_names(_members, "agent.policy.kernel_maps", _c_struct)
 
 
 def addr_key(ip: str) -> int:
@@ -35,12 +52,27 @@ def _set_mask(target: Any, mask: int) -> None:
 
 
 class _UpstreamPeer(ctypes.Structure):
-    """struct upstream_peer (bpf/lib/maps.h)."""
+    """struct upstream_peer (bpf/lib/maps.h; checked below at import)."""
 
     _fields_ = [
         ("identity", ctypes.c_uint32), ("src_addr", ctypes.c_uint32),
         ("policy", ctypes.c_uint32), ("reason", ctypes.c_uint32),
     ]  # fmt: skip
+
+
+abi.check_ctypes_struct(_UpstreamPeer, "upstream_peer")
+
+
+def decode_probe_result(result: int) -> tuple[bool, int, int]:
+    """policy_probe's return value as (allowed, reason, policy): the allow bit below
+    PROBE_REASON_SHIFT, the reason up to PROBE_POLICY_SHIFT, the policy above."""
+    reason_mask = (1 << (abi.PROBE_POLICY_SHIFT - abi.PROBE_REASON_SHIFT)) - 1
+    allowed = bool(result & ((1 << abi.PROBE_REASON_SHIFT) - 1))
+    return (
+        allowed,
+        (result >> abi.PROBE_REASON_SHIFT) & reason_mask,
+        result >> abi.PROBE_POLICY_SHIFT,
+    )
 
 
 class PolicyMaps:
@@ -64,7 +96,7 @@ class PolicyMaps:
         names = self._dp.table("policy_names")
         for key, number in compiled.policy_numbers.items():
             entry = names.Leaf()
-            entry.name = key.encode()[:127]
+            entry.name = key.encode()[: abi.POLICY_NAME_SIZE - 1]  # the NUL stays
             names[names.Key(number)] = entry
         config = self._dp.table("pol_config")
         value = config.Leaf()
@@ -77,7 +109,7 @@ class PolicyMaps:
         workloads = self._dp.table("pol_workloads")
         value = workloads.Leaf()
         value.wid, value.flags = t.wid, t.flags
-        for name in ("deny", "allow", "dry_deny", "dry_allow", "identity_default"):
+        for name in _WORKLOAD_MASKS:
             _set_mask(getattr(value, name), getattr(t, name))
         for ip in t.addresses:
             workloads[workloads.Key(gen=gen, addr=addr_key(ip))] = value
@@ -86,7 +118,7 @@ class PolicyMaps:
             table = self._dp.table(map_name)
             for network, mask in classes.items():
                 key = table.Key(
-                    prefixlen=64 + network.prefixlen, gen=gen, wid=t.wid,
+                    prefixlen=abi.POL_LPM_SCOPE_BITS + network.prefixlen, gen=gen, wid=t.wid,
                     addr=addr_key(str(network.network_address)),
                 )  # fmt: skip
                 table[key] = self._mask_leaf(table, mask)
@@ -155,8 +187,7 @@ class PolicyMaps:
         through policy_probe (BPF_PROG_RUN), without counting a decision."""
         packet = packets.tcp4(src_ip, 1, dst_ip, dst_port, flags=packets.ACK)
         fd = self._dp.program_fds[abi.POLICY_PROBE_PROGRAM]
-        result = run_tc(fd, packet, mark=identity).retval
-        return bool(result & 1), (result >> 1) & 0x7F, result >> 8
+        return decode_probe_result(run_tc(fd, packet, mark=identity).retval)
 
     def decisions(self) -> dict[tuple[int, int], int]:
         """(policy number, reason) -> count, summed over CPUs."""

@@ -8,8 +8,18 @@ import struct
 from dataclasses import dataclass
 from typing import Protocol
 
-# Little-endian, no padding: the C struct is laid out to 64 bytes without holes.
-_LAYOUT = struct.Struct("<QQQQQ4s4sHHIIB3x")
+from agent.datapath import abi
+
+# The C struct's members in its order, as struct format codes. Little-endian, no padding: the
+# C struct is laid out to 64 bytes without holes (both checked against the C at import).
+_FIELDS = (
+    ("cookie", "Q"), ("opened_ns", "Q"), ("closed_ns", "Q"), ("bytes_received", "Q"),
+    ("bytes_sent", "Q"), ("local_addr", "4s"), ("remote_addr", "4s"), ("local_port", "H"),
+    ("remote_port", "H"), ("srtt_us", "I"), ("total_retrans", "I"), ("passive", "B"),
+    ("reserved", "3x"),
+)  # fmt: skip
+abi.check_packed_struct(_FIELDS, "agent.telemetry.events._FIELDS", "sock_closed_event")
+_LAYOUT = struct.Struct("<" + "".join(code for _, code in _FIELDS))
 EVENT_SIZE = _LAYOUT.size
 
 

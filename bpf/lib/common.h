@@ -14,7 +14,8 @@
 #error "AGENT_MARK must be defined by the loader"
 #endif
 
-/* Agent sockets carry AGENT_MARK in the low 12 bits, as in Istio (0x539 = 1337). */
+/* Agent sockets carry AGENT_MARK in the low 12 bits, as in Istio (0x539 = 1337). abi.py reads
+ * MARK_MASK from here. */
 #define MARK_MASK 0xfff
 
 struct tcp4_view {

@@ -52,12 +52,14 @@ BPF_TABLE("hash", struct workload_identity_key, __u32, workload_identities, 6553
 /* Decisions per (policy, reason), and the policies' names, so bpftool and ambientctl can
  * say which policy decided without asking the agent. */
 BPF_TABLE("percpu_hash", struct policy_stat_key, __u64, policy_stats, 16384);
+#define POLICY_NAME_SIZE 128 /* bytes, the terminating NUL included */
 struct policy_name {
-    char name[128]; /* "namespace/name" */
+    char name[POLICY_NAME_SIZE]; /* "namespace/name" */
 };
 BPF_TABLE("hash", __u32, struct policy_name, policy_names, 16384);
 
-/* HBONE upstream sockets: the peer the agent verified, read by agent_connect4. */
+/* HBONE upstream sockets: the peer the agent verified, read by agent_connect4. Mirrored by
+ * agent/policy/kernel_maps.py with ctypes (checked at import). */
 struct upstream_peer {
     __u32 identity; /* the verified peer's identity number */
     __u32 src_addr; /* the client's IPv4, network order */

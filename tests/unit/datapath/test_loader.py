@@ -9,6 +9,7 @@ from typing import NamedTuple
 import pytest
 
 from agent.datapath import abi, loader
+from agent.datapath.c_sources import read_enum
 
 
 def test_rendered_source_inlines_project_headers_once() -> None:
@@ -29,7 +30,7 @@ def test_cflags_carry_the_shared_constants() -> None:
 
 
 def test_python_reasons_match_the_c_enum() -> None:
-    c_enum = abi.read_enum(abi.BPF_DIR / "lib" / "reasons.h", "verdict_reason")
+    c_enum = read_enum(abi.BPF_DIR / "lib" / "reasons.h", "verdict_reason")
     assert c_enum == {reason.name: reason.value for reason in abi.VerdictReason}
 
 

@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ import yaml
 from agent import cli
 from cni import install as cni_install
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = ROOT / "manifests"
 CONTAINERFILE = MANIFESTS / "image" / "Containerfile"
 ENTRYPOINT = MANIFESTS / "image" / "entrypoint.sh"
@@ -318,6 +319,14 @@ def _instructions() -> list[tuple[str, str]]:
     return result
 
 
+def _shipped_packages() -> set[str]:
+    """The top-level packages pyproject.toml's package discovery includes."""
+    with (ROOT / "pyproject.toml").open("rb") as pyproject:
+        setuptools = tomllib.load(pyproject)["tool"]["setuptools"]
+    include = setuptools["packages"]["find"]["include"]
+    return {pattern.rstrip("*").split(".")[0] for pattern in include}
+
+
 def test_containerfile_recipe() -> None:
     instructions = _instructions()
     assert instructions[0] == ("FROM", "debian:bookworm-slim")
@@ -327,12 +336,17 @@ def test_containerfile_recipe() -> None:
                     "linux-headers-amd64"):  # fmt: skip
         assert re.search(rf"(?<![\w-]){re.escape(package)}(?![\w-])", apt), package
     assert any("-m venv --system-site-packages" in run for run in runs)
-    assert any(re.search(r"pip install .*/src", run) for run in runs)
-    # An installed package cannot find the BPF sources next to itself.
-    envs = " ".join(rest for keyword, rest in instructions if keyword == "ENV")
-    bpf_dir = re.search(r"AMBIENT_BPF_DIR=(\S+)", envs)
-    assert bpf_dir is not None
-    assert ("COPY", f"bpf {bpf_dir.group(1)}") in instructions
+    # The project is installed as a wheel built from /src: every package pyproject.toml ships
+    # is copied there, bpf/ included, whose C sources travel in the wheel as package data.
+    assert any(re.search(r"pip install .*/src(\s|$)", run) for run in runs)
+    copies = [rest.split() for keyword, rest in instructions if keyword == "COPY"]
+    assert ["pyproject.toml", "README.md", "/src/"] in copies
+    for package in _shipped_packages():
+        assert [package, f"/src/{package}"] in copies, package
+    assert "bpf" in _shipped_packages()
+    # ... so nothing copies the C sources anywhere else, and no variable says where they are.
+    assert [copy for copy in copies if copy[0] == "bpf"] == [["bpf", "/src/bpf"]]
+    assert not any("AMBIENT_BPF_DIR" in rest for _, rest in instructions)
     # The DaemonSet runs the agent through the image's entrypoint (kernel headers).
     entrypoint = _container("agent")["command"]
     assert ("ENTRYPOINT", f'["{entrypoint[0]}"]') in instructions
