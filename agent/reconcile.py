@@ -83,6 +83,12 @@ class Reconciler:
         async with self._lock:
             await self._reconcile_locked(state)
 
+    async def catch_up(self, store: StateStore) -> None:
+        """Reconcile to the store's state as it is when this reconcile's turn comes, so that
+        requests queued behind one reconcile (a burst of CNI ADDs) share the next."""
+        async with self._lock:
+            await self._reconcile_locked(store.current)
+
     async def follow(self, store: StateStore, stop: asyncio.Event) -> None:
         """Reconcile after every change of the store's state, until `stop` is set."""
         changed = asyncio.Event()
@@ -96,7 +102,7 @@ class Reconciler:
                 if stop.is_set():
                     return
                 changed.clear()
-                await self.reconcile(store.current)
+                await self.catch_up(store)
         finally:
             unsubscribe()
 
@@ -180,4 +186,4 @@ class CniAnswers:
 
     async def _apply(self) -> None:
         self._publish()
-        await self._reconciler.reconcile(self._store.current)
+        await self._reconciler.catch_up(self._store)

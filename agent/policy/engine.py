@@ -48,11 +48,16 @@ class PolicyEngine:
         # generation, waits out the rest of it first.
         self._reusable_at = 0.0
         self._retiring: asyncio.TimerHandle | None = None
+        # What the maps were compiled from: the same again writes nothing.
+        self._applied: tuple[object, ...] | None = None
 
     async def apply(self, state: MeshState, destinations: Iterable[Workload]) -> None:
         async with self._lock:
             policies = state.policies
             targets = [(w, dict(w.labels)) for w in destinations]
+            inputs = (policies, state.workloads, tuple(w for w, _ in targets))
+            if inputs == self._applied:
+                return
             compiled = compile_policies(
                 policies, targets, state.workloads, self.identities, self.policy_numbers
             )
@@ -65,6 +70,7 @@ class PolicyEngine:
             self._retiring = loop.call_later(RETIRE_GRACE, self._retire, retired)
             self._compiled = compiled
             self._policies = policies
+            self._applied = inputs
             for workload, labels in targets:
                 # Deep guide, wrong-layer policy: an L7 rule on a workload without a waypoint.
                 target = WorkloadSelectorTarget(workload.namespace, labels)

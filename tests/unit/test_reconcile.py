@@ -57,6 +57,7 @@ class FakePolicy:
         self.checked: list[list[LiveConnection]] = []
 
     async def apply(self, state: MeshState, destinations: Iterable[Workload]) -> None:
+        await asyncio.sleep(0.01)  # as a kernel write takes its time: others queue meanwhile
         self.journal.append("policies for " + ",".join(sorted(w.name for w in destinations)))
 
     def cut_denied(self, connections: Iterable[LiveConnection]) -> int:
@@ -269,6 +270,24 @@ def test_gc_releases_containers_no_longer_valid(node: Node, enroller: FakeEnroll
     answer = asyncio.run(node.answers.answer(Request("gc", valid=("c2",))))
     assert answer.ok and answer.released == ("c1",)
     assert [p.workload.name for p in enroller.pods.values()] == ["web"]
+
+
+def test_requests_queued_behind_a_reconcile_share_the_next(
+    node: Node, enroller: FakeEnroller, journal: list[str]
+) -> None:
+    """A burst of ADDs: each waiting request reconciles to the newest state, not its own."""
+
+    async def burst() -> list[bool]:
+        answers = await asyncio.gather(
+            node.answers.answer(add("c1", name="cart")),
+            node.answers.answer(add("c2", name="web", ips=("10.1.0.6",))),
+            node.answers.answer(add("c3", name="db", ips=("10.1.0.7",))),
+        )
+        return [answer.ok and answer.enrolled for answer in answers]
+
+    assert asyncio.run(burst()) == [True, True, True]
+    applied = [line for line in journal if line.startswith("policies")]
+    assert applied == ["policies for cart", "policies for cart,db,web", "policies for cart,db,web"]
 
 
 def test_status_is_the_readiness(node: Node) -> None:
