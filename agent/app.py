@@ -133,21 +133,21 @@ class NodeAgent:
         undo("pod enrollments", enroller.unenroll_all)
         undo("pod connections", lambda: enroller.drain_connections(cfg.drain_grace))
         reconciler = status.reconciler = Reconciler(
-            cfg.node, enroller, policy, self.telemetry,
+            cfg.node, store, enroller, policy, self.telemetry,
             proxy.live_connections if cfg.cut_denied_connections else None,
         )  # fmt: skip
         await enroller.recover(keep={w.uid for w in reconciler.wanted(store.current)})
-        await reconciler.reconcile(store.current)
+        await reconciler.reconcile()
 
         if cfg.cni_socket is not None:
-            answers = CniAnswers(reconciler, enroller, cni_pods, store, publish, status.not_ready)
+            answers = CniAnswers(reconciler, enroller, cni_pods, publish, status.not_ready)
             cni_server = CniServer(cfg.cni_socket, answers.answer)
             await cni_server.start()
             # New pods wait (the plugin retries) for the next agent.
             undo("CNI socket", cni_server.close)
         tasks = Drain("agent tasks")
         tasks.spawn(source.run(self.stopping), name="state source")
-        tasks.spawn(reconciler.follow(store, self.stopping), name="reconcile")
+        tasks.spawn(reconciler.follow(self.stopping), name="reconcile")
         tasks.spawn(self.telemetry.expire_every(1.0, self.stopping), name="telemetry expiry")
         undo("state source, reconcile and telemetry tasks", lambda: tasks.close(cfg.drain_grace))
         if cfg.ready_file is not None:

@@ -58,12 +58,14 @@ class Reconciler:
     def __init__(
         self,
         node: str,
+        store: StateStore,
         enroller: Enroller,
         policy: PolicyApplier,
         telemetry: WorkloadSeries,
         live_connections: Callable[[], list[LiveConnection]] | None = None,
     ) -> None:
         self.node = node
+        self.store = store  # the state it reconciles to
         self._enroller = enroller
         self._policy = policy
         self._telemetry = telemetry
@@ -77,22 +79,17 @@ class Reconciler:
     def wanted(self, state: MeshState) -> list[Workload]:
         return [w for w in state.workloads_on(self.node) if w.captured]
 
-    async def reconcile(self, state: MeshState) -> None:
-        """Enroll what the state wants on this node, unenroll the rest; a pod whose
-        workload changed is enrolled afresh."""
+    async def reconcile(self) -> None:
+        """Enroll what the store's state wants on this node, unenroll the rest; a pod whose
+        workload changed is enrolled afresh. The state is read when this reconcile's turn
+        comes, so requests queued behind one reconcile (a burst of CNI ADDs) share the next."""
         async with self._lock:
-            await self._reconcile_locked(state)
+            await self._reconcile_locked(self.store.current)
 
-    async def catch_up(self, store: StateStore) -> None:
-        """Reconcile to the store's state as it is when this reconcile's turn comes, so that
-        requests queued behind one reconcile (a burst of CNI ADDs) share the next."""
-        async with self._lock:
-            await self._reconcile_locked(store.current)
-
-    async def follow(self, store: StateStore, stop: asyncio.Event) -> None:
+    async def follow(self, stop: asyncio.Event) -> None:
         """Reconcile after every change of the store's state, until `stop` is set."""
         changed = asyncio.Event()
-        unsubscribe = store.subscribe(lambda old, new: changed.set())
+        unsubscribe = self.store.subscribe(lambda old, new: changed.set())
         try:
             while not stop.is_set():
                 waits = {asyncio.ensure_future(changed.wait()), asyncio.ensure_future(stop.wait())}
@@ -102,7 +99,7 @@ class Reconciler:
                 if stop.is_set():
                     return
                 changed.clear()
-                await self.catch_up(store)
+                await self.reconcile()
         finally:
             unsubscribe()
 
@@ -141,14 +138,12 @@ class CniAnswers:
         reconciler: Reconciler,
         enroller: Enroller,
         cni_pods: CniPods,
-        store: StateStore,
         publish: Callable[[], None],
         not_ready: Callable[[], list[str]],
     ) -> None:
         self._reconciler = reconciler
         self._enroller = enroller
         self._cni_pods = cni_pods
-        self._store = store
         self._publish = publish
         self._not_ready = not_ready
 
@@ -176,7 +171,7 @@ class CniAnswers:
         if pod is None:
             return Answer(ok=False, error=f"container {request.container_id} is not known")
         uid = pod.workload_uid
-        workload = next((w for w in self._store.current.workloads if w.uid == uid), None)
+        workload = next((w for w in self._reconciler.store.current.workloads if w.uid == uid), None)
         wanted = workload is not None and workload.captured
         enrolled = uid in self._enroller.pods
         if wanted and not enrolled:
@@ -186,4 +181,4 @@ class CniAnswers:
 
     async def _apply(self) -> None:
         self._publish()
-        await self._reconciler.catch_up(self._store)
+        await self._reconciler.reconcile()

@@ -68,10 +68,7 @@ DRY_RUN_SHARE = 0.05
 NAMESPACE_SCOPED_SHARE = 0.15  # the rest of the namespaced policies select workloads
 DENY_SHARE = 0.3
 K8S_SHARE = 0.5  # the rest are written in the local-config shape
-ENTRY_MAPS = (
-    "pol_workloads", "pol_identities", "pol_src_ips", "pol_dst_ips", "pol_ports", "pol_terms",
-    "workload_identities",
-)  # fmt: skip
+ENTRY_MAPS = abi.maps_keyed_by("gen")  # the maps one policy generation fills
 
 
 @dataclass(frozen=True)

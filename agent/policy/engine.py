@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import structlog
 
@@ -31,6 +32,13 @@ from agent.state.workload import Workload
 
 log = structlog.get_logger("agent.policy")
 
+
+class _Inputs(NamedTuple):
+    policies: tuple[Policy, ...]
+    workloads: tuple[Workload, ...]  # every workload: the plaintext identities of sources
+    destinations: tuple[Workload, ...]  # this node's enrolled workloads
+
+
 # A decision reads the generation once and then does a handful of lookups: far below this.
 RETIRE_GRACE = 0.5
 
@@ -41,7 +49,6 @@ class PolicyEngine:
         self.identities = IdentityNumbers()
         self.policy_numbers = PolicyNumbers()
         self._compiled: CompiledPolicies | None = None
-        self._policies: tuple[Policy, ...] = ()
         self._lock = asyncio.Lock()
         # The generation the last flip retired is deleted RETIRE_GRACE later, by a timer: an
         # apply does not wait for it. Only an apply within that grace, which must reuse the
@@ -49,13 +56,13 @@ class PolicyEngine:
         self._reusable_at = 0.0
         self._retiring: asyncio.TimerHandle | None = None
         # What the maps were compiled from: the same again writes nothing.
-        self._applied: tuple[object, ...] | None = None
+        self._applied: _Inputs | None = None
 
     async def apply(self, state: MeshState, destinations: Iterable[Workload]) -> None:
         async with self._lock:
             policies = state.policies
             targets = [(w, dict(w.labels)) for w in destinations]
-            inputs = (policies, state.workloads, tuple(w for w, _ in targets))
+            inputs = _Inputs(policies, state.workloads, tuple(w for w, _ in targets))
             if inputs == self._applied:
                 return
             compiled = compile_policies(
@@ -69,7 +76,6 @@ class PolicyEngine:
             self._reusable_at = loop.time() + RETIRE_GRACE
             self._retiring = loop.call_later(RETIRE_GRACE, self._retire, retired)
             self._compiled = compiled
-            self._policies = policies
             self._applied = inputs
             for workload, labels in targets:
                 # Deep guide, wrong-layer policy: an L7 rule on a workload without a waypoint.
@@ -146,7 +152,7 @@ class PolicyEngine:
 
     def policies_in_force(self) -> tuple[Policy, ...]:
         """The policies the kernel's maps hold now."""
-        return self._policies if self._compiled is not None else ()
+        return self._applied.policies if self._applied is not None else ()
 
     def decision(self, sock: socket.socket) -> tuple[str | None, str] | None:
         """(policy name or None, reason) agent_connect4 wrote back on this upstream socket:

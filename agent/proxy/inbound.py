@@ -11,7 +11,7 @@ import asyncio
 
 from agent.proxy import report
 from agent.proxy.live_inbound import LiveInbound
-from agent.proxy.pod import Pod, connect_from, identity_of
+from agent.proxy.pod import Pod, identity_of, plain_upstream
 from agent.proxy.relay import SocketStream, reset
 from agent.state.store import StateStore
 from agent.telemetry.connections import ConnectionTelemetry, PolicyVerdict
@@ -39,12 +39,11 @@ class InboundPlaintext:
         ))  # fmt: skip
         verdict = PolicyVerdict("allow")
         try:
-            up = await connect_from(pod.worker, dst, src[0])
+            upstream = await plain_upstream(pod.worker, dst, src[0])
         except (OSError, TimeoutError) as exc:
             reset(writer)
             self._telemetry.done(conn, verdict, error=report.failed("upstream connect", exc))
             return
-        up_reader, up_writer = await asyncio.open_connection(sock=up)
-        client, upstream = SocketStream(reader, writer), SocketStream(up_reader, up_writer)
+        client = SocketStream(reader, writer)
         relayed = await self._live.relay(pod, src[0], dst, None, client, upstream)
         report.finish(self._telemetry, conn, verdict, relayed)

@@ -21,7 +21,7 @@ from agent.hbone.pool import HboneClientPool, PoolKey
 from agent.identity import tls
 from agent.identity.spiffe import SpiffeId
 from agent.proxy import report
-from agent.proxy.pod import Pod, connect_from, identity_of
+from agent.proxy.pod import Pod, connect_from, identity_of, plain_upstream
 from agent.proxy.relay import SocketStream, relay, reset
 from agent.proxy.tls_contexts import TlsContexts
 from agent.state.store import StateStore
@@ -141,13 +141,12 @@ class Outbound:
         """Plain TCP to a destination outside the mesh, from the pod's netns."""
         verdict = PolicyVerdict("none")
         try:
-            up = await connect_from(pod.worker, dst)
+            upstream = await plain_upstream(pod.worker, dst)
         except (OSError, TimeoutError) as exc:
             reset(writer)
             self._telemetry.done(conn, verdict, error=report.failed("upstream connect", exc))
             return
-        up_reader, up_writer = await asyncio.open_connection(sock=up)
-        relayed = await relay(SocketStream(reader, writer), SocketStream(up_reader, up_writer))
+        relayed = await relay(SocketStream(reader, writer), upstream)
         report.finish(self._telemetry, conn, verdict, relayed)
 
 

@@ -15,7 +15,6 @@ import inspect
 import sys
 from typing import Any
 
-from agent.admin.server import AdminServer
 from agent.cli import main
 from agent.identity.manager import IdentityManager
 from agent.proxy.inpod_proxy import InPodProxy
@@ -28,7 +27,6 @@ TARGETS: dict[str, tuple[type, str]] = {
     "identities.close": (IdentityManager, "close"),
     "ring.stop": (RingReader, "stop"),
     "cni.close": (CniServer, "close"),
-    "admin.close": (AdminServer, "close"),
 }
 
 

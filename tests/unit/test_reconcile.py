@@ -90,12 +90,19 @@ def policy(journal: list[str]) -> FakePolicy:
 
 
 @pytest.fixture
-def reconciler(enroller: FakeEnroller, policy: FakePolicy) -> Reconciler:
-    return Reconciler(NODE, enroller, policy, FakeSeries())
+def store() -> StateStore:
+    return StateStore()
+
+
+@pytest.fixture
+def reconciler(store: StateStore, enroller: FakeEnroller, policy: FakePolicy) -> Reconciler:
+    return Reconciler(NODE, store, enroller, policy, FakeSeries())
 
 
 def reconcile(reconciler: Reconciler, *workloads: Workload) -> None:
-    asyncio.run(reconciler.reconcile(MeshState(workloads)))
+    """Put the workloads in the reconciler's store, then reconcile."""
+    reconciler.store.replace(MeshState(workloads))
+    asyncio.run(reconciler.reconcile())
 
 
 def test_enrolls_the_captured_pods_of_its_node_with_their_policies_first(
@@ -148,10 +155,11 @@ def test_a_failed_enrollment_is_remembered_until_it_succeeds_or_is_not_wanted(
 def test_live_connections_are_rechecked_only_when_asked_for(
     enroller: FakeEnroller, policy: FakePolicy
 ) -> None:
-    reconcile(Reconciler(NODE, enroller, policy, FakeSeries()), workload("cart"))
+    reconcile(Reconciler(NODE, StateStore(), enroller, policy, FakeSeries()), workload("cart"))
     assert policy.checked == []
     live = LiveConnection("shop/cart", "10.1.0.9", "10.1.0.4", 8080, None, lambda: None)
-    recheck = Reconciler(NODE, enroller, policy, FakeSeries(), live_connections=lambda: [live])
+    recheck = Reconciler(NODE, StateStore(), enroller, policy, FakeSeries(),
+                         live_connections=lambda: [live])  # fmt: skip
     reconcile(recheck, workload("cart"))
     assert policy.checked == [[live]]
 
@@ -160,16 +168,17 @@ def test_series_of_workloads_gone_from_the_state_are_dropped(
     enroller: FakeEnroller, policy: FakePolicy
 ) -> None:
     series = FakeSeries()
-    reconcile(Reconciler(NODE, enroller, policy, series), workload("cart"), workload("remote"))
+    reconciler = Reconciler(NODE, StateStore(), enroller, policy, series)
+    reconcile(reconciler, workload("cart"), workload("remote"))
     assert series.known == [{"uid-cart", "uid-remote"}]
 
 
 def test_follow_reconciles_each_change_until_stopped(
-    reconciler: Reconciler, journal: list[str]
+    reconciler: Reconciler, store: StateStore, journal: list[str]
 ) -> None:
     async def scenario() -> None:
-        store, stop = StateStore(), asyncio.Event()
-        task = asyncio.create_task(reconciler.follow(store, stop))
+        stop = asyncio.Event()
+        task = asyncio.create_task(reconciler.follow(stop))
         await asyncio.sleep(0)
         store.replace(MeshState((workload("cart"),)))
         for _ in range(100):
@@ -190,14 +199,17 @@ def test_follow_reconciles_each_change_until_stopped(
 class Node:
     """The CNI side of an agent: the registry, the state it publishes, the answers."""
 
-    def __init__(self, tmp_path: Path, reconciler: Reconciler, enroller: FakeEnroller) -> None:
+    def __init__(
+        self, tmp_path: Path, store: StateStore, reconciler: Reconciler, enroller: FakeEnroller
+    ) -> None:
         ambient = Namespace("shop", {DATAPLANE_MODE_LABEL: "ambient"})
         self.config = MeshState(namespaces=(ambient, Namespace("legacy")))
         self.cni_pods = CniPods(tmp_path / "cni-pods.json")
-        self.store = StateStore(self.config)
+        self.store = store
+        store.replace(self.config)
         self.missing: list[str] = []
-        self.answers = CniAnswers(reconciler, enroller, self.cni_pods, self.store,
-                                  self.publish, lambda: self.missing)  # fmt: skip
+        self.answers = CniAnswers(reconciler, enroller, self.cni_pods, self.publish,
+                                  lambda: self.missing)  # fmt: skip
 
     def publish(self) -> None:
         self.store.replace(with_cni_pods(self.config, self.cni_pods.all(), NODE))
@@ -218,8 +230,8 @@ def add(
 
 
 @pytest.fixture
-def node(tmp_path: Path, reconciler: Reconciler, enroller: FakeEnroller) -> Node:
-    return Node(tmp_path, reconciler, enroller)
+def node(tmp_path: Path, store: StateStore, reconciler: Reconciler, enroller: FakeEnroller) -> Node:
+    return Node(tmp_path, store, reconciler, enroller)
 
 
 def test_add_answers_once_the_pod_is_enrolled(node: Node, enroller: FakeEnroller) -> None:

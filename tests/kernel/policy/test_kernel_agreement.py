@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import pytest
 
 from agent.datapath import abi, packets
-from agent.datapath.abi import VerdictReason
+from agent.datapath.abi import PolicyReason, VerdictReason
 from agent.datapath.loader import LoadedDatapath
 from agent.datapath.prog_run import run_tc
 from agent.inpod.enrollment import pod_key_addr
@@ -33,11 +33,8 @@ from tests.support.policy_reference import DRY_RUN_DEFAULT_DENY
 
 pytestmark = pytest.mark.kernel
 
-KERNEL_REASONS = {
-    0: Reason.NO_POLICY, 1: Reason.ALLOWED_BY_POLICY, 2: Reason.DENIED_BY_POLICY,
-    3: Reason.DEFAULT_DENY, 5: Reason.FALLBACK,
-}  # fmt: skip
-DRY_RUN_WOULD_DENY = 4
+DRY_RUN_WOULD_DENY = PolicyReason.DRY_RUN_WOULD_DENY
+KERNEL_REASONS = {r.value: Reason(r.label) for r in PolicyReason if r is not DRY_RUN_WOULD_DENY}
 
 
 @dataclass
