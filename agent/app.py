@@ -93,7 +93,7 @@ class NodeAgent:
             assert cfg.config_file is not None
             source = LocalConfigSource(cfg.config_file, config_store)
             source.load_initial()  # a broken config at start is fatal; later ones are rejected
-        cni_pods = CniPods(cfg.state_dir / cfg.node / "cni-pods.json")
+        cni_pods = CniPods(cfg.node_state_dir / "cni-pods.json")
         for gone in cni_pods.forget_vanished():
             log.info("CNI pod gone while the agent was away", container=gone)
         store = status.store = StateStore(
@@ -111,10 +111,15 @@ class NodeAgent:
         )
         undo("certificates", identities.close)
 
-        datapath = await asyncio.to_thread(loader.LoadedDatapath, cfg.pin_dir)
-        undo("programs and pins", lambda: datapath.close(unpin=not cfg.keep_pins))
+        datapath = await asyncio.to_thread(
+            loader.LoadedDatapath, cfg.pin_dir, cfg.node_state_dir / "datapath.json"
+        )
+        handing_over = cfg.on_exit == "keep"
+        undo("programs and pins", lambda: datapath.close(unpin=not handing_over))
         status.datapath = datapath
-        log.info("datapath loaded", pin_dir=str(cfg.pin_dir), programs=list(datapath.program_fds))
+        log.info("datapath loaded", pin_dir=str(cfg.pin_dir), adopted=datapath.adopted,
+                 carried_over=datapath.carried_over, refilled=datapath.refilled,
+                 programs=list(datapath.program_fds))  # fmt: skip
         cgroup = AgentCgroup(cfg.cgroup_instance)
         cgroup.enter()
         undo("agent cgroup", cgroup.leave)
@@ -129,8 +134,11 @@ class NodeAgent:
         undo("policy retirement timer", policy.close)
         proxy = InPodProxy(store, identities, policy, self.telemetry)
         undo("HBONE client pool", proxy.close)
-        enroller = status.enroller = PodEnroller(datapath, cfg.state_dir / cfg.node, proxy)
-        undo("pod enrollments", enroller.unenroll_all)
+        enroller = status.enroller = PodEnroller(datapath, cfg.node_state_dir, proxy)
+        if handing_over:
+            undo("pod listeners (pods stay enrolled for the next agent)", enroller.release_all)
+        else:
+            undo("pod enrollments", enroller.unenroll_all)
         undo("pod connections", lambda: enroller.drain_connections(cfg.drain_grace))
         reconciler = status.reconciler = Reconciler(
             cfg.node, store, enroller, policy, self.telemetry,

@@ -8,7 +8,7 @@ from datetime import timedelta
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
-from agent.config import DEFAULT_CA_DIR, DEFAULT_CNI_SOCKET, DEFAULT_STATE_ROOT
+from agent.config import DEFAULT_CA_DIR, DEFAULT_CNI_SOCKET, DEFAULT_STATE_ROOT, ON_EXIT
 from agent.identity.spiffe import DEFAULT_TRUST_DOMAIN
 
 # Entry points of this group add a subcommand: a callable taking the subparsers.
@@ -45,7 +45,9 @@ def _parser() -> argparse.ArgumentParser:
                      "(default /sys/fs/bpf/ambient/<node>)")  # fmt: skip
     run.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_ROOT)
     run.add_argument("--ready-file", type=Path, help="written once pods are enrolled")
-    run.add_argument("--keep-pins", action="store_true", help="leave pins on exit")
+    run.add_argument("--on-exit", choices=ON_EXIT, default="keep",
+                     help="keep: pods stay captured, programs and maps pinned, for the next "
+                     "agent (default); unenroll: undo everything")  # fmt: skip
     run.add_argument("--ca-dir", type=Path, default=DEFAULT_CA_DIR,
                      help="built-in CA state; agents sharing it trust each other")  # fmt: skip
     run.add_argument("--trust-domain", default=DEFAULT_TRUST_DOMAIN)
@@ -107,7 +109,7 @@ def _run(args: argparse.Namespace) -> int:
         pin_dir=args.pin_dir or abi.DEFAULT_PIN_DIR / args.node,
         state_dir=args.state_dir,
         ready_file=args.ready_file,
-        keep_pins=args.keep_pins,
+        on_exit=args.on_exit,
         ca_dir=args.ca_dir,
         trust_domain=args.trust_domain,
         certificate_ttl=timedelta(seconds=args.cert_ttl),

@@ -12,6 +12,7 @@ from agent.identity.spiffe import DEFAULT_TRUST_DOMAIN
 DEFAULT_STATE_ROOT = Path("/run/ambient-agent")
 DEFAULT_CA_DIR = Path("/var/lib/ambient-agent/ca")
 DEFAULT_CNI_SOCKET = Path("/var/run/ambient-agent/cni.sock")
+ON_EXIT = ("keep", "unenroll")
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,8 +24,11 @@ class AgentConfig:
     state_dir: Path = DEFAULT_STATE_ROOT
     ready_file: Path | None = None
     drain_grace: float = 5.0
-    # Keep programs and maps pinned after exit (for inspection); the default cleans up.
-    keep_pins: bool = False
+    # At exit, "keep": the pods stay enrolled in the kernel (programs and maps pinned, their
+    # new connections dropped) for the next agent to adopt: a restart or an upgrade never
+    # lets a pod's traffic out unprotected. "unenroll": undo everything (the mesh leaves
+    # the node).
+    on_exit: str = "keep"
     # The built-in CA for standalone use: its directory keeps trust across restarts, and
     # agents that share it trust each other.
     ca_dir: Path = DEFAULT_CA_DIR
@@ -43,6 +47,11 @@ class AgentConfig:
     cni_socket: Path | None = DEFAULT_CNI_SOCKET
     kubernetes: bool = False
     kubeconfig: Path | None = None  # else in-cluster (the ServiceAccount's token)
+
+    @property
+    def node_state_dir(self) -> Path:
+        """This node's records: enrolled pods, the CNI pod registry, the pinned layout."""
+        return self.state_dir / self.node
 
     @property
     def cgroup_instance(self) -> str:

@@ -1,8 +1,9 @@
 """Keep this node's pods as the mesh state wants them, and answer ambient-cni.
 
 On every state change the reconciler puts the policies for the wanted pods into the kernel
-first (a pod is never captured without them), then unenrolls pods no longer wanted (or whose
-workload changed) and enrolls the new ones. CNI requests change the CNI pod registry, publish
+first (a pod is never captured without them), then unenrolls pods no longer wanted, updates
+in place those whose workload changed (or, when the change moves the pod or its identity,
+enrolls them afresh) and enrolls the new ones. CNI requests change the CNI pod registry, publish
 the state and reconcile at once, so ADD is answered only once the pod is enrolled (or known
 to stay out of the mesh): its app never starts uncaptured. One reconcile runs at a time.
 
@@ -38,6 +39,7 @@ class Enroller(Protocol):
     @property
     def pods(self) -> Mapping[str, EnrolledPodView]: ...
     async def enroll(self, workload: Workload) -> None: ...
+    def update(self, workload: Workload) -> bool: ...
     async def unenroll(self, uid: str) -> None: ...
 
 
@@ -81,8 +83,9 @@ class Reconciler:
 
     async def reconcile(self) -> None:
         """Enroll what the store's state wants on this node, unenroll the rest; a pod whose
-        workload changed is enrolled afresh. The state is read when this reconcile's turn
-        comes, so requests queued behind one reconcile (a burst of CNI ADDs) share the next."""
+        workload changed is updated in place where it can be, else enrolled afresh. The
+        state is read when this reconcile's turn comes, so requests queued behind one
+        reconcile (a burst of CNI ADDs) share the next."""
         async with self._lock:
             await self._reconcile_locked(self.store.current)
 
@@ -110,7 +113,10 @@ class Reconciler:
         if self._live_connections is not None:
             self._policy.cut_denied(self._live_connections())
         for uid, pod in list(self._enroller.pods.items()):
-            if wanted.get(uid) != pod.workload:
+            workload = wanted.get(uid)
+            if workload == pod.workload:
+                continue
+            if workload is None or not self._enroller.update(workload):
                 await self._enroller.unenroll(uid)
         self.enroll_errors = {k: v for k, v in self.enroll_errors.items() if k in wanted}
         for workload in wanted.values():

@@ -13,10 +13,20 @@ def register(sub: Any) -> None:
     bench.add_argument("--quick", action="store_true", help="short runs (for tests)")
     bench.add_argument("--policy", action="store_true",
                        help="L4 authorization: compile cost and kernel decision cost")  # fmt: skip
+    bench.add_argument("--restart", action="store_true",
+                       help="restart a node agent under a connection stream: restart-to-ready "
+                       "and what got past the mesh meanwhile")  # fmt: skip
+    bench.add_argument("--rounds", type=int, default=5,
+                       help="with --restart: rounds (default 5)")  # fmt: skip
     bench.add_argument("--name", default="bench", help="lab name (default: bench)")
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.restart:
+        from bench.restart import run_restart_bench
+
+        return run_restart_bench(args.name, rounds=1 if args.quick else args.rounds,
+                                 json_output=args.json)  # fmt: skip
     if args.policy:
         from bench.policy import run_policy_bench
 

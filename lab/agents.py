@@ -74,41 +74,68 @@ def start_agents(
     config.write_text(yaml.safe_dump(mesh_config(state), sort_keys=False))
     # One CA for the lab, made before the agents start so they do not race to create it.
     CertificateAuthority.load_or_create(base / "ca", DEFAULT_TRUST_DOMAIN)
-    started: dict[str, tuple[subprocess.Popen[bytes], Path, Path]] = {}
-    for node in state.nodes:
-        log_path = base / f"agent-{node.name}.log"
-        ready = base / f"agent-{node.name}.ready"
-        ready.unlink(missing_ok=True)
-        argv = [
-            "nsenter", f"--net={node.netns_path}", "--", *command, "run",
-            "--node", node.name,
-            "--config", str(config),
-            "--pin-dir", str(lab_pin_root(state.name) / node.name),
-            "--state-dir", str(base / "agent-state"),
-            "--ready-file", str(ready),
-            "--ca-dir", str(base / "ca"),
-            # Each node's own ambient-cni socket: the lab's nodes share one filesystem.
-            "--cni-socket", str(base / f"cni-{node.name}.sock"),
-            *agent_args,
-        ]  # fmt: skip
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )  # fmt: skip
-        started[node.name] = (proc, log_path, ready)
-        state.agents[node.name] = {"pid": proc.pid, "log": str(log_path)}
+    started = [_spawn(state, node.name, agent_args, command) for node in state.nodes]
     state.save()
     deadline = time.monotonic() + READY_TIMEOUT
-    for node_name, (proc, log_path, ready) in started.items():
-        while not ready.exists():
-            if proc.poll() is not None:
-                raise LabError(
-                    f"agent for {node_name} exited with {proc.returncode}:\n{_tail(log_path)}"
-                )
-            if time.monotonic() > deadline:
-                raise LabError(f"agent for {node_name} not ready after {READY_TIMEOUT:.0f}s")
-            time.sleep(0.1)
+    for node, proc in zip(state.nodes, started, strict=True):
+        _wait_ready(state, node.name, proc, deadline)
+
+
+def restart_agent(
+    state: LabState,
+    node: str,
+    agent_args: tuple[str, ...] = (),
+    command: tuple[str, ...] = AGENT_COMMAND,
+) -> subprocess.Popen[bytes]:
+    """Start the node's agent again (the earlier one has exited or was killed) with the lab's
+    config as it is now; returns once it is ready."""  # fmt: skip
+    proc = _spawn(state, node, agent_args, command)
+    state.save()
+    _wait_ready(state, node, proc, time.monotonic() + READY_TIMEOUT)
+    return proc
+
+
+def ready_file(state: LabState, node: str) -> Path:
+    return lab_dir(state.name) / f"agent-{node}.ready"
+
+
+def _spawn(
+    state: LabState, node: str, agent_args: tuple[str, ...], command: tuple[str, ...]
+) -> subprocess.Popen[bytes]:
+    base = lab_dir(state.name)
+    log_path = base / f"agent-{node}.log"
+    ready = ready_file(state, node)
+    ready.unlink(missing_ok=True)
+    netns = next(n.netns_path for n in state.nodes if n.name == node)
+    argv = [
+        "nsenter", f"--net={netns}", "--", *command, "run",
+        "--node", node,
+        "--config", str(base / "mesh.yaml"),
+        "--pin-dir", str(lab_pin_root(state.name) / node),
+        "--state-dir", str(base / "agent-state"),
+        "--ready-file", str(ready),
+        "--ca-dir", str(base / "ca"),
+        # Each node's own ambient-cni socket: the lab's nodes share one filesystem.
+        "--cni-socket", str(base / f"cni-{node}.sock"),
+        *agent_args,
+    ]  # fmt: skip
+    with open(log_path, "ab") as log:  # appended: a restarted agent's log follows the first's
+        proc = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+    state.agents[node] = {"pid": proc.pid, "log": str(log_path)}
+    return proc
+
+
+def _wait_ready(state: LabState, node: str, proc: subprocess.Popen[bytes], deadline: float) -> None:
+    log_path = lab_dir(state.name) / f"agent-{node}.log"
+    while not ready_file(state, node).exists():
+        if proc.poll() is not None:
+            raise LabError(f"agent for {node} exited with {proc.returncode}:\n{_tail(log_path)}")
+        if time.monotonic() > deadline:
+            raise LabError(f"agent for {node} not ready after {READY_TIMEOUT:.0f}s")
+        time.sleep(0.01)
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -134,8 +161,8 @@ def lab_agent_pids(name: str) -> list[int]:
 
 
 def stop_agents(name: str) -> None:
-    """SIGTERM (the agent unenrolls its pods and unpins), SIGKILL after a grace period,
-    then remove whatever pins a killed agent could not."""
+    """SIGTERM, SIGKILL after a grace period, then remove the pins (an agent leaves them, and
+    its pods enrolled, for the next one, unless started with `--on-exit unenroll`)."""
     pids = lab_agent_pids(name)
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):

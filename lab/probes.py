@@ -73,7 +73,7 @@ def pod_server(target: PodState, port: int, argv: list[str]) -> Iterator[None]:
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        _wait_listening(target, port, proc, argv[0])
+        wait_listening(target, port, proc, argv[0])
         yield
     finally:
         proc.terminate()
@@ -90,7 +90,7 @@ def whoami_server(target: PodState, port: int = 8080) -> contextlib.AbstractCont
     return pod_server(target, port, [sys.executable, "-m", "lab.whoami", "--port", str(port)])
 
 
-def _wait_listening(target: PodState, port: int, proc: subprocess.Popen[bytes], what: str) -> None:
+def wait_listening(target: PodState, port: int, proc: subprocess.Popen[Any], what: str) -> None:
     deadline = time.monotonic() + SERVER_START_TIMEOUT
     while time.monotonic() < deadline:
         if proc.poll() is not None:

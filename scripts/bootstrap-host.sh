@@ -4,7 +4,7 @@
 # nothing changed: the stamp records the package list, the header links are checked each run.
 set -euo pipefail
 
-PACKAGES=(python3-bpfcc python3-venv bpftool iproute2 iputils-ping procps curl linux-headers-amd64 iperf3 socat util-linux make containernetworking-plugins)
+PACKAGES=(python3-bpfcc python3-venv bpftool iproute2 iputils-ping procps curl linux-headers-amd64 iperf3 tcpdump socat util-linux make containernetworking-plugins)
 STAMP=/var/lib/ambient-agent/host-packages.stamp
 
 if [ "$(id -u)" -ne 0 ]; then

@@ -33,6 +33,9 @@ def _current(root: Path) -> Path:
     return root
 
 
+ENTER_ATTEMPTS = 5
+
+
 class AgentCgroup:
     def __init__(self, instance: str) -> None:
         self.root = cgroup2_root()
@@ -46,8 +49,16 @@ class AgentCgroup:
         a live process cannot be removed, and is joined as it is)."""
         if self.path.exists():
             remove_cgroups(self.path)
-        self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+        for attempt in range(ENTER_ATTEMPTS):
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+                (self.path / "cgroup.procs").write_text(str(os.getpid()))
+                break
+            except FileNotFoundError:
+                # A sibling agent (same parent) removed the parent it found empty between
+                # our mkdir steps: make it again.
+                if attempt == ENTER_ATTEMPTS - 1:
+                    raise
         self._fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
 
     @property

@@ -1,4 +1,5 @@
-"""Compile the eBPF programs with BCC once per agent start and pin programs and maps.
+"""Load the eBPF programs (compiled with BCC, or adopted from an earlier agent's pins) and
+pin programs and maps.
 
 Pins live under `<pin_dir>/progs/<program>` and `<pin_dir>/maps/<map>`, with BTF, so
 `bpftool map dump pinned <pin_dir>/maps/pods` prints keys and values field by field.
@@ -7,15 +8,22 @@ Pins live under `<pin_dir>/progs/<program>` and `<pin_dir>/maps/<map>`, with BTF
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import re
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.datapath import abi
+import structlog
+
+from agent.datapath import abi, maps
+
+log = structlog.get_logger("agent.datapath")
 
 # Helpers the programs call, with the first kernel that offers each to tc programs.
 HELPER_MIN_KERNEL = {
@@ -142,23 +150,87 @@ def _explain(log: str, what: str) -> DatapathError:
 
 
 class LoadedDatapath:
-    """Programs and maps loaded into the kernel and pinned under `pin_dir`."""
+    """Programs and maps in the kernel, pinned under `pin_dir`.
 
-    def __init__(self, pin_dir: Path) -> None:
-        from bcc import BPF, BPFAttachType
+    With a `layout_file` (the agent's), pins an earlier agent left are adopted when they are
+    the very objects that file describes and the programs' source is unchanged: nothing is
+    compiled, and every map, with its entries, stays as it was, so enrolled pods are never
+    without capture or policy. A changed source is compiled; each map whose layout is
+    unchanged gets the old map's entries, the others start empty for the agent to refill
+    before it moves a pod onto the new programs. Without a layout file (benches, tests) the
+    programs are always compiled afresh.
+    """
 
+    def __init__(self, pin_dir: Path, layout_file: Path | None = None) -> None:
         self.pin_dir = pin_dir
+        self.layout_file = layout_file
         self.source = render_source()
-        with _stderr_captured() as log:
+        self.version = layout_version(self.source)
+        self.program_fds: dict[str, int] = {}
+        self.maps: dict[str, maps.KernelMap] = {}
+        self.adopted = False
+        # For the log: which maps kept their entries across a recompile, which start empty.
+        self.carried_over: list[str] = []
+        self.refilled: list[str] = []
+        self._bpf: Any = None
+        self._adopted_fds: list[int] = []
+        self._ring: maps.RingBuffer | None = None
+        earlier = PinnedLayout.read(layout_file) if layout_file is not None else None
+        if earlier is not None and earlier.version == self.version and self._adopt(earlier):
+            return
+        self._compile()
+        try:
+            self._carry_over(earlier)
+            self._pin_all()
+        except BaseException:
+            self.close(unpin=False)
+            raise
+
+    def _adopt(self, earlier: PinnedLayout) -> bool:
+        """Open the pinned objects, if each is the one `earlier` recorded (by id)."""
+        try:
+            for name in abi.PROGRAMS:
+                fd = self._open_pin("progs", name)
+                if maps.prog_id(fd) != earlier.prog_ids.get(name):
+                    raise maps.MapError(f"pinned program {name} is not the recorded one")
+                self.program_fds[name] = fd
+            for name in abi.MAPS:
+                fd = self._open_pin("maps", name)
+                layout = earlier.map_layouts.get(name)
+                if layout is None or maps.map_id(fd) != earlier.map_ids.get(name):
+                    raise maps.MapError(f"pinned map {name} is not the recorded one")
+                self.maps[name] = maps.KernelMap(name, fd, layout)
+        except maps.MapError as exc:
+            log.info("pinned programs not adopted", reason=str(exc))
+            self._close_adopted()
+            self.program_fds, self.maps = {}, {}
+            return False
+        self.adopted = True
+        return True
+
+    def _open_pin(self, kind: str, name: str) -> int:
+        fd = maps.obj_get(self.pin_dir / kind / name)
+        self._adopted_fds.append(fd)
+        return fd
+
+    def _close_adopted(self) -> None:
+        for fd in self._adopted_fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._adopted_fds = []
+
+    def _compile(self) -> None:
+        from bcc import BPF, BPFAttachType, libbcc
+
+        with _stderr_captured() as log_text:
             try:
                 self._bpf = BPF(text=self.source.encode(), cflags=abi.cflags())
             except Exception:
-                raise _explain("".join(log), f"compiling {', '.join(abi.PROGRAM_FILES)}") from None
-        self.program_fds: dict[str, int] = {}
-        self._functions: dict[str, Any] = {}
+                raise _explain("".join(log_text),
+                               f"compiling {', '.join(abi.PROGRAM_FILES)}") from None  # fmt: skip
         try:
             for name in abi.PROGRAMS:
-                with _stderr_captured() as log:
+                with _stderr_captured() as log_text:
                     try:
                         if name == abi.CGROUP_CONNECT4_PROGRAM:
                             fn = self._bpf.load_func(
@@ -170,104 +242,183 @@ class LoadedDatapath:
                         else:
                             fn = self._bpf.load_func(name.encode(), BPF.SCHED_CLS)
                     except Exception:
-                        raise _explain("".join(log), f"loading {name}") from None
+                        raise _explain("".join(log_text), f"loading {name}") from None
                 self.program_fds[name] = fn.fd
-                self._functions[name] = fn
-            self._pin_all()
+            module = self._bpf.module
+            for name in abi.MAPS:
+                fd = int(libbcc.lib.bpf_table_fd(module, name.encode()))
+                if fd < 0:
+                    raise DatapathError(f"no map {name} in the compiled programs")
+                key = json.loads(libbcc.lib.bpf_table_key_desc(module, name.encode()))
+                leaf = json.loads(libbcc.lib.bpf_table_leaf_desc(module, name.encode()))
+                self.maps[name] = maps.KernelMap(name, fd, maps.MapLayout.of(fd, key, leaf))
         except BaseException:
             self._bpf.cleanup()
             raise
 
-    def table(self, name: str) -> Any:
-        return self._bpf[name.encode()]
+    def _carry_over(self, earlier: PinnedLayout | None) -> None:
+        """Give each new map the entries of the pinned map it replaces, where the layout is
+        the same and the pin is the recorded object; the rest start empty."""
+        for name, new in self.maps.items():
+            if new.layout.type in maps.NOT_ITERABLE_TYPES:
+                continue  # per-socket or a stream: belongs to the sockets of the old agent
+            old_layout = earlier.map_layouts.get(name) if earlier else None
+            pin = self.pin_dir / "maps" / name
+            if old_layout != new.layout or not pin.exists():
+                self.refilled.append(name)
+                continue
+            assert earlier is not None
+            fd = maps.obj_get(pin)
+            try:
+                if maps.map_id(fd) != earlier.map_ids.get(name):
+                    self.refilled.append(name)
+                    continue
+                new.copy_from(maps.KernelMap(name, fd, old_layout))
+                self.carried_over.append(name)
+            finally:
+                os.close(fd)
+
+    def table(self, name: str) -> maps.KernelMap:
+        return self.maps[name]
 
     def attach_cgroup(self, cgroup_fd: int) -> None:
         """agent_connect4 and sock_telemetry on the agent's own cgroup."""
-        from bcc import BPF
-
         attached: list[str] = []
         try:
-            for name, attach_type in _cgroup_programs():
+            for name, attach_type in CGROUP_PROGRAMS:
                 # ALLOW_MULTI: other agents (a lab runs several) may sit on the same tree.
-                BPF.attach_func(self._functions[name], cgroup_fd, attach_type,
-                                flags=BPF_F_ALLOW_MULTI)  # fmt: skip
+                maps.prog_attach(self.program_fds[name], cgroup_fd, attach_type,
+                                 BPF_F_ALLOW_MULTI)  # fmt: skip
                 attached.append(name)
-        except BaseException:
+        except maps.MapError as exc:
             self.detach_cgroup(cgroup_fd, only=attached)
-            raise
+            raise DatapathError(f"cannot attach the cgroup programs: {exc}") from exc
 
     def detach_cgroup(self, cgroup_fd: int, only: list[str] | None = None) -> None:
-        from bcc import BPF
-
-        for name, attach_type in _cgroup_programs():
+        for name, attach_type in CGROUP_PROGRAMS:
             if only is None or name in only:
-                with contextlib.suppress(Exception):
-                    BPF.detach_func(self._functions[name], cgroup_fd, attach_type)
+                with contextlib.suppress(maps.MapError):
+                    maps.prog_detach(self.program_fds[name], cgroup_fd, attach_type)
 
     def open_telemetry_ring(self, on_event: Callable[[bytes], None]) -> int:
         """Deliver each telemetry_events record, as bytes, to on_event during consume_rings.
         Returns an epoll fd that is readable when records are waiting (for an event loop)."""
-        import ctypes
-
-        from bcc import libbcc
-
-        def callback(_ctx: object, data: int, size: int) -> int:
-            on_event(ctypes.string_at(data, size))
-            return 0
-
-        self.table("telemetry_events").open_ring_buffer(callback)
-        epoll_fd = libbcc.lib.ring_buffer__epoll_fd
-        epoll_fd.restype, epoll_fd.argtypes = ctypes.c_int, [ctypes.c_void_p]
-        fd = int(epoll_fd(self._bpf._ringbuf_manager))
-        if fd < 0:
-            raise DatapathError("cannot get the telemetry ring buffer's epoll fd")
-        return fd
+        try:
+            self._ring = maps.RingBuffer(self.map_fd("telemetry_events"), on_event)
+        except maps.MapError as exc:
+            raise DatapathError(str(exc)) from exc
+        return self._ring.epoll_fd
 
     def consume_rings(self) -> None:
         """Hand every waiting ring-buffer record to its callback, without blocking."""
-        self._bpf.ring_buffer_consume()
+        if self._ring is not None:
+            self._ring.consume()
 
     def map_fd(self, name: str) -> int:
-        """Also for maps bcc has no Python table type for (socket-local storage)."""
-        from bcc import libbcc
-
-        fd = int(libbcc.lib.bpf_table_fd(self._bpf.module, name.encode()))
-        if fd < 0:
+        """Also for maps that have no table use (socket-local storage)."""
+        if name not in self.maps:
             raise DatapathError(f"no map {name} in the loaded programs")
-        return fd
+        return self.maps[name].fd
 
     def _pin_all(self) -> None:
-        from bcc import libbcc
-
-        # A previous run's pins belong to programs that are being replaced: take their place.
-        self.unpin()
+        """Put the new objects where the old pins were, then record them. The old record is
+        removed first, so an agent dying halfway leaves pins no record vouches for: they are
+        never adopted."""
+        if self.layout_file is not None:
+            self.layout_file.unlink(missing_ok=True)
         for kind, objects in (
             ("progs", self.program_fds),
-            ("maps", {m: self.map_fd(m) for m in abi.MAPS}),
+            ("maps", {name: table.fd for name, table in self.maps.items()}),
         ):
             (self.pin_dir / kind).mkdir(parents=True, exist_ok=True)
             for name, fd in objects.items():
                 path = self.pin_dir / kind / name
-                if libbcc.lib.bpf_obj_pin(fd, str(path).encode()) != 0:
-                    raise DatapathError(f"cannot pin {name} at {path}")
+                path.unlink(missing_ok=True)
+                try:
+                    maps.obj_pin(fd, path)
+                except maps.MapError as exc:
+                    raise DatapathError(f"cannot pin {name}: {exc}") from exc
+        if self.layout_file is not None:
+            PinnedLayout(
+                version=self.version,
+                map_layouts={name: table.layout for name, table in self.maps.items()},
+                map_ids={name: maps.map_id(table.fd) for name, table in self.maps.items()},
+                prog_ids={name: maps.prog_id(fd) for name, fd in self.program_fds.items()},
+            ).write(self.layout_file)
 
     def unpin(self) -> None:
         remove_pins(self.pin_dir)
+        if self.layout_file is not None:
+            self.layout_file.unlink(missing_ok=True)
 
     def close(self, unpin: bool = True) -> None:
-        """Release our fds; with unpin, also the pins, so nothing outlives the agent."""
+        """Release our fds; with unpin, also the pins, so nothing outlives the agent.
+        Without, the pinned programs and maps (and the pods' tc filters using them) stay for
+        the next agent to adopt."""
         if unpin:
             self.unpin()
-        self._bpf.cleanup()
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
+        if self._bpf is not None:
+            self._bpf.cleanup()
+        self._close_adopted()
 
 
-def _cgroup_programs() -> list[tuple[str, Any]]:
-    from bcc import BPFAttachType
+# uapi/linux/bpf.h enum bpf_attach_type
+ATTACH_CGROUP_SOCK_OPS = 3
+ATTACH_CGROUP_INET4_CONNECT = 10
+CGROUP_PROGRAMS = (
+    (abi.CGROUP_CONNECT4_PROGRAM, ATTACH_CGROUP_INET4_CONNECT),
+    (abi.SOCK_TELEMETRY_PROGRAM, ATTACH_CGROUP_SOCK_OPS),
+)
+LAYOUT_FORMAT = 1  # of PinnedLayout's file
 
-    return [
-        (abi.CGROUP_CONNECT4_PROGRAM, BPFAttachType.CGROUP_INET4_CONNECT),
-        (abi.SOCK_TELEMETRY_PROGRAM, BPFAttachType.CGROUP_SOCK_OPS),
-    ]
+
+def layout_version(source: str) -> str:
+    """What decides whether pinned programs can be reused: their source and flags."""
+    digest = hashlib.sha256(f"{LAYOUT_FORMAT}\n{abi.cflags()}\n{source}".encode())
+    return digest.hexdigest()
+
+
+@dataclass
+class PinnedLayout:
+    """The record of pinned objects: the source version, each map's layout, and the ids of
+    the objects pinned, so a pin replaced behind the record's back is not trusted."""
+
+    version: str
+    map_layouts: dict[str, maps.MapLayout]
+    map_ids: dict[str, int]
+    prog_ids: dict[str, int]
+
+    @classmethod
+    def read(cls, path: Path) -> PinnedLayout | None:
+        try:
+            data = json.loads(path.read_text())
+            if data.get("format") != LAYOUT_FORMAT:
+                return None
+            return cls(
+                version=str(data["version"]),
+                map_layouts={k: maps.MapLayout.from_json(v) for k, v in data["maps"].items()},
+                map_ids={k: int(v) for k, v in data["map_ids"].items()},
+                prog_ids={k: int(v) for k, v in data["prog_ids"].items()},
+            )
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("pin record unreadable: not adopted", file=str(path), error=str(exc))
+            return None
+
+    def write(self, path: Path) -> None:
+        data = {
+            "format": LAYOUT_FORMAT, "version": self.version,
+            "maps": {k: v.to_json() for k, v in self.map_layouts.items()},
+            "map_ids": self.map_ids, "prog_ids": self.prog_ids,
+        }  # fmt: skip
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data))
+        tmp.replace(path)
 
 
 def remove_pins(pin_dir: Path) -> None:

@@ -1,9 +1,16 @@
 """Enroll and unenroll pods: listeners, routing, tc programs and the pods map entry.
 
-Enrolling is idempotent and ordered so capture starts last (the pods map entry), once the
-listeners that capture hands connections to exist. Unenrolling runs the other way round:
-the map entry goes first, so capture stops at once. A record of what was changed is written
-before the changes, so a restarted agent can undo the work of one that crashed.
+Enrolling is idempotent and ordered so capture starts last (the tc programs), once the
+listeners that capture hands connections to and the pod's map entry exist. Unenrolling runs
+the other way round: the map entry goes first, so capture stops at once. A record of what
+was changed is written before the changes, so a restarted agent can undo the work of one
+that crashed, or adopt the pod as it is.
+
+Adopting (enrolling a pod an earlier agent left enrolled) changes nothing in the kernel that
+the pod's traffic depends on: the tc filters are replaced in one netlink call (by the same
+programs, or by new ones whose maps already hold the pod), so capture never stops; while no
+agent listens, the programs drop the pod's new connections (DROP_NO_LISTENER). A workload
+change that keeps the pod's netns, interface, addresses and identity is applied in place.
 """
 
 from __future__ import annotations
@@ -150,8 +157,10 @@ class PodEnroller:
         try:
             await self._setup(pod, earlier)
         except BaseException as exc:
-            with contextlib.suppress(Exception):  # each failed step is logged; this one counts
-                await self._teardown(pod)
+            # Each failed step is logged; this one counts. A pod an earlier agent enrolled
+            # stays captured: without listeners its connections fail, never go out plain.
+            with contextlib.suppress(Exception):
+                await (self._release(pod) if earlier else self._teardown(pod))
             if isinstance(exc, (OSError, ValueError)):
                 raise EnrollmentError(f"{workload.key}: enrolling failed: {exc}") from exc
             raise
@@ -174,6 +183,12 @@ class PodEnroller:
             routing.apply, pod.worker, record.interface, earlier.sysctls if earlier else None
         )
         self._save_record(record)
+        pods = self._datapath.table("pods")
+        for ip in record.ips:
+            key = pods.Key(addr=pod_key_addr(ip))
+            value = pods.get(key) or pods.Leaf()
+            value.flags |= abi.POD_CAPTURE
+            pods[key] = value
         created = await asyncio.to_thread(
             tc.attach,
             pod.worker,
@@ -183,12 +198,21 @@ class PodEnroller:
         )
         record.created_clsact = record.created_clsact or created
         self._save_record(record)
-        pods = self._datapath.table("pods")
-        for ip in record.ips:
-            key = pods.Key(addr=pod_key_addr(ip))
-            value = pods.get(key) or pods.Leaf()
-            value.flags |= abi.POD_CAPTURE
-            pods[key] = value
+
+    def update(self, workload: Workload) -> bool:
+        """Apply a changed workload to its enrolled pod in place, when the change leaves the
+        pod's netns, interface, addresses and identity as they are (labels, names, services,
+        waypoint): live connections and capture go on. False when it cannot be done so."""
+        pod = self.pods.get(workload.uid)
+        if pod is None:
+            return False
+        old = pod.workload
+        same = (old.netns, old.interface, old.ips, old.trust_domain, old.namespace,
+                old.service_account) == (workload.netns, workload.interface, workload.ips,
+                workload.trust_domain, workload.namespace, workload.service_account)  # fmt: skip
+        if same:
+            pod.workload = workload
+        return same
 
     async def unenroll(self, uid: str) -> None:
         pod = self.pods.pop(uid, None)
@@ -213,11 +237,38 @@ class PodEnroller:
         if record.sysctls:
             sysctls = record.sysctls
             await step("routing", lambda: asyncio.to_thread(routing.remove, pod.worker, sysctls))
-        await step("listeners", lambda: _close_listeners(pod))
-        await step("proxy", lambda: self._proxy.release(pod))
-        await step("connections", lambda: pod.connections.close(UNENROLL_GRACE))
-        await step("netns worker", pod.worker.close)
+        try:
+            await self._release(pod)
+        except Exception as exc:
+            failures.append(exc)
         await step("record", lambda: self._record_path(record.uid).unlink(missing_ok=True))
+        if failures:
+            raise failures[0]
+
+    async def _release(self, pod: EnrolledPod) -> None:
+        """Let go of what this process holds for the pod (listeners, proxy, connections,
+        netns thread) and nothing in the kernel: capture, policy and the record stay."""
+        failures: list[Exception] = []
+        for name, undo in (
+            ("listeners", lambda: _close_listeners(pod)),
+            ("proxy", lambda: self._proxy.release(pod)),
+            ("connections", lambda: pod.connections.close(UNENROLL_GRACE)),
+            ("netns worker", pod.worker.close),
+        ):
+            if (failure := await run_step(name, undo, pod=pod.workload.key)) is not None:
+                failures.append(failure)
+        if failures:
+            raise failures[0]
+
+    async def release_all(self) -> None:
+        """At an exit that hands the node to the next agent: every pod stays enrolled in the
+        kernel (its new connections are dropped until the next agent listens)."""
+        failures: list[Exception] = []
+        for uid in list(self.pods):
+            try:
+                await self._release(self.pods.pop(uid))
+            except Exception as exc:
+                failures.append(exc)
         if failures:
             raise failures[0]
 
@@ -251,7 +302,19 @@ class PodEnroller:
             raise failures[0]
 
     async def recover(self, keep: set[str]) -> None:
-        """Undo enrollments a previous agent left behind for pods no longer wanted."""
+        """Undo enrollments a previous agent left behind for pods no longer wanted; the
+        wanted ones stay as they are, to be adopted. Pod map entries no record accounts for
+        go too."""
+        kept_ips: set[str] = set()
+        for path in self._records_dir.glob("*.json"):
+            record = self._load_record(path)
+            if record is not None and record.uid in keep:
+                kept_ips.update(record.ips)
+        pods = self._datapath.table("pods")
+        for key in list(pods):
+            if socket.inet_ntoa(int(key.addr).to_bytes(4, "little")) not in kept_ips:
+                with contextlib.suppress(KeyError):
+                    del pods[key]
         for path in self._records_dir.glob("*.json"):
             record = self._load_record(path)
             if record is None:

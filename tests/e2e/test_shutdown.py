@@ -1,7 +1,8 @@
 """The one shutdown path, with agent processes in the lab: undo steps that fail do not stop
 the others, and an agent killed in the middle of its shutdown loses nothing that a restart
-cannot undo. Afterwards every pod's netns is as it was before the agent came (tc, routing,
-sysctls, listeners), and no pin, cgroup or cgroup program of the agent is left."""
+cannot undo. With `--on-exit unenroll`, afterwards every pod's netns is as it was before the
+agent came (tc, routing, sysctls, listeners), and no pin, cgroup or cgroup program of the
+agent is left. With the default exit, the pods stay captured for the next agent."""
 
 from __future__ import annotations
 
@@ -74,7 +75,8 @@ def agent_leftovers(state: LabState) -> list[str]:
 
 
 def start(state: LabState, faults: str) -> dict[str, int]:
-    agents.start_agents(state, command=(*DRIVER, faults))
+    # Unenrolling at exit: the mesh leaves the node, and everything it did is undone.
+    agents.start_agents(state, ("--on-exit", "unenroll"), command=(*DRIVER, faults))
     return {node: int(info["pid"]) for node, info in state.agents.items()}
 
 
@@ -131,3 +133,19 @@ def test_an_agent_killed_during_its_shutdown_loses_nothing(lab: LabState) -> Non
         wait_for_exit(pid)
     assert pod_netns_state(lab) == before
     assert agent_leftovers(lab) == []
+
+
+def test_the_default_exit_leaves_the_pods_captured_for_the_next_agent(lab: LabState) -> None:
+    before = pod_netns_state(lab)
+    agents.start_agents(lab)
+    enrolled = pod_netns_state(lab)
+    for node, info in lab.agents.items():
+        os.kill(int(info["pid"]), signal.SIGTERM)
+        wait_for_exit(int(info["pid"]))
+        assert '"event": "agent stopped"' in log_of(lab, node)
+    after = pod_netns_state(lab)
+    for pod in lab.pods:
+        listeners = -1  # ss: the agent's listeners are gone with it, the rest is as it was
+        assert after[pod.name][:listeners] == enrolled[pod.name][:listeners]
+        assert after[pod.name][listeners] == before[pod.name][listeners]
+    assert agents.lab_pin_root(lab.name).exists()

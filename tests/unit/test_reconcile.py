@@ -46,6 +46,14 @@ class FakeEnroller:
         self.journal.append(f"enroll {w.name}")
         self.pods[w.uid] = FakePod(w)
 
+    def update(self, w: Workload) -> bool:
+        """In place when only the labels changed (the real rule is in enrollment)."""
+        if replace(self.pods[w.uid].workload, labels=w.labels) != w:
+            return False
+        self.journal.append(f"update {w.name}")
+        self.pods[w.uid] = FakePod(w)
+        return True
+
     async def unenroll(self, uid: str) -> None:
         pod = self.pods.pop(uid)
         self.journal.append(f"unenroll {pod.workload.name}")
@@ -116,7 +124,7 @@ def test_enrolls_the_captured_pods_of_its_node_with_their_policies_first(
     assert reconciler.reconciled and reconciler.failures == 0
 
 
-def test_a_changed_workload_is_enrolled_afresh_and_a_removed_one_released(
+def test_a_moved_workload_is_enrolled_afresh_and_a_removed_one_released(
     reconciler: Reconciler, journal: list[str]
 ) -> None:
     cart, web = workload("cart"), workload("web")
@@ -124,6 +132,16 @@ def test_a_changed_workload_is_enrolled_afresh_and_a_removed_one_released(
     journal.clear()
     reconcile(reconciler, replace(cart, service_account="other"))
     assert journal == ["policies for cart", "unenroll cart", "unenroll web", "enroll cart"]
+
+
+def test_a_relabelled_workload_is_updated_in_place(
+    reconciler: Reconciler, journal: list[str]
+) -> None:
+    cart = workload("cart")
+    reconcile(reconciler, cart)
+    journal.clear()
+    reconcile(reconciler, replace(cart, labels={"version": "v2"}))
+    assert journal == ["policies for cart", "update cart"]
 
 
 def test_an_unchanged_state_changes_nothing(reconciler: Reconciler, journal: list[str]) -> None:
