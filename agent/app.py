@@ -93,6 +93,7 @@ class NodeAgent:
             assert cfg.config_file is not None
             source = LocalConfigSource(cfg.config_file, config_store)
             source.load_initial()  # a broken config at start is fatal; later ones are rejected
+        status.source = source
         cni_pods = CniPods(cfg.node_state_dir / "cni-pods.json")
         for gone in cni_pods.forget_vanished():
             log.info("CNI pod gone while the agent was away", container=gone)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from agent.datapath import abi
 from agent.datapath.loader import LoadedDatapath
@@ -22,6 +22,13 @@ from agent.sources.authorization_policy import to_local_document
 from agent.state.store import StateStore
 from agent.state.workload import Workload
 from agent.telemetry.connections import ConnectionTelemetry, TcpSeries, TunnelCounts
+
+
+class StateSource(Protocol):
+    """The local config or Kubernetes source (agent/sources/)."""
+
+    @property
+    def rejected(self) -> str | None: ...
 
 
 class NodeStatus:
@@ -38,6 +45,7 @@ class NodeStatus:
         self.enroller: PodEnroller | None = None
         self.policy: PolicyEngine | None = None
         self.reconciler: Reconciler | None = None
+        self.source: StateSource | None = None
 
     def not_ready(self) -> list[str]:
         """Empty when ready: config loaded, programs loaded, every wanted pod enrolled (its
@@ -47,11 +55,15 @@ class NodeStatus:
         missing = []
         if self.store is None:
             missing.append("config not loaded")
+        if self.source is not None and self.source.rejected is not None:
+            missing.append(self.source.rejected)
         if self.datapath is None:
             missing.append("eBPF programs not loaded")
         if self.reconciler is None or not self.reconciler.reconciled:
             missing.append("pods not enrolled yet")
         if self.reconciler is not None:
+            if self.reconciler.error is not None:
+                missing.append(f"state not in force (reconcile failed: {self.reconciler.error})")
             errors = self.reconciler.enroll_errors.values()
             missing += [f"pod not enrolled: {error}" for error in errors]
         return missing
@@ -108,6 +120,9 @@ class NodeStatus:
 
     def open_connections(self) -> int:
         return self.telemetry.open_connections
+
+    def reconcile_failures(self) -> int:
+        return self.reconciler.errors if self.reconciler else 0
 
     def telemetry_counts(self) -> dict[str, int]:
         """The kernel's telemetry_stats by name, and the connections that closed without a

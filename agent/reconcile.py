@@ -27,6 +27,10 @@ from cni.protocol import Answer, Request
 
 log = structlog.get_logger("agent")
 
+# Seconds before a failed reconcile is tried again, doubling up to the maximum.
+RETRY_FIRST = 0.1
+RETRY_MAX = 10.0
+
 
 class EnrolledPodView(Protocol):
     @property
@@ -76,33 +80,53 @@ class Reconciler:
         self._lock = asyncio.Lock()
         self.reconciled = False
         self.failures = 0
+        # Failed reconciles (not pods that failed to enroll: those are in enroll_errors).
+        self.errors = 0
+        self.error: str | None = None
         self.enroll_errors: dict[str, str] = {}
 
     def wanted(self, state: MeshState) -> list[Workload]:
         return [w for w in state.workloads_on(self.node) if w.captured]
 
-    async def reconcile(self) -> None:
+    async def reconcile(self) -> bool:
         """Enroll what the store's state wants on this node, unenroll the rest; a pod whose
         workload changed is updated in place where it can be, else enrolled afresh. The
         state is read when this reconcile's turn comes, so requests queued behind one
-        reconcile (a burst of CNI ADDs) share the next."""
+        reconcile (a burst of CNI ADDs) share the next.
+
+        An error (a bug, or a state no check caught) is logged with its cause and counted,
+        and stays in `error` (readiness shows it) until a reconcile succeeds; False then."""
         async with self._lock:
-            await self._reconcile_locked(self.store.current)
+            try:
+                await self._reconcile_locked(self.store.current)
+            except Exception as exc:
+                self.errors += 1
+                self.error = f"{type(exc).__name__}: {exc}"
+                log.exception("reconcile failed: the state is not fully in force",
+                              error=self.error)  # fmt: skip
+                return False
+            self.error = None
+            return True
 
     async def follow(self, stop: asyncio.Event) -> None:
-        """Reconcile after every change of the store's state, until `stop` is set."""
+        """Reconcile after every change of the store's state, until `stop` is set. A failed
+        reconcile is retried with backoff (sooner when the state changes again)."""
         changed = asyncio.Event()
         unsubscribe = self.store.subscribe(lambda old, new: changed.set())
+        retry_in = RETRY_FIRST if self.error is not None else None  # the start's failed
         try:
             while not stop.is_set():
                 waits = {asyncio.ensure_future(changed.wait()), asyncio.ensure_future(stop.wait())}
-                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(waits, timeout=retry_in, return_when=asyncio.FIRST_COMPLETED)
                 for waiting in waits:
                     waiting.cancel()
                 if stop.is_set():
                     return
                 changed.clear()
-                await self.reconcile()
+                if await self.reconcile():
+                    retry_in = None
+                else:
+                    retry_in = min(RETRY_MAX, (retry_in or RETRY_FIRST / 2) * 2)
         finally:
             unsubscribe()
 
@@ -182,6 +206,11 @@ class CniAnswers:
         enrolled = uid in self._enroller.pods
         if wanted and not enrolled:
             error = self._reconciler.enroll_errors.get(uid, "pod not enrolled")
+            if request.op == "add":
+                # The failed ADD leaves nothing behind: the runtime tears the sandbox down
+                # (and sends DEL), and the node stays ready for its other pods.
+                self._cni_pods.remove(request.container_id)
+                await self._apply()
             return Answer(ok=False, error=error)
         return Answer(ok=True, enrolled=enrolled)
 

@@ -13,6 +13,7 @@ self-contained zipapp on hosts.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -92,6 +93,26 @@ def _pod_request(op: str, invocation: Invocation, config: NetworkConfig) -> prot
     )
 
 
+def _with_namespace(invocation: Invocation, config: NetworkConfig) -> Invocation:
+    """The pod's namespace decides its enrollment: a runtime that sends none gets the
+    configured defaultNamespace, or a refusal naming the setting."""
+    if invocation.pod.namespace:
+        return invocation
+    default = config.settings.default_namespace
+    if default is None:
+        raise CniError(
+            ErrorCode.INVALID_ENVIRONMENT,
+            f"container {invocation.container_id}: CNI_ARGS holds no K8S_POD_NAMESPACE, so "
+            "whether it belongs in the mesh is unknown",
+            "runtimes other than Kubernetes' (podman, for one) send none: set "
+            '"defaultNamespace" in the ambient-cni network config to the namespace such '
+            "containers count as (its ambient label then decides), or exclude them",
+        )
+    return dataclasses.replace(
+        invocation, pod=dataclasses.replace(invocation.pod, namespace=default)
+    )
+
+
 def _describe(invocation: Invocation) -> str:
     pod = invocation.pod
     if pod.namespace or pod.name:
@@ -146,6 +167,7 @@ def _require_prev_result(config: NetworkConfig, command: str) -> None:
 
 def add(invocation: Invocation, config: NetworkConfig) -> dict[str, Any]:
     _require_prev_result(config, "ADD")
+    invocation = _with_namespace(invocation, config)
     if config.settings.excludes(invocation.pod):
         return spec.passthrough_result(config)
     what = _describe(invocation)

@@ -36,6 +36,7 @@ COMMANDS = ("ADD", "DEL", "CHECK", "GC", "STATUS", "VERSION")
 DEFAULT_AGENT_SOCKET = "/var/run/ambient-agent/cni.sock"
 DEFAULT_TIMEOUT_SECONDS = 30.0
 DEFAULT_EXCLUDE_NAMESPACES = ("kube-system",)
+_NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # an RFC 1123 label
 # Only ADD blocks a pod's start on the agent; the other commands are housekeeping that the
 # runtime repeats, so they must not hold it up for long.
 HOUSEKEEPING_TIMEOUT_CAP = 10.0
@@ -117,6 +118,10 @@ class PluginSettings:
     agent_socket: str = DEFAULT_AGENT_SOCKET
     timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS
     exclude_namespaces: tuple[str, ...] = DEFAULT_EXCLUDE_NAMESPACES
+    # For runtimes that send no K8S_POD_NAMESPACE (podman, plain containerd): the namespace
+    # such a container counts as. None: ADD refuses such containers rather than leave them
+    # silently out of the mesh.
+    default_namespace: str | None = None
 
     def agent_timeout(self, command: str) -> float:
         """How long `command` waits for the agent's answer, connecting included."""
@@ -342,7 +347,14 @@ def _plugin_settings(body: Mapping[str, Any]) -> PluginSettings:
         raise _invalid_config(
             f"excludeNamespaces must be a list of namespace names, not {exclude!r}"
         )
-    return PluginSettings(agent_socket, float(timeout), tuple(exclude))
+    default_namespace = body.get("defaultNamespace")
+    if default_namespace is not None and (
+        not isinstance(default_namespace, str) or not _NAMESPACE.fullmatch(default_namespace)
+    ):
+        raise _invalid_config(
+            f"defaultNamespace must be a Kubernetes namespace name, not {default_namespace!r}"
+        )
+    return PluginSettings(agent_socket, float(timeout), tuple(exclude), default_namespace)
 
 
 def pod_ips(prev_result: Mapping[str, Any]) -> tuple[str, ...]:
@@ -361,11 +373,31 @@ def pod_ips(prev_result: Mapping[str, Any]) -> tuple[str, ...]:
         if not isinstance(cidr, str):
             raise _invalid_config(f"{where}.address must be an address in CIDR form")
         try:
+            # The spec's address carries its prefix length ("10.1.0.5/24"); a bare address
+            # is a primary plugin's bug that the pod would pay for later.
+            if "/" not in cidr:
+                raise ValueError(cidr)
             address = ipaddress.ip_interface(cidr).ip
         except ValueError:
             raise _invalid_config(
-                f"{where}.address {cidr!r} is not an address in CIDR form"
+                f"{where}.address {cidr!r} is not an address in CIDR form (address/prefix)"
             ) from None
+        gateway = entry.get("gateway")
+        if gateway is not None and not _same_family_address(gateway, address.version):
+            raise _invalid_config(
+                f"{where}.gateway {gateway!r} is not an IPv{address.version} address"
+            )
+        interface = entry.get("interface")
+        interfaces = prev_result.get("interfaces", [])
+        if interface is not None and (
+            isinstance(interface, bool)
+            or not isinstance(interface, int)
+            or not isinstance(interfaces, list)
+            or not 0 <= interface < len(interfaces)
+        ):
+            raise _invalid_config(
+                f"{where}.interface {interface!r} is not an index into prevResult.interfaces"
+            )
         family = entry.get("version")
         if family is not None and family != str(address.version):
             raise _invalid_config(
@@ -375,6 +407,15 @@ def pod_ips(prev_result: Mapping[str, Any]) -> tuple[str, ...]:
         if str(address) not in addresses:
             addresses.append(str(address))
     return tuple(addresses)
+
+
+def _same_family_address(value: object, version: int) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        return ipaddress.ip_address(value).version == version
+    except ValueError:
+        return False
 
 
 def _valid_container_ids(body: Mapping[str, Any]) -> tuple[str, ...]:

@@ -40,6 +40,7 @@ class AgentMetricsSource(Protocol):
     def map_fill(self) -> list[tuple[str, int, int]]: ...  # (map, entries, capacity)
     def tunnels(self) -> dict[str, TunnelCounts]: ...
     def open_connections(self) -> int: ...
+    def reconcile_failures(self) -> int: ...
 
 
 class AgentCollector(Collector):
@@ -129,6 +130,12 @@ class AgentCollector(Collector):
             "ambient_programs_loaded", "eBPF programs loaded and pinned by the agent.",
             value=self._source.programs_loaded(),
         )  # fmt: skip
+        yield CounterMetricFamily(
+            "ambient_reconcile_failures",
+            "Reconciles that failed, leaving the state not fully in force until a retry "
+            "succeeds (the cause is logged, and shown by /healthz/ready meanwhile).",
+            value=self._source.reconcile_failures(),
+        )
         expiry = GaugeMetricFamily(
             "ambient_workload_certificate_expiry_timestamp_seconds",
             "When each workload certificate the agent holds expires (Unix time).",

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import ipaddress
 import json
+import os
 import socket
 import typing
 from collections.abc import Coroutine
@@ -140,6 +141,13 @@ class PodEnroller:
         if workload.netns is None:
             raise EnrollmentError(f"{workload.key}: no network namespace known for the pod")
         ips = self._ipv4s(workload)
+        if (holder := self._holder_of(workload.netns, workload.interface)) is not None:
+            # Enrolling would take the holder's ports, tc filters and routing (and undoing
+            # the failure would remove them): refused before any step.
+            raise EnrollmentError(
+                f"{workload.key}: {workload.interface} in {workload.netns} belongs to the "
+                f"enrolled pod {holder.workload.key}"
+            )
         try:
             worker = NetnsWorker(workload.netns)
         except OSError as exc:
@@ -166,6 +174,21 @@ class PodEnroller:
             raise
         self.pods[workload.uid] = pod
         log.info("pod enrolled", pod=workload.key, ips=ips, netns=workload.netns)
+
+    def _holder_of(self, netns: str, interface: str) -> EnrolledPod | None:
+        """The enrolled pod in that netns (the same namespace under any path) on that
+        interface, if there is one."""
+        try:
+            wanted = os.stat(netns)
+        except OSError:
+            return None  # no such netns: enrolling fails on its own, touching nothing
+        for pod in self.pods.values():
+            with contextlib.suppress(OSError):
+                held = os.stat(pod.record.netns)
+                same = (held.st_dev, held.st_ino) == (wanted.st_dev, wanted.st_ino)
+                if same and pod.record.interface == interface:
+                    return pod
+        return None
 
     async def _setup(self, pod: EnrolledPod, earlier: EnrollmentRecord | None) -> None:
         record = pod.record

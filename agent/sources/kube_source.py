@@ -256,6 +256,8 @@ class KubeSource:
         self._followers = tuple(_Follower(resource) for resource in resources_of(api))
         # Written by the worker threads, read by the publisher: always under this lock.
         self._objects = KubeObjects()
+        # Why the newest state is not in force (readiness shows it), or None.
+        self.rejected: str | None = None
         self._objects_lock = threading.Lock()
         self._stopping = threading.Event()  # what the worker threads look at
         self._published: MeshState | None = None
@@ -500,10 +502,12 @@ class KubeSource:
             try:
                 # The translation is CPU work over the whole cluster: off the event loop.
                 state = await asyncio.to_thread(self._translate)
-            except Exception:
+            except Exception as exc:
                 # Keep the last good state; the next change tries again.
-                log.exception("kubernetes state translation failed")
+                self.rejected = f"translating the cluster's objects failed: {exc}"
+                log.exception("kubernetes state translation failed", error=str(exc))
                 continue
+            self.rejected = None
             if self._publish(state):
                 log.debug("kubernetes state updated", **_counts(state, self.node))
 

@@ -7,14 +7,16 @@ policies are checked for shape only and interpreted by the policy layer.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from agent.identity.spiffe import SpiffeId
 from agent.sources.authorization_policy import PolicyError, parse_policy
+from agent.state.names import dns_label_error, dns_subdomain_error, interface_name_error
 from agent.state.namespace import Namespace
 from agent.state.policy import Policy
 from agent.state.service import Service
@@ -74,9 +76,14 @@ def parse_local_config(text: str, source: str) -> LocalConfig:
         line = mark.line + 1 if mark is not None else None
         raise ConfigError(source, line, f"invalid YAML: {problem}") from exc
     if root is None:
-        return LocalConfig((), (), ())
+        # What an editor or a copy that was cut short leaves: never taken as "no workloads".
+        raise ConfigError(source, None, "the file is empty (write `workloads: []` to mean "
+                          "no workloads)")  # fmt: skip
     if not isinstance(root, yaml.MappingNode):
         raise _error(source, root, "top level must be a mapping")
+    if not root.value:
+        raise _error(source, root, "the config names no section (workloads, services, "
+                     "policies, namespaces)")  # fmt: skip
     sections: dict[str, yaml.Node] = {}
     for key_node, value_node in root.value:
         key = key_node.value
@@ -206,6 +213,44 @@ def _string(source: str, node: yaml.Node, what: str) -> str:
     return value
 
 
+def _optional_name(
+    source: str, fields: dict[str, yaml.Node], key: str, error_of: Callable[[str], str | None]
+) -> str | None:
+    """A string field checked by error_of; None when absent. Never coerced: `name: [x]` or
+    `node: 2` is an error, not "['x']" or "2"."""
+    node = _present(fields, key)
+    if node is None:
+        return None
+    value = _construct(source, node)
+    if not isinstance(value, str) or not value:
+        raise _error(source, node, f"{key} must be a non-empty string, not {value!r}")
+    if (error := error_of(value)) is not None:
+        raise _error(source, node, f"{key} {value!r} {error}")
+    return value
+
+
+def _name(
+    source: str,
+    fields: dict[str, yaml.Node],
+    key: str,
+    error_of: Callable[[str], str | None],
+    default: str | None = None,
+) -> str:
+    value = _optional_name(source, fields, key, error_of)
+    if value is not None:
+        return value
+    assert default is not None, f"{key} is required and checked before"
+    return default
+
+
+def _uid_error(value: str) -> str | None:
+    return "may not hold white space" if any(c.isspace() for c in value) else None
+
+
+def _netns_error(value: str) -> str | None:
+    return None if value.startswith("/") else "must be an absolute path (/run/netns/...)"
+
+
 def _ip(value: object) -> str | None:
     """The address in canonical form, so that lookups match however it was written."""
     if not isinstance(value, str):
@@ -266,17 +311,24 @@ def _workload(node: yaml.Node, source: str) -> Workload:
         ):
             raise _error(source, labels_node, "labels must map strings to strings")
         labels = raw
-    name, namespace = str(data["name"]), str(data["namespace"])
+    name = _name(source, fields, "name", dns_subdomain_error)
+    namespace = _name(source, fields, "namespace", dns_label_error)
+    service_account = _name(source, fields, "serviceAccount", dns_subdomain_error, "default")
+    try:
+        SpiffeId(trust_domain, namespace, service_account)
+    except ValueError as exc:
+        raise _error(source, node, f"no valid identity: {exc}") from None
+    netns = _optional_name(source, fields, "netns", _netns_error)
     return Workload(
-        uid=str(data.get("uid", f"local//Pod/{namespace}/{name}")),
+        uid=_name(source, fields, "uid", _uid_error, f"local//Pod/{namespace}/{name}"),
         name=name,
         namespace=namespace,
-        service_account=str(data.get("serviceAccount", "default")),
+        service_account=service_account,
         ips=tuple(canonical_ips),
         protocol=protocol,
-        node=str(data["node"]),
-        netns=str(data["netns"]) if "netns" in data else None,
-        interface=str(data.get("interface", "eth0")),
+        node=_name(source, fields, "node", dns_subdomain_error),
+        netns=netns,
+        interface=_name(source, fields, "interface", interface_name_error, "eth0"),
         trust_domain=trust_domain,
         services=services,
         waypoint=waypoint,

@@ -68,6 +68,9 @@ class LocalConfigSource:
         self._text: str | None = None
         self._read_again = False
         self._unreadable_reported = False
+        # Why the file as it is now is not in force (readiness shows it), or None.
+        self.rejected: str | None = None
+        self.rejections = 0
 
     def load_initial(self) -> MeshState:
         """Load the file into the store. Raises ConfigError: the agent must not start on a
@@ -126,6 +129,7 @@ class LocalConfigSource:
         state = mesh_state_of(config)
         self.store.replace(state)
         self._remember(text, stamp)
+        self.rejected = None
         log.info("config reloaded", file=str(self.path), **_counts(state))
 
     async def _settled(self, stamp: _FileStamp, stop: asyncio.Event) -> bool:
@@ -169,6 +173,8 @@ class LocalConfigSource:
         self._read_again = 0 <= age_ns < _RECENT_WRITE_NS
 
     def _reject(self, error: ConfigError) -> None:
+        self.rejected = f"config rejected, the last good one stays in force: {error}"
+        self.rejections += 1
         log.error(
             "config rejected",
             file=error.source,

@@ -63,9 +63,13 @@ class FakePolicy:
     def __init__(self, journal: list[str]) -> None:
         self.journal = journal
         self.checked: list[list[LiveConnection]] = []
+        self.failing = 0  # the next applies that raise, as a bug would
 
     async def apply(self, state: MeshState, destinations: Iterable[Workload]) -> None:
         await asyncio.sleep(0.01)  # as a kernel write takes its time: others queue meanwhile
+        if self.failing:
+            self.failing -= 1
+            raise ValueError("a value nothing checked")
         self.journal.append("policies for " + ",".join(sorted(w.name for w in destinations)))
 
     def cut_denied(self, connections: Iterable[LiveConnection]) -> int:
@@ -208,6 +212,32 @@ def test_follow_reconciles_each_change_until_stopped(
         store.replace(MeshState())  # after the stop: not followed any more
 
     asyncio.run(scenario())
+    assert journal == ["policies for cart", "enroll cart"]
+
+
+def test_a_failing_reconcile_is_logged_shown_and_retried_until_it_succeeds(
+    reconciler: Reconciler, store: StateStore, policy: FakePolicy, journal: list[str]
+) -> None:
+    policy.failing = 3
+
+    async def scenario() -> list[str | None]:
+        stop = asyncio.Event()
+        task = asyncio.create_task(reconciler.follow(stop))
+        await asyncio.sleep(0)
+        store.replace(MeshState((workload("cart"),)))
+        seen: list[str | None] = []
+        for _ in range(300):
+            await asyncio.sleep(0.01)
+            seen.append(reconciler.error)
+            if "enroll cart" in journal:
+                break
+        stop.set()
+        await asyncio.wait_for(task, 1.0)  # the task lived through every failure
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert "ValueError: a value nothing checked" in seen
+    assert reconciler.errors == 3 and reconciler.error is None
     assert journal == ["policies for cart", "enroll cart"]
 
 

@@ -270,6 +270,30 @@ def test_excluded_namespaces_never_reach_the_agent(
     assert agent.requests == []
 
 
+def test_add_without_a_pod_namespace_is_refused_unless_a_default_is_configured(
+    agent: FakeAgent,
+) -> None:
+    podman = {"CNI_ARGS": "IgnoreUnknown=1"}  # what podman sends: no K8S_POD_* at all
+    done = run_plugin("ADD", network_config(agent.socket_path, prevResult=PREV_RESULT_1_0),
+                      **podman)  # fmt: skip
+    error = cni_error(done, 4)
+    assert "no K8S_POD_NAMESPACE" in error["msg"] and "defaultNamespace" in error["details"]
+    assert agent.requests == []  # refused before the agent saw it: nothing was changed
+
+    config = network_config(agent.socket_path, prevResult=PREV_RESULT_1_0,
+                            defaultNamespace="containers")  # fmt: skip
+    done = run_plugin("ADD", config, **podman)
+    assert done.returncode == 0, done.stdout
+    assert [r.pod.namespace for r in agent.requests] == ["containers"]
+
+
+def test_a_default_namespace_must_be_a_namespace_name(agent: FakeAgent) -> None:
+    config = network_config(agent.socket_path, prevResult=PREV_RESULT_1_0,
+                            defaultNamespace="Not A Namespace")  # fmt: skip
+    error = cni_error(run_plugin("ADD", config), 7)
+    assert "defaultNamespace" in error["msg"]
+
+
 def test_add_refused_by_the_agent_is_our_error(agent: FakeAgent) -> None:
     agent.answer(Answer(ok=False, error="cannot attach to netns: gone"))
     error = cni_error(

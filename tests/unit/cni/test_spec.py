@@ -262,6 +262,13 @@ def test_pod_ips_each_once_and_none_is_fine() -> None:
         ({"ips": [{"gateway": "10.1.0.1"}]}, "prevResult.ips[0].address"),
         ({"ips": [{"address": "10.1.0.5/16"}, {"address": "10.1.0.300/16"}]}, "ips[1].address"),
         ({"ips": [{"version": "6", "address": "10.1.0.5/16"}]}, "prevResult.ips[0].version"),
+        ({"ips": [{"address": "10.1.0.5"}]}, "prevResult.ips[0].address '10.1.0.5' is not"),
+        ({"ips": [{"address": "10.1.0.5/16", "gateway": "fd00::1"}]}, "ips[0].gateway"),
+        (
+            {"ips": [{"address": "10.1.0.5/16", "interface": 2}], "interfaces": [{"name": "a"}]},
+            "ips[0].interface 2 is not an index",
+        ),  # fmt: skip
+        ({"ips": [{"address": "10.1.0.5/16", "interface": True}]}, "ips[0].interface True"),
     ],
 )
 def test_malformed_prev_result_is_invalid_config(prev_result: dict[str, Any], named: str) -> None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -39,8 +40,51 @@ def test_valid_config_gives_workloads_with_defaults() -> None:
     assert legacy.service_account == "default"
 
 
-def test_empty_file_is_an_empty_mesh() -> None:
-    assert parse_local_config("", "x").workloads == ()
+@pytest.mark.parametrize("text", ["", "\n", "# nothing yet\n", "{}\n"])
+def test_an_empty_file_is_refused_and_an_explicit_empty_mesh_is_not(text: str) -> None:
+    # An editor's or a cut-short copy's empty file must not unenroll every pod.
+    with pytest.raises(ConfigError, match=r"empty|names no section"):
+        parse_local_config(text, "x")
+    assert parse_local_config("workloads: []\n", "x").workloads == ()
+
+
+WORKLOAD = "workloads:\n  - name: a\n    namespace: b\n    node: n\n    workloadIps: [10.0.0.1]\n"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("    serviceAccount: bad sa\n", "serviceAccount 'bad sa' must be lower-case"),
+        ("    serviceAccount: {a: 1}\n", "serviceAccount must be a non-empty string"),
+        ("    uid: [x]\n", "uid must be a non-empty string, not ['x']"),
+        ("    netns: 12\n", "netns must be a non-empty string, not 12"),
+        ("    netns: run/netns/a\n", "netns 'run/netns/a' must be an absolute path"),
+        ("    interface: eth0/1\n", "interface 'eth0/1' may not be"),
+        ("    interface: a-very-long-ifname\n", "interface 'a-very-long-ifname' is longer"),
+        ("    trustDomain: Cluster.Local\n", "no valid identity: trust domain"),
+    ],
+)
+def test_workload_values_are_typed_and_validated_never_coerced(extra: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_local_config(WORKLOAD + extra, "x")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("name", "[x]", "name must be a non-empty string, not ['x']"),
+        ("name", "Web_1", "name 'Web_1' must be lower-case"),
+        ("namespace", "a.b", "namespace 'a.b' must be lower-case letters, digits and '-'"),
+        ("node", "2", "node must be a non-empty string, not 2"),
+    ],
+)
+def test_required_workload_names_follow_kubernetes_rules(
+    field: str, value: str, message: str
+) -> None:
+    text = WORKLOAD.replace(f"{field}: {dict(name='a', namespace='b', node='n')[field]}\n",
+                            f"{field}: {value}\n")  # fmt: skip
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_local_config(text, "x")
 
 
 @pytest.mark.parametrize(

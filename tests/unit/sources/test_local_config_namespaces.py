@@ -45,7 +45,6 @@ def test_namespaces_are_parsed_in_order_with_their_labels() -> None:
 @pytest.mark.parametrize(
     "text",
     [
-        pytest.param("", id="empty-file"),
         pytest.param(WORKLOAD, id="no-namespaces-section"),
         pytest.param("namespaces: []\n", id="empty-section"),
     ],
