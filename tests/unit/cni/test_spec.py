@@ -267,7 +267,7 @@ def test_pod_ips_each_once_and_none_is_fine() -> None:
         (
             {"ips": [{"address": "10.1.0.5/16", "interface": 2}], "interfaces": [{"name": "a"}]},
             "ips[0].interface 2 is not an index",
-        ),  # fmt: skip
+        ),
         ({"ips": [{"address": "10.1.0.5/16", "interface": True}]}, "ips[0].interface True"),
     ],
 )
