@@ -141,12 +141,12 @@ class PodEnroller:
         if workload.netns is None:
             raise EnrollmentError(f"{workload.key}: no network namespace known for the pod")
         ips = self._ipv4s(workload)
-        if (holder := self._holder_of(workload.netns, workload.interface)) is not None:
-            # Enrolling would take the holder's ports, tc filters and routing (and undoing
-            # the failure would remove them): refused before any step.
+        if (holder := self._holder_of(workload.netns)) is not None:
+            # Enrolling would take the holder's ports and share its routing, which undoing a
+            # failure would remove: refused before any step.
             raise EnrollmentError(
-                f"{workload.key}: {workload.interface} in {workload.netns} belongs to the "
-                f"enrolled pod {holder.workload.key}"
+                f"{workload.key}: network namespace {workload.netns} belongs to the enrolled "
+                f"pod {holder.workload.key}"
             )
         try:
             worker = NetnsWorker(workload.netns)
@@ -175,9 +175,8 @@ class PodEnroller:
         self.pods[workload.uid] = pod
         log.info("pod enrolled", pod=workload.key, ips=ips, netns=workload.netns)
 
-    def _holder_of(self, netns: str, interface: str) -> EnrolledPod | None:
-        """The enrolled pod in that netns (the same namespace under any path) on that
-        interface, if there is one."""
+    def _holder_of(self, netns: str) -> EnrolledPod | None:
+        """The enrolled pod in that netns (the same namespace under any path), if any."""
         try:
             wanted = os.stat(netns)
         except OSError:
@@ -185,8 +184,7 @@ class PodEnroller:
         for pod in self.pods.values():
             with contextlib.suppress(OSError):
                 held = os.stat(pod.record.netns)
-                same = (held.st_dev, held.st_ino) == (wanted.st_dev, wanted.st_ino)
-                if same and pod.record.interface == interface:
+                if (held.st_dev, held.st_ino) == (wanted.st_dev, wanted.st_ino):
                     return pod
         return None
 

@@ -279,6 +279,40 @@ def test_a_restarted_agent_keeps_its_pods_and_lets_go_of_the_gone(node: Node) ->
     assert [r["name"] for r in records] == ["staying"]
 
 
+def test_a_failed_add_into_an_enrolled_pods_netns_leaves_that_pod_as_it_was(
+    node: Node,
+) -> None:
+    victim = Attachment("v" * 64, str(node.pod_netns("victim")), name="victim", uid="u-v")
+    address = pod_address(node.runtime.add(victim))
+    filters = tc_filters(victim.netns)
+    assert "ambient_pod_egress" in filters
+    # A second sandbox handed the same netns (a runtime bug, or an attack on the agent).
+    intruder = Attachment("i" * 64, victim.netns, ifname="eth1", name="intruder", uid="u-i")
+    with pytest.raises(PluginFailed) as failed:
+        node.runtime.add(intruder)
+    assert failed.value.plugin == "ambient-cni"
+    assert "belongs to the enrolled pod default/victim" in failed.value.error["msg"]
+    node.runtime.delete(intruder)
+    assert enrolled(node) == {address}
+    assert tc_filters(victim.netns) == filters
+    # A missing netns fails only its own ADD: the node stays ready for the others.
+    ghost = Attachment("g" * 64, "/run/netns/no-such-netns", name="ghost", uid="u-g")
+    ambient_cni = node.runtime.conflist["plugins"][-1]
+    prev = {"cniVersion": "1.0.0", "ips": [{"address": "10.242.7.250/24"}]}
+    done = node.runtime.run_one(ambient_cni, "ADD", ghost, prev)
+    assert done.returncode != 0 and "no-such-netns" in done.stdout
+    status = node.runtime.run_one(ambient_cni, "STATUS", None, extra={"cniVersion": "1.1.0"})
+    assert status.returncode == 0, status.stdout
+    assert enrolled(node) == {address}
+
+
+def tc_filters(netns: str) -> str:
+    return subprocess.run(
+        ["ip", "netns", "exec", Path(netns).name, "tc", "filter", "show", "dev", "eth0",
+         "egress"], capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+
+
 def test_add_fails_clearly_and_leaves_nothing_when_the_agent_is_gone(node: Node) -> None:
     node.stop_agent()
     pod = Attachment("e" * 64, str(node.pod_netns("early")), name="early")

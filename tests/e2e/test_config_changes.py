@@ -125,7 +125,7 @@ def bad_service_account_on_node_2(text: str) -> str:
     ("edit", "reason"),
     [
         (emptied, "the file is empty"),
-        (cut_mid_address, "'10.240' in workloadIps is not an IP address"),
+        (cut_mid_address, "workload is missing 'node'"),
         (null_section, "workloads must be a list"),
         (bad_service_account_on_node_2, "serviceAccount 'bad sa'"),
     ],
