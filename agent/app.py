@@ -134,6 +134,7 @@ class NodeAgent:
         policy = status.policy = PolicyEngine(PolicyMaps(datapath))
         undo("policy retirement timer", policy.close)
         proxy = InPodProxy(store, identities, policy, self.telemetry)
+        status.refusals = proxy.hbone_refusals
         undo("HBONE client pool", proxy.close)
         enroller = status.enroller = PodEnroller(datapath, cfg.node_state_dir, proxy)
         if handing_over:

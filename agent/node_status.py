@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from agent.datapath import abi
 from agent.datapath.loader import LoadedDatapath
+from agent.hbone.connection import Refusals
 from agent.identity.manager import IdentityManager, WorkloadCertificate
 from agent.inpod.enrollment import PodEnroller
 from agent.policy.engine import PolicyEngine
@@ -46,6 +47,7 @@ class NodeStatus:
         self.policy: PolicyEngine | None = None
         self.reconciler: Reconciler | None = None
         self.source: StateSource | None = None
+        self.refusals: Refusals | None = None
 
     def not_ready(self) -> list[str]:
         """Empty when ready: config loaded, programs loaded, every wanted pod enrolled (its
@@ -123,6 +125,9 @@ class NodeStatus:
 
     def reconcile_failures(self) -> int:
         return self.reconciler.errors if self.reconciler else 0
+
+    def hbone_refusals(self) -> dict[str, int]:
+        return dict(self.refusals.counts) if self.refusals else {}
 
     def telemetry_counts(self) -> dict[str, int]:
         """The kernel's telemetry_stats by name, and the connections that closed without a

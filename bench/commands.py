@@ -16,12 +16,19 @@ def register(sub: Any) -> None:
     bench.add_argument("--restart", action="store_true",
                        help="restart a node agent under a connection stream: restart-to-ready "
                        "and what got past the mesh meanwhile")  # fmt: skip
+    bench.add_argument("--hbone-abuse", action="store_true",
+                       help="what a mesh peer can make an agent hold through its HBONE port: "
+                       "RSS before and after each abuse case")  # fmt: skip
     bench.add_argument("--rounds", type=int, default=5,
                        help="with --restart: rounds (default 5)")  # fmt: skip
     bench.add_argument("--name", default="bench", help="lab name (default: bench)")
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.hbone_abuse:
+        from bench.hbone_abuse import run_abuse_bench
+
+        return run_abuse_bench(args.name, json_output=args.json)
     if args.restart:
         from bench.restart import run_restart_bench
 

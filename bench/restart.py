@@ -90,10 +90,10 @@ def measure(state: LabState, rounds: int) -> RestartReport:
     report = RestartReport(rounds=rounds)
     with (
         _bridge_capture(state) as captured,
-        _process(server_b, "serve", str(PORT)),
-        _process(server_a, "serve", str(PORT)) as server_a_result,
-        _process(client, "connect", server_b.ip, str(PORT)) as client_result,
-        _process(outsider, "connect", server_a.ip, str(PORT)) as outsider_result,
+        pod_process(server_b, "serve", str(PORT)),
+        pod_process(server_a, "serve", str(PORT)) as server_a_result,
+        pod_process(client, "connect", server_b.ip, str(PORT)) as client_result,
+        pod_process(outsider, "connect", server_a.ip, str(PORT)) as outsider_result,
     ):
         time.sleep(SETTLE)
         for _ in range(rounds):
@@ -155,7 +155,7 @@ def _wait_exit(pid: int) -> None:
 
 
 @contextlib.contextmanager
-def _process(pod: PodState, *args: str) -> Iterator[Any]:
+def pod_process(pod: PodState, *args: str) -> Iterator[Any]:
     """bench.stream in the pod; yields a function that returns its JSON result once the
     block has ended (the process is stopped with SIGTERM on the way out)."""
     argv = ["ip", "netns", "exec", pod.netns, sys.executable, "-m", "bench.stream", *args]

@@ -41,6 +41,7 @@ class AgentMetricsSource(Protocol):
     def tunnels(self) -> dict[str, TunnelCounts]: ...
     def open_connections(self) -> int: ...
     def reconcile_failures(self) -> int: ...
+    def hbone_refusals(self) -> dict[str, int]: ...
 
 
 class AgentCollector(Collector):
@@ -130,6 +131,16 @@ class AgentCollector(Collector):
             "ambient_programs_loaded", "eBPF programs loaded and pinned by the agent.",
             value=self._source.programs_loaded(),
         )  # fmt: skip
+        refusals = CounterMetricFamily(
+            "ambient_hbone_refusals",
+            "HBONE connections and requests refused, by reason (bad_request, no_alpn_h2, "
+            "peer_identity, header_block_too_large, reset_flood, control_frame_flood, "
+            "peer_not_reading, protocol_error).",
+            labels=["reason"],
+        )
+        for reason, count in sorted(self._source.hbone_refusals().items()):
+            refusals.add_metric([reason], count)
+        yield refusals
         yield CounterMetricFamily(
             "ambient_reconcile_failures",
             "Reconciles that failed, leaving the state not fully in force until a retry "

@@ -30,6 +30,51 @@ PING_INTERVAL = 10.0
 PING_TIMEOUT = 20.0
 
 
+# Bytes a peer may leave unread in our send buffer (answers to its PINGs and SETTINGS, data
+# it does not take): past this it is disconnected rather than held in memory.
+WRITE_BUFFER_LIMIT = 64 * 1024 * 1024
+# Received but not yet relayed, over all HBONE connections of the agent. Each connection's
+# share is bounded by its flow-control window (16 MiB); past the total, connections stop
+# reading until relays catch up.
+MEMORY_BUDGET = 256 * 1024 * 1024
+
+
+class Refusals:
+    """HBONE refusals by reason (malformed requests, limits, peers refused), for /metrics."""
+
+    def __init__(self) -> None:
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def count(self, reason: str) -> None:
+        self.counts[reason] += 1
+
+
+class MemoryBudget:
+    """Bytes received on HBONE connections and not yet handed on, against one limit; a
+    connection that takes the total over it pauses reading until the total falls back."""
+
+    def __init__(self, limit: int = MEMORY_BUDGET) -> None:
+        self.limit = limit
+        self.used = 0
+        self._paused: set[HboneConnection] = set()
+
+    def take(self, size: int, conn: HboneConnection) -> None:
+        self.used += size
+        if self.used > self.limit and conn not in self._paused:
+            self._paused.add(conn)
+            conn.pause_reading()
+
+    def give(self, size: int) -> None:
+        self.used = max(0, self.used - size)
+        if self.used <= self.limit and self._paused:
+            for conn in list(self._paused):
+                conn.resume_reading()
+            self._paused.clear()
+
+    def forget(self, conn: HboneConnection) -> None:
+        self._paused.discard(conn)
+
+
 class TunnelRefused(Exception):
     def __init__(self, status: int) -> None:
         super().__init__(f"HBONE CONNECT answered {status}")
@@ -76,6 +121,10 @@ class HboneStream:
 
     def _on_window(self) -> None:
         self._writable.set()
+
+    @property
+    def was_reset(self) -> bool:
+        return self._reset_code is not None
 
     # -- used by the relay -----------------------------------------------------------------
 
@@ -132,8 +181,13 @@ class HboneConnection(asyncio.Protocol):
         spawn: Callable[[Any], object] = asyncio.ensure_future,
         verify_peer: Callable[[ssl.SSLObject | None], object] | None = None,
         on_closed: Callable[[HboneConnection], None] | None = None,
+        refusals: Refusals | None = None,
+        budget: MemoryBudget | None = None,
     ) -> None:
         self.proto = proto
+        self._refusals = refusals or Refusals()
+        self._budget = budget or MemoryBudget()
+        self._unconsumed = 0  # this connection's part of the budget
         self._on_tunnel = on_tunnel
         self._verify_peer = verify_peer
         self._on_closed = on_closed
@@ -161,7 +215,9 @@ class HboneConnection(asyncio.Protocol):
             try:
                 self.peer_identity = self._verify_peer(self.ssl_object())
             except Exception as exc:
-                log.warning("hbone peer refused", peer=self.peer, error=str(exc))
+                reason = getattr(exc, "reason", "peer_refused")
+                self._refusals.count(reason)
+                log.warning("hbone peer refused", peer=self.peer, reason=reason, error=str(exc))
                 self._fail_ready(exc)
                 self._transport.abort()
                 return
@@ -174,8 +230,10 @@ class HboneConnection(asyncio.Protocol):
         try:
             events = self.proto.receive_data(data)
         except p.HboneProtocolError as exc:
-            log.warning("hbone protocol error", error=str(exc), peer=self.peer)
-            self._flush()
+            self._refusals.count(exc.reason)
+            log.warning("hbone connection refused", reason=exc.reason, error=str(exc),
+                        peer=self.peer)  # fmt: skip
+            self._flush()  # the GOAWAY
             self.abort()
             return
         for event in events:
@@ -189,6 +247,9 @@ class HboneConnection(asyncio.Protocol):
         for stream in list(self._streams.values()):
             stream._on_reset(h2.errors.ErrorCodes.CONNECT_ERROR, exc)
         self._streams.clear()
+        self._budget.give(self._unconsumed)
+        self._unconsumed = 0
+        self._budget.forget(self)
         if self._pinger is not None:
             self._pinger.cancel()
         self._drained.set()
@@ -218,6 +279,7 @@ class HboneConnection(asyncio.Protocol):
             self._spawn(self._on_tunnel(self._new_stream(event.stream_id), event, self))
             return
         if isinstance(event, p.TunnelRefusedAutomatically):
+            self._refusals.count("bad_request")
             log.info("hbone request refused", status=event.status, reason=event.reason,
                      peer=self.peer)  # fmt: skip
             return
@@ -244,6 +306,8 @@ class HboneConnection(asyncio.Protocol):
                 stream.established.set_exception(TunnelRefused(event.status))
             self.stream_finished(stream)
         elif isinstance(event, p.Data):
+            self._unconsumed += event.flow_length
+            self._budget.take(event.flow_length, self)
             stream._on_data(event.data, event.flow_length)
         elif isinstance(event, p.PeerHalfClosed):
             stream._on_peer_eof()
@@ -295,6 +359,19 @@ class HboneConnection(asyncio.Protocol):
         data = self.proto.data_to_send()
         if data and self._transport is not None and not self._transport.is_closing():
             self._transport.write(data)
+            if self._transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
+                self._refusals.count("peer_not_reading")
+                log.warning("hbone peer reads nothing we send, closing", peer=self.peer,
+                            buffered=self._transport.get_write_buffer_size())  # fmt: skip
+                self._transport.abort()
+
+    def pause_reading(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.resume_reading()
 
     async def drain(self) -> None:
         """Wait while the transport's buffer is above its high-water mark."""
@@ -307,6 +384,9 @@ class HboneConnection(asyncio.Protocol):
 
     def consumed(self, stream_id: int, flow_length: int) -> None:
         self.proto.consumed(stream_id, flow_length)
+        given = min(flow_length, self._unconsumed)
+        self._unconsumed -= given
+        self._budget.give(given)
         self._flush()
 
     def end_stream(self, stream_id: int) -> None:
@@ -316,13 +396,21 @@ class HboneConnection(asyncio.Protocol):
     def reset_stream(self, stream_id: int) -> None:
         self.proto.reset_stream(stream_id)
         self._flush()
-        if self._streams.pop(stream_id, None) is not None:
-            self._mark_idle()
+        self._forget_stream(stream_id)
 
     def stream_finished(self, stream: HboneStream) -> None:
         """The owner is done with the stream (both directions over or abandoned)."""
-        if self._streams.pop(stream.stream_id, None) is not None:
-            self._mark_idle()
+        self._forget_stream(stream.stream_id)
+
+    def _forget_stream(self, stream_id: int) -> None:
+        stream = self._streams.pop(stream_id, None)
+        if stream is None:
+            return
+        # What it received and nobody will read: the windows and the budget get it back.
+        while stream._chunks:
+            _, flow_length = stream._chunks.popleft()
+            self.consumed(stream_id, flow_length)
+        self._mark_idle()
 
     # server side
     def accept(self, stream: HboneStream) -> None:

@@ -7,14 +7,16 @@ bytes between them. The asyncio shell (agent/hbone/connection.py) owns the IO, t
 Wire facts followed (Istio ztunnel): plain CONNECT (`:method CONNECT`, `:authority ip:port`,
 no `:scheme`/`:path`); 200 only once the upstream is connected; 400 for a request that is not
 a valid CONNECT; stream window 4 MiB, connection window 16 MiB, max frame 1 MiB; at most 100
-streams per connection.
+streams per connection. A frame scanner ahead of h2 enforces HboneLimits (header block size,
+reset, PING and SETTINGS rates) with GOAWAY ENHANCE_YOUR_CALM.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ipaddress
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import h2.config
@@ -53,7 +55,107 @@ def _headers(raw: Iterable[tuple[bytes | str, bytes | str]] | None) -> dict[str,
 
 
 class HboneProtocolError(Exception):
-    """The peer broke HTTP/2; a GOAWAY is queued in data_to_send()."""
+    """The peer broke HTTP/2, or a limit; a GOAWAY is queued in data_to_send(). `reason` is
+    the label it is counted under."""
+
+    def __init__(self, message: str, reason: str = "protocol_error") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+# ---- limits -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HboneLimits:
+    """What one peer may make the agent hold or do, in the spirit of Envoy's and h2's
+    defaults. A peer past one gets GOAWAY ENHANCE_YOUR_CALM and is disconnected."""
+
+    # A header block, HEADERS and every CONTINUATION together (Envoy's max_request_headers_kb
+    # is 60). Checked at each frame's header, before its payload is taken in.
+    max_header_block: int = 64 * 1024
+    # Streams the peer resets (rapid reset, CVE-2023-44487): a burst, then a rate per second.
+    reset_burst: int = 200
+    reset_rate: float = 100.0
+    # PING and SETTINGS frames (each makes us answer): a burst, then a rate per second.
+    control_burst: int = 100
+    control_rate: float = 20.0
+
+
+class _Bucket:
+    """A token bucket: `burst` at once, refilled at `rate` per second of `clock`."""
+
+    def __init__(self, burst: int, rate: float, clock: Callable[[], float]) -> None:
+        self._burst, self._rate, self._clock = float(burst), rate, clock
+        self._tokens, self._at = float(burst), clock()
+
+    def take(self) -> bool:
+        now = self._clock()
+        self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
+        self._at = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+
+# Frame types and flags (RFC 9113 section 6) the scanner looks at.
+_FRAME_HEADER = 9
+_HEADERS, _RST_STREAM, _SETTINGS, _PING, _CONTINUATION = 0x1, 0x3, 0x4, 0x6, 0x9
+_FLAG_ACK, _FLAG_END_HEADERS = 0x1, 0x4
+_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+class _FrameScanner:
+    """Reads only frame headers, ahead of h2, so a limit trips before h2 buffers or acts on
+    what a frame carries. Payload bytes are skipped, never copied."""
+
+    def __init__(self, server_side: bool, limits: HboneLimits, clock: Callable[[], float]):
+        self._limits = limits
+        self._skip = len(_PREFACE) if server_side else 0  # the client's preface comes first
+        self._header = bytearray()
+        self._payload_left = 0
+        self._block: int | None = None  # bytes of the header block in progress
+        self._resets = _Bucket(limits.reset_burst, limits.reset_rate, clock)
+        self._control = _Bucket(limits.control_burst, limits.control_rate, clock)
+
+    def scan(self, data: bytes) -> None:
+        view, at = memoryview(data), 0
+        if self._skip:
+            taken = min(self._skip, len(view))
+            self._skip -= taken
+            at = taken
+        while at < len(view):
+            if self._payload_left:
+                taken = min(self._payload_left, len(view) - at)
+                self._payload_left -= taken
+                at += taken
+                continue
+            need = _FRAME_HEADER - len(self._header)
+            self._header += view[at : at + need]
+            at += min(need, len(view) - at)
+            if len(self._header) == _FRAME_HEADER:
+                self._frame(bytes(self._header))
+                self._header.clear()
+
+    def _frame(self, header: bytes) -> None:
+        length = int.from_bytes(header[:3], "big")
+        kind, flags = header[3], header[4]
+        self._payload_left = length
+        if kind in (_HEADERS, _CONTINUATION):
+            self._block = length + (self._block or 0 if kind == _CONTINUATION else 0)
+            if self._block > self._limits.max_header_block:
+                raise HboneProtocolError(
+                    f"header block over {self._limits.max_header_block} bytes",
+                    "header_block_too_large",
+                )
+            if flags & _FLAG_END_HEADERS:
+                self._block = None
+        elif kind == _RST_STREAM and not self._resets.take():
+            raise HboneProtocolError("streams reset faster than allowed", "reset_flood")
+        elif kind in (_PING, _SETTINGS) and not flags & _FLAG_ACK and not self._control.take():
+            raise HboneProtocolError("PING or SETTINGS frames faster than allowed",
+                                     "control_frame_flood")  # fmt: skip
 
 
 # ---- events -------------------------------------------------------------------------------
@@ -162,7 +264,13 @@ def format_authority(host: str, port: int) -> str:
 
 
 class _HboneProtocol:
-    def __init__(self, client_side: bool) -> None:
+    def __init__(
+        self,
+        client_side: bool,
+        limits: HboneLimits | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._scanner = _FrameScanner(not client_side, limits or HboneLimits(), clock)
         config = h2.config.H2Configuration(client_side=client_side, header_encoding="utf-8")
         self._conn = h2.connection.H2Connection(config=config)
         self._conn.local_settings = h2.settings.Settings(
@@ -177,6 +285,11 @@ class _HboneProtocol:
         return bytes(self._conn.data_to_send())
 
     def receive_data(self, data: bytes) -> list[Event]:
+        try:
+            self._scanner.scan(data)
+        except HboneProtocolError:
+            self._conn.close_connection(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+            raise
         try:
             h2_events = self._conn.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
@@ -267,8 +380,15 @@ class _HboneProtocol:
 
 
 class HboneServer(_HboneProtocol):
-    def __init__(self) -> None:
-        super().__init__(client_side=False)
+    def __init__(
+        self,
+        limits: HboneLimits | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        refused_ports: frozenset[int] = frozenset(),
+    ) -> None:
+        super().__init__(client_side=False, limits=limits, clock=clock)
+        # The agent's own ports: a tunnel there would reach the agent, not an app.
+        self._refused_ports = refused_ports
 
     def _translate(self, event: h2.events.Event) -> list[Event]:
         if isinstance(event, h2.events.RequestReceived):
@@ -290,6 +410,8 @@ class HboneServer(_HboneProtocol):
         else:
             try:
                 host, port = parse_authority(headers.get(":authority", ""))
+                if port in self._refused_ports:
+                    reason = f"port {port} is the agent's own"
             except ValueError as exc:
                 reason = str(exc)
         if reason is not None:

@@ -23,7 +23,12 @@ _KEY_SCRATCH_PARENT = "/dev/shm" if os.access("/dev/shm", os.W_OK | os.X_OK) els
 
 
 class PeerIdentityError(Exception):
-    """The peer's certificate carries no acceptable SPIFFE identity."""
+    """The peer's certificate carries no acceptable SPIFFE identity (or the handshake is not
+    one HBONE accepts). `reason` labels the refusal in the metrics."""
+
+    def __init__(self, message: str, reason: str = "peer_identity") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def _new_context(purpose: int, cert: WorkloadCertificate, roots_pem: bytes) -> ssl.SSLContext:

@@ -47,6 +47,12 @@ class InboundHbone:
     def verify_client(self, ssl_object: ssl.SSLObject | None) -> SpiffeId:
         if ssl_object is None:
             raise tls.PeerIdentityError("not a TLS connection")
+        if not tls.negotiated_alpn_ok(ssl_object):
+            # HBONE is HTTP/2: a client that did not ask for h2 is not speaking it.
+            raise tls.PeerIdentityError(
+                f"client negotiated ALPN {ssl_object.selected_alpn_protocol()!r}, not 'h2'",
+                reason="no_alpn_h2",
+            )
         # The handshake already checked the chain against our roots; the trust domain is the
         # remaining condition (ztunnel: same trust domain, any workload).
         peer = tls.peer_identity(ssl_object)
@@ -79,6 +85,8 @@ class InboundHbone:
             self._refused(connection, PolicyVerdict("none"),
                           f"authority {request.authority} is not this pod's address")  # fmt: skip
             return
+        if stream.was_reset:
+            return  # reset by the peer before its turn (rapid reset): no app connection
         up = await pod.worker.run(sockets.upstream, (client_ip, 0))
         try:
             if self._authorizer is not None and isinstance(peer_id, SpiffeId):
@@ -101,6 +109,9 @@ class InboundHbone:
             up.close()
             conn.refuse(stream, 503)
             self._refused(connection, verdict, report.failed("upstream connect", exc))
+            return
+        if stream.was_reset:  # while we connected: the app connection goes unused
+            up.close()
             return
         tracked = self._telemetry.open(socket_cookie(up), connection)
         verdict = self._verdict(up, allowed=True)

@@ -22,10 +22,11 @@ import structlog
 
 from agent.datapath import abi
 from agent.hbone import protocol as hbone
-from agent.hbone.connection import HboneConnection
+from agent.hbone.connection import HboneConnection, MemoryBudget, Refusals
 from agent.hbone.pool import HboneClientPool
 from agent.identity.manager import IdentityManager
 from agent.identity.spiffe import SpiffeId
+from agent.inpod.sockets import LISTEN_BACKLOG
 from agent.policy.engine import PolicyEngine
 from agent.policy.live import LiveConnection
 from agent.proxy.inbound import InboundPlaintext
@@ -40,6 +41,9 @@ from agent.telemetry.connections import ConnectionTelemetry
 from agent.telemetry.events import socket_cookie
 
 log = structlog.get_logger("agent.proxy")
+
+# The agent's listeners in the pod: a tunnel to one would loop back into the agent.
+AGENT_POD_PORTS = frozenset((abi.PORT_OUTBOUND, abi.PORT_INBOUND, abi.PORT_HBONE))
 
 Handler = Callable[[Pod, asyncio.StreamReader, asyncio.StreamWriter], Coroutine[Any, Any, None]]
 
@@ -58,7 +62,11 @@ class InPodProxy:
         self._hbone_connections: dict[str, set[HboneConnection]] = {}
         self._contexts = TlsContexts(identities)
         self._live = LiveInbound()
-        self._outbound = Outbound(store, self._contexts, telemetry, self._pods_by_ip.get)
+        # Shared by every HBONE connection of the agent, both directions.
+        self.hbone_refusals = Refusals()
+        self._budget = MemoryBudget()
+        self._outbound = Outbound(store, self._contexts, telemetry, self._pods_by_ip.get,
+                                  self.hbone_refusals, self._budget)  # fmt: skip
         self._inbound = InboundPlaintext(store, telemetry, self._live)
         self._inbound_hbone = InboundHbone(store, self._contexts, authorizer, telemetry,
                                            self._live)  # fmt: skip
@@ -89,13 +97,15 @@ class InPodProxy:
                 return self._inbound_hbone.verify_client(ssl_object)
 
             conn = HboneConnection(
-                hbone.HboneServer(),
+                hbone.HboneServer(refused_ports=AGENT_POD_PORTS),
                 on_tunnel=lambda stream, request, c: _guarded(
                     self._inbound_hbone.tunnel(pod, stream, request, c), stream.reset
                 ),
                 spawn=pod.spawn,
                 verify_peer=verify_client,
                 on_closed=conns.discard,
+                refusals=self.hbone_refusals,
+                budget=self._budget,
             )
             conns.add(conn)
             return conn
@@ -103,11 +113,15 @@ class InPodProxy:
         outbound = listeners[abi.PORT_OUTBOUND]
         inbound = listeners[abi.PORT_INBOUND]
         return [
-            await asyncio.start_server(accept(self._outbound.handle), sock=outbound),
-            await asyncio.start_server(accept(self._inbound.handle), sock=inbound),
+            # backlog: asyncio calls listen() again, with 100 unless told.
+            await asyncio.start_server(accept(self._outbound.handle), sock=outbound,
+                                       backlog=LISTEN_BACKLOG),
+            await asyncio.start_server(accept(self._inbound.handle), sock=inbound,
+                                       backlog=LISTEN_BACKLOG),
             await loop.create_server(
                 hbone_connection, sock=listeners[abi.PORT_HBONE],
                 ssl=self._contexts.server(identity), ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
+                backlog=LISTEN_BACKLOG,
             ),
         ]  # fmt: skip
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from agent.datapath import abi
 from agent.hbone import protocol as hbone
-from agent.hbone.connection import HboneConnection, TunnelRefused
+from agent.hbone.connection import HboneConnection, MemoryBudget, Refusals, TunnelRefused
 from agent.hbone.pool import HboneClientPool, PoolKey
 from agent.identity import tls
 from agent.identity.spiffe import SpiffeId
@@ -40,11 +40,15 @@ class Outbound:
         contexts: TlsContexts,
         telemetry: ConnectionTelemetry,
         pod_by_ip: Callable[[str], Pod | None],
+        refusals: Refusals,
+        budget: MemoryBudget,
     ) -> None:
         self._store = store
         self._contexts = contexts
         self._telemetry = telemetry
         self._pod_by_ip = pod_by_ip
+        self._refusals = refusals
+        self._budget = budget
         self.pool = HboneClientPool(self._dial)
 
     async def handle(
@@ -120,6 +124,8 @@ class Outbound:
                 lambda: HboneConnection(
                     hbone.HboneClient(),
                     verify_peer=lambda obj: tls.verify_server_identity(_tls(obj), expected),
+                    refusals=self._refusals,
+                    budget=self._budget,
                 ),
                 sock=sock, ssl=context, server_hostname="",
                 ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
