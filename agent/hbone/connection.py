@@ -110,6 +110,9 @@ class HboneStream:
         self._writable.set()
         if not self.established.done():
             self.established.set_exception(self._reset_error())
+            # Whoever awaits it still gets the error; nobody awaiting is no error to log
+            # ("Future exception was never retrieved").
+            self.established.exception()
 
     def _reset_error(self) -> ConnectionResetError:
         if self._reset_cause is not None:
@@ -304,6 +307,7 @@ class HboneConnection(asyncio.Protocol):
         elif isinstance(event, p.TunnelRejected):
             if not stream.established.done():
                 stream.established.set_exception(TunnelRefused(event.status))
+                stream.established.exception()  # as in HboneStream._on_reset
             self.stream_finished(stream)
         elif isinstance(event, p.Data):
             self._unconsumed += event.flow_length

@@ -95,7 +95,14 @@ def finish(
 
 
 def failed(what: str, exc: BaseException) -> str:
-    return f"{what} failed: {exc or type(exc).__name__}"
+    """The reason a connection failed, never empty: a TimeoutError's text is ""."""
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, TimeoutError) and not str(exc):
+        text = "timed out"
+    cause = exc.__cause__
+    if cause is not None and str(cause) and str(cause) not in text:
+        text += f" ({cause})"
+    return f"{what} failed: {text}"
 
 
 def _peer_fields(end: str, workload: Workload | None) -> dict[str, str | None]:

@@ -74,9 +74,9 @@ def test_a_burst_of_connections_overflows_no_listen_queue(lab: LabState) -> None
                 assert ready, f"only {connected} of {BURST} connected"
                 for key, _ in ready:
                     selector.unregister(key.fileobj)
-                    sock = key.fileobj
-                    assert isinstance(sock, socket.socket)
-                    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+                    done = key.fileobj
+                    assert isinstance(done, socket.socket)
+                    assert done.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
                     connected += 1
         finally:
             selector.close()
