@@ -8,7 +8,6 @@ readiness names what is missing and the figures read as none.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -20,6 +19,7 @@ from agent.inpod.enrollment import PodEnroller
 from agent.policy.engine import PolicyEngine
 from agent.reconcile import Reconciler
 from agent.sources.authorization_policy import to_local_document
+from agent.state.service import Service
 from agent.state.store import StateStore
 from agent.state.workload import Workload
 from agent.telemetry.connections import ConnectionTelemetry, TcpSeries, TunnelCounts
@@ -78,7 +78,7 @@ class NodeStatus:
             "ready": not self.not_ready(),
             "not_ready": self.not_ready(),
             "workloads": [_workload_dump(w) for w in state.workloads] if state else [],
-            "services": [dataclasses.asdict(s) for s in state.services] if state else [],
+            "services": [_service_dump(s) for s in state.services] if state else [],
             "policies": [to_local_document(p) for p in policies],
             "enrolled": sorted(p.workload.key for p in self.enroller.pods.values())
             if self.enroller else [],
@@ -144,6 +144,14 @@ class NodeStatus:
             return []
         tables = ((name, self.datapath.table(name)) for name in abi.FILL_MAPS)
         return [(name, len(table), int(table.max_entries)) for name, table in tables]
+
+
+def _service_dump(service: Service) -> dict[str, Any]:
+    # Not dataclasses.asdict: it deep-copies, and a read-only ports mapping cannot be copied.
+    return {
+        "name": service.name, "namespace": service.namespace, "hostname": service.hostname,
+        "vips": list(service.vips), "ports": {str(k): v for k, v in service.ports.items()},
+    }  # fmt: skip
 
 
 def _workload_dump(workload: Workload) -> dict[str, Any]:
