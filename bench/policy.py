@@ -51,7 +51,7 @@ from agent.policy.compiler import (
     PolicyNumbers,
     compile_policies,
 )
-from agent.policy.kernel_maps import PolicyMaps
+from agent.policy.kernel_maps import PolicyMaps, page_of
 from agent.sources.authorization_policy import parse_policies, parse_policy
 from agent.state.policy import ROOT_NAMESPACE, Action, Policy, WorkloadSelectorTarget, applies_to
 from agent.state.workload import Protocol, Workload
@@ -392,10 +392,17 @@ def entries_written(compiled: CompiledPolicies) -> dict[str, int]:
     tables = compiled.workloads
     counts = {
         "pol_workloads": sum(len(t.addresses) for t in tables),
-        "pol_identities": sum(len(t.by_identity) for t in tables),
-        "pol_src_ips": sum(len(t.by_src) for t in tables),
-        "pol_dst_ips": sum(len(t.by_dst) for t in tables),
-        "pol_ports": sum(len(t.by_port) for t in tables),
+        "pol_pages": sum(t.pages - 1 for t in tables),
+        "pol_identities": sum(
+            sum(
+                1 for m in t.by_identity.values() if page_of(m, p) != page_of(t.identity_default, p)
+            )
+            for t in tables
+            for p in range(t.pages)
+        ),
+        "pol_src_ips": sum(len(t.by_src) * t.pages for t in tables),
+        "pol_dst_ips": sum(len(t.by_dst) * t.pages for t in tables),
+        "pol_ports": sum(len(t.by_port) * t.pages for t in tables),
         "pol_terms": sum(len(t.terms) for t in tables),
         "workload_identities": len(compiled.workload_identities),
     }

@@ -97,8 +97,9 @@ SOURCES = ProgramSources(BPF_DIR)
 
 # The #defines this module takes from the C, each under its C name.
 DEFINES_READ = (
-    "MARK_MASK", "POD_CAPTURE", "POLICY_NAME_SIZE", "POLICY_MASK_WORDS", "POL_HAS_ALLOW",
-    "POL_DRY_HAS_ALLOW", "POL_FALLBACK", "PROBE_REASON_SHIFT", "PROBE_POLICY_SHIFT",
+    "MARK_MASK", "POD_CAPTURE", "POLICY_NAME_SIZE", "POLICY_MASK_WORDS", "POL_MAX_PAGES",
+    "POL_HAS_ALLOW", "POL_DRY_HAS_ALLOW", "POL_FALLBACK", "POL_HAS_DRY_RUN",
+    "PROBE_REASON_SHIFT", "PROBE_POLICY_SHIFT",
 )  # fmt: skip
 
 
@@ -118,6 +119,9 @@ POLICY_MASK_WORDS = _DEFINED["POLICY_MASK_WORDS"]
 POL_HAS_ALLOW = _DEFINED["POL_HAS_ALLOW"]
 POL_DRY_HAS_ALLOW = _DEFINED["POL_DRY_HAS_ALLOW"]
 POL_FALLBACK = _DEFINED["POL_FALLBACK"]
+POL_HAS_DRY_RUN = _DEFINED["POL_HAS_DRY_RUN"]
+# Pages of terms one workload's policies may fill (bpf/lib/policy.h).
+POL_MAX_PAGES = _DEFINED["POL_MAX_PAGES"]
 # policy_probe's answer: the allow bit, the reason from REASON_SHIFT, the policy from
 # POLICY_SHIFT (bpf/policy_probe.c).
 PROBE_REASON_SHIFT = _DEFINED["PROBE_REASON_SHIFT"]

@@ -41,13 +41,16 @@ from agent.state.workload import Workload
 
 # struct policy_mask: MASK_WORDS words of 64 bits (bpf/lib/policy.h, read and checked by abi).
 MASK_WORDS = abi.POLICY_MASK_WORDS
-MAX_TERMS = 64 * MASK_WORDS
+# A workload's terms fill pages of TERMS_PER_PAGE, up to POL_MAX_PAGES of them.
+TERMS_PER_PAGE = 64 * MASK_WORDS
+MAX_TERMS = TERMS_PER_PAGE * abi.POL_MAX_PAGES
 ANY_V4 = ipaddress.IPv4Network("0.0.0.0/0")
 
 # flags of struct pol_workload, read from bpf/lib/policy.h
 HAS_ALLOW = abi.POL_HAS_ALLOW
 DRY_HAS_ALLOW = abi.POL_DRY_HAS_ALLOW
 FALLBACK = abi.POL_FALLBACK
+HAS_DRY_RUN = abi.POL_HAS_DRY_RUN
 
 UNAUTHENTICATED = 0
 
@@ -76,6 +79,9 @@ class WorkloadTables:
     by_dst: dict[ipaddress.IPv4Network, int] = field(default_factory=dict)
     by_port: dict[int, int] = field(default_factory=dict)  # 0: every other port
     fallback_reason: str | None = None
+    # Masks span every page (bit i: term i); page p holds terms p*TERMS_PER_PAGE onwards,
+    # numbered wid + p in the kernel.
+    pages: int = 1
 
 
 @dataclass
@@ -290,6 +296,8 @@ def compile_workload(
     for policy in applicable:
         if policy.action is Action.ALLOW:
             tables.flags |= DRY_HAS_ALLOW if policy.dry_run else HAS_ALLOW
+        if policy.dry_run:
+            tables.flags |= HAS_DRY_RUN
         for rule in policy.rules:
             expanded = expand_rule(rule)
             if expanded is None or len(tables.terms) + len(expanded) > MAX_TERMS:
@@ -308,6 +316,7 @@ def compile_workload(
             tables.dry_allow |= (1 << bit) if dry else 0
             tables.allow |= 0 if dry else (1 << bit)
     terms = tables.terms
+    tables.pages = max(1, -(-len(terms) // TERMS_PER_PAGE))
     # Most identities share one mask (the policies name a few of them): that one becomes W's
     # default, and only the others get map entries. This keeps pol_identities proportional
     # to what the policies say, not to workloads x identities.
@@ -328,8 +337,11 @@ def compile_workload(
         for m in t.matches
         for p in (*m.destination_ports, *m.not_destination_ports)
     }
+    # Key 0 is the class of every port no term names: policies' ports are 1..65535 (the
+    # parser refuses others), so it stands for no real port.
+    assert 0 not in ports, f"port 0 in the policies for {workload.key}"
     tables.by_port = {p: _mask(terms, partial(_port_of, p)) for p in ports}
-    tables.by_port[0] = _mask(terms, partial(_port_of, 0))  # 0 is no term's port
+    tables.by_port[0] = _mask(terms, partial(_port_of, 0))
     return tables
 
 
@@ -356,10 +368,11 @@ def compile_policies(
                 if ":" not in ip:
                     workload_identities[ip] = number
     acceptance = IdentityAcceptance(identity_numbers.known())
-    tables = [
-        compile_workload(wid, workload, labels, policies, acceptance)
-        for wid, (workload, labels) in enumerate(destinations, start=1)
-    ]
+    tables = []
+    wid = 1  # each workload's pages take the numbers after its first
+    for workload, labels in destinations:
+        tables.append(compile_workload(wid, workload, labels, policies, acceptance))
+        wid += tables[-1].pages
     return CompiledPolicies(
         tables, workload_identities, {p.key: policy_numbers.number(p.key) for p in policies}
     )

@@ -14,7 +14,7 @@ from typing import Any
 from agent.datapath import abi, packets
 from agent.datapath.loader import DatapathError, LoadedDatapath
 from agent.datapath.prog_run import run_tc
-from agent.policy.compiler import MASK_WORDS, CompiledPolicies, WorkloadTables
+from agent.policy.compiler import MASK_WORDS, TERMS_PER_PAGE, CompiledPolicies, WorkloadTables
 
 _WORD = (1 << 64) - 1  # struct policy_mask's words are __u64 (checked in abi)
 # Every map whose key carries a policy generation, read from the C.
@@ -28,7 +28,8 @@ _WORKLOAD_MASKS = ("deny", "allow", "dry_deny", "dry_allow", "identity_default")
 _MEMBERS_NAMED = {
     "pol_config": ("gen",),
     "pol_workload_key": ("gen", "addr"),
-    "pol_workload": ("wid", "flags", *_WORKLOAD_MASKS),
+    "pol_workload": ("wid", "flags", "pages", "reserved", *_WORKLOAD_MASKS),
+    "pol_page_key": ("gen", "wid"),
     "pol_identity_key": ("gen", "wid", "identity"),
     "pol_lpm_key": ("prefixlen", "gen", "wid", "addr"),
     "pol_port_key": ("gen", "wid", "port"),
@@ -49,6 +50,14 @@ def addr_key(ip: str) -> int:
 def _set_mask(target: Any, mask: int) -> None:
     for i in range(MASK_WORDS):
         target.w[i] = (mask >> (64 * i)) & _WORD
+
+
+_PAGE = (1 << TERMS_PER_PAGE) - 1
+
+
+def page_of(mask: int, page: int) -> int:
+    """The bits of page `page` of a mask that spans every page of a workload's terms."""
+    return (mask >> (page * TERMS_PER_PAGE)) & _PAGE
 
 
 class _UpstreamPeer(ctypes.Structure):
@@ -106,39 +115,61 @@ class PolicyMaps:
         return retired
 
     def _write_workload(self, gen: int, t: WorkloadTables) -> None:
+        for page in range(t.pages):
+            self._write_page(gen, t, page)
+
+    def _write_page(self, gen: int, t: WorkloadTables, page: int) -> None:
+        """Page `page` of W: its masks (the first page under W's addresses in pol_workloads,
+        the others in pol_pages), classes and terms, keyed by the page's number."""
+        wid = t.wid + page
         workloads = self._dp.table("pol_workloads")
         value = workloads.Leaf()
-        value.wid, value.flags = t.wid, t.flags
+        value.wid, value.flags, value.pages = t.wid, t.flags, t.pages
         for name in _WORKLOAD_MASKS:
-            _set_mask(getattr(value, name), getattr(t, name))
-        for ip in t.addresses:
-            workloads[workloads.Key(gen=gen, addr=addr_key(ip))] = value
-        self.write_identities(t, t.by_identity, gen)
+            _set_mask(getattr(value, name), page_of(getattr(t, name), page))
+        if page == 0:
+            for ip in t.addresses:
+                workloads[workloads.Key(gen=gen, addr=addr_key(ip))] = value
+        else:
+            pages = self._dp.table("pol_pages")
+            pages[pages.Key(gen=gen, wid=wid)] = value
+        self._write_identities_of_page(t, t.by_identity, gen, page)
         for map_name, classes in (("pol_src_ips", t.by_src), ("pol_dst_ips", t.by_dst)):
             table = self._dp.table(map_name)
             for network, mask in classes.items():
                 key = table.Key(
-                    prefixlen=abi.POL_LPM_SCOPE_BITS + network.prefixlen, gen=gen, wid=t.wid,
+                    prefixlen=abi.POL_LPM_SCOPE_BITS + network.prefixlen, gen=gen, wid=wid,
                     addr=addr_key(str(network.network_address)),
                 )  # fmt: skip
-                table[key] = self._mask_leaf(table, mask)
+                table[key] = self._mask_leaf(table, page_of(mask, page))
         ports = self._dp.table("pol_ports")
         for port, mask in t.by_port.items():
-            ports[ports.Key(gen=gen, wid=t.wid, port=port)] = self._mask_leaf(ports, mask)
+            ports[ports.Key(gen=gen, wid=wid, port=port)] = self._mask_leaf(
+                ports, page_of(mask, page)
+            )
         terms = self._dp.table("pol_terms")
-        for index, term in enumerate(t.terms):
-            terms[terms.Key(gen=gen, wid=t.wid, term=index)] = ctypes.c_uint32(
+        first = page * TERMS_PER_PAGE
+        for index, term in enumerate(t.terms[first : first + TERMS_PER_PAGE]):
+            terms[terms.Key(gen=gen, wid=wid, term=index)] = ctypes.c_uint32(
                 self.policy_number(term.policy.key)
             )
 
     def write_identities(self, t: WorkloadTables, masks: dict[int, int], gen: int | None) -> None:
         """Identity masks for W; with gen None, into the live generation (new identities only
         add keys, so no decision can see a half-written state)."""
-        table = self._dp.table("pol_identities")
         generation = self.generation if gen is None else gen
+        for page in range(t.pages):
+            self._write_identities_of_page(t, masks, generation, page)
+
+    def _write_identities_of_page(
+        self, t: WorkloadTables, masks: dict[int, int], gen: int, page: int
+    ) -> None:
+        table = self._dp.table("pol_identities")
+        default = page_of(t.identity_default, page)
         for number, mask in masks.items():
-            key = table.Key(gen=generation, wid=t.wid, identity=number)
-            table[key] = self._mask_leaf(table, mask)
+            if (bits := page_of(mask, page)) != default:  # else the page's default answers
+                key = table.Key(gen=gen, wid=t.wid + page, identity=number)
+                table[key] = self._mask_leaf(table, bits)
 
     @staticmethod
     def _mask_leaf(table: Any, mask: int) -> Any:

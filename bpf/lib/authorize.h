@@ -57,6 +57,107 @@ static __always_inline __u32 plaintext_identity(__u32 saddr)
     return identity ? *identity : 0;
 }
 
+/* The terms of one page of W that a connection satisfies (the AND of its four masks); 0 when
+ * a class is missing, which the compiler never leaves: a broken set. */
+static __always_inline int page_terms(__u32 gen, __u32 wid, const struct pol_workload *page,
+                                      __u32 saddr, __u32 daddr, __u16 dport, __u32 identity,
+                                      struct policy_mask *m)
+{
+    struct pol_identity_key ikey = {.gen = gen, .wid = wid, .identity = identity};
+    struct policy_mask *by_identity = pol_identities.lookup(&ikey);
+    if (!by_identity)
+        by_identity = (struct policy_mask *)&page->identity_default; /* see compiler.py */
+    struct pol_lpm_key src_key = {.prefixlen = 96, .gen = gen, .wid = wid, .addr = saddr};
+    struct policy_mask *by_src = pol_src_ips.lookup(&src_key);
+    struct pol_lpm_key dst_key = {.prefixlen = 96, .gen = gen, .wid = wid, .addr = daddr};
+    struct policy_mask *by_dst = pol_dst_ips.lookup(&dst_key);
+    struct pol_port_key pkey = {.gen = gen, .wid = wid, .port = dport};
+    struct policy_mask *by_port = pol_ports.lookup(&pkey);
+    if (!by_port) {
+        pkey.port = 0;
+        by_port = pol_ports.lookup(&pkey);
+    }
+    if (!by_src || !by_dst || !by_port)
+        return 0;
+#pragma unroll
+    for (int i = 0; i < POLICY_MASK_WORDS; i++)
+        m->w[i] = by_identity->w[i] & by_src->w[i] & by_dst->w[i] & by_port->w[i];
+    return 1;
+}
+
+static __always_inline int any_term(const struct policy_mask *a, const struct policy_mask *b)
+{
+    __u64 both = 0;
+#pragma unroll
+    for (int i = 0; i < POLICY_MASK_WORDS; i++)
+        both |= a->w[i] & b->w[i];
+    return both != 0;
+}
+
+enum page_mask { PAGE_DENY, PAGE_ALLOW, PAGE_DRY_DENY, PAGE_ANY_ALLOW };
+
+static __always_inline const struct pol_workload *
+page_of(__u32 gen, const struct pol_workload *w, __u32 wid)
+{
+    if (wid == w->wid)
+        return w;
+    struct pol_page_key key = {.gen = gen, .wid = wid};
+    return pol_pages.lookup(&key);
+}
+
+static __always_inline int page_matches(const struct policy_mask *m,
+                                        const struct pol_workload *page, enum page_mask which)
+{
+    switch (which) {
+    case PAGE_DENY:
+        return any_term(m, &page->deny);
+    case PAGE_ALLOW:
+        return any_term(m, &page->allow);
+    case PAGE_DRY_DENY:
+        return any_term(m, &page->dry_deny);
+    default:
+        return any_term(m, &page->allow) || any_term(m, &page->dry_allow);
+    }
+}
+
+/* The first page of W (its wid) with a term of `which` that the connection satisfies: -1
+ * when none, -2 for a broken set (a page or class the compiler always writes is missing).
+ * One small loop per question keeps each loop's states few for the verifier. */
+static __always_inline long first_page(__u32 gen, const struct pol_workload *w, __u32 saddr,
+                                       __u32 daddr, __u16 dport, __u32 identity,
+                                       enum page_mask which)
+{
+    __u32 pages = w->pages;
+    struct policy_mask m;
+    for (__u32 p = 0; p < POL_MAX_PAGES; p++) {
+        if (p >= pages)
+            break;
+        __u32 wid = w->wid + p;
+        const struct pol_workload *page = page_of(gen, w, wid);
+        if (!page || !page_terms(gen, wid, page, saddr, daddr, dport, identity, &m))
+            return -2;
+        if (page_matches(&m, page, which))
+            return wid;
+    }
+    return -1;
+}
+
+/* The deciding policy: the first term of `which` the connection satisfies on page wid. */
+static __always_inline __u32 deciding_policy(__u32 gen, const struct pol_workload *w, __u32 wid,
+                                             __u32 saddr, __u32 daddr, __u16 dport,
+                                             __u32 identity, enum page_mask which)
+{
+    const struct pol_workload *page = page_of(gen, w, wid);
+    struct policy_mask m;
+    if (!page || !page_terms(gen, wid, page, saddr, daddr, dport, identity, &m))
+        return 0;
+    const struct policy_mask *mask = which == PAGE_DENY    ? &page->deny
+                                     : which == PAGE_ALLOW ? &page->allow
+                                                           : &page->dry_deny;
+    int term = first_term(&m, mask);
+    return term >= 0 ? term_policy(gen, wid, term) : 0;
+}
+
 /* Addresses in network order, port in host order. `count`: a decision (1), or a probe that
  * re-asks about a live connection (0, see policy_probe.c). */
 static __always_inline void authorize(__u32 saddr, __u32 daddr, __u16 dport, __u32 identity,
@@ -79,61 +180,42 @@ static __always_inline void authorize(__u32 saddr, __u32 daddr, __u16 dport, __u
         goto counted; /* no policy applies to this destination */
     if (w->flags & POL_FALLBACK)
         goto fallback;
-    __u32 wid = w->wid;
 
-    struct pol_identity_key ikey = {.gen = gen, .wid = wid, .identity = identity};
-    struct policy_mask *by_identity = pol_identities.lookup(&ikey);
-    if (!by_identity)
-        by_identity = &w->identity_default; /* most identities: see compiler.py */
-    struct pol_lpm_key src_key = {.prefixlen = 96, .gen = gen, .wid = wid, .addr = saddr};
-    struct policy_mask *by_src = pol_src_ips.lookup(&src_key);
-    struct pol_lpm_key dst_key = {.prefixlen = 96, .gen = gen, .wid = wid, .addr = daddr};
-    struct policy_mask *by_dst = pol_dst_ips.lookup(&dst_key);
-    struct pol_port_key pkey = {.gen = gen, .wid = wid, .port = dport};
-    struct policy_mask *by_port = pol_ports.lookup(&pkey);
-    if (!by_port) {
-        pkey.port = 0;
-        by_port = pol_ports.lookup(&pkey);
-    }
-    if (!by_src || !by_dst || !by_port)
-        goto fallback; /* the compiler writes every class: a miss means a broken set */
-
-    struct policy_mask m;
-#pragma unroll
-    for (int i = 0; i < POLICY_MASK_WORDS; i++)
-        m.w[i] = by_identity->w[i] & by_src->w[i] & by_dst->w[i] & by_port->w[i];
-
-    int term = first_term(&m, &w->deny);
-    if (term >= 0) {
+    /* Terms are ordered by policy and pages by term: the first page with a match holds the
+     * deciding policy. Any DENY match denies. */
+    long page = first_page(gen, w, saddr, daddr, dport, identity, PAGE_DENY);
+    if (page == -2)
+        goto fallback;
+    if (page >= 0) {
         d->allow = 0;
         d->reason = POLICY_DENIED;
-        d->policy = term_policy(gen, wid, term);
+        d->policy = deciding_policy(gen, w, page, saddr, daddr, dport, identity, PAGE_DENY);
         goto counted;
     }
     if (w->flags & POL_HAS_ALLOW) {
-        term = first_term(&m, &w->allow);
-        if (term >= 0) {
+        page = first_page(gen, w, saddr, daddr, dport, identity, PAGE_ALLOW);
+        if (page == -2)
+            goto fallback;
+        if (page >= 0) {
             d->reason = POLICY_ALLOWED;
-            d->policy = term_policy(gen, wid, term);
+            d->policy = deciding_policy(gen, w, page, saddr, daddr, dport, identity,
+                                        PAGE_ALLOW);
         } else {
             d->allow = 0;
             d->reason = POLICY_DEFAULT_DENY;
         }
     }
-    if (d->allow) {
+    if (d->allow && (w->flags & POL_HAS_DRY_RUN)) {
         /* Would dry-run policies, enforced, deny? Enforced DENY terms did not match, so a
          * match in dry_deny is a dry-run one. */
-        term = first_term(&m, &w->dry_deny);
-        if (term >= 0) {
+        page = first_page(gen, w, saddr, daddr, dport, identity, PAGE_DRY_DENY);
+        if (page >= 0) {
             d->dry_would_deny = 1;
-            d->dry_policy = term_policy(gen, wid, term);
-        } else if (w->flags & (POL_HAS_ALLOW | POL_DRY_HAS_ALLOW)) {
-            struct policy_mask any_allow;
-#pragma unroll
-            for (int i = 0; i < POLICY_MASK_WORDS; i++)
-                any_allow.w[i] = w->allow.w[i] | w->dry_allow.w[i];
-            if (first_term(&m, &any_allow) < 0)
-                d->dry_would_deny = 1; /* default deny, dry_policy 0 */
+            d->dry_policy = deciding_policy(gen, w, page, saddr, daddr, dport, identity,
+                                            PAGE_DRY_DENY);
+        } else if ((w->flags & (POL_HAS_ALLOW | POL_DRY_HAS_ALLOW)) &&
+                   first_page(gen, w, saddr, daddr, dport, identity, PAGE_ANY_ALLOW) == -1) {
+            d->dry_would_deny = 1; /* default deny, dry_policy 0 */
         }
     }
 counted:

@@ -40,6 +40,9 @@ BPF_TABLE("percpu_array", __u32, __u64, verdicts, VERDICT_REASON_MAX);
 /* ---- L4 authorization (see policy.h) ---- */
 BPF_ARRAY(pol_config, struct pol_config, 1);
 BPF_TABLE("hash", struct pol_workload_key, struct pol_workload, pol_workloads, 2048);
+/* Pages after a workload's first (a workload with more than 256 terms). */
+BPF_F_TABLE("hash", struct pol_page_key, struct pol_workload, pol_pages, 4096,
+            BPF_F_NO_PREALLOC);
 /* The two large ones are allocated on use (NO_PREALLOC): an idle agent pays nothing. */
 BPF_F_TABLE("hash", struct pol_identity_key, struct policy_mask, pol_identities, 262144,
             BPF_F_NO_PREALLOC);

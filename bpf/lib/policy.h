@@ -1,7 +1,7 @@
 /* L4 authorization decided in the kernel, with a constant number of map lookups.
  *
  * The compiler (agent/policy/compiler.py) expands the policies that apply to a destination
- * workload W into conjunctive terms numbered 0..255 for W. For each dimension of a
+ * workload W into conjunctive terms, in pages of 256 (numbered 0..255 within a page). For each dimension of a
  * connection it stores, per value class, the bitmask of W's terms that the value satisfies:
  *   source identity (exact id), source IP (LPM), destination IP (LPM), destination port.
  * The terms a connection satisfies are the AND of the four masks. W's masks of DENY and ALLOW
@@ -13,11 +13,15 @@
  * the old set or the new one, never half of each. */
 #pragma once
 
-#define POLICY_MASK_WORDS 4 /* 256 terms per workload */
+#define POLICY_MASK_WORDS 4 /* 256 terms per page */
+/* A workload's terms fill up to this many pages of 256 (16384 terms: ztunnel's test of
+ * 10000 DENY policies fits); page p of W is numbered wid + p. */
+#define POL_MAX_PAGES 64
 
 #define POL_HAS_ALLOW 0x1     /* an enforced ALLOW policy applies to W */
 #define POL_DRY_HAS_ALLOW 0x2 /* an ALLOW policy applies when dry-run ones count too */
 #define POL_FALLBACK 0x4      /* W's policies do not fit the maps: deny, counted */
+#define POL_HAS_DRY_RUN 0x8   /* a dry-run policy applies to W: its verdict is worked out */
 
 enum policy_reason {
     POLICY_NO_POLICY = 0,          /* no ALLOW policy applies: allowed */
@@ -43,13 +47,20 @@ struct pol_workload_key {
 };
 
 struct pol_workload {
-    __u32 wid; /* W's number within this generation */
+    __u32 wid; /* W's number within this generation: its first page's */
     __u32 flags;
+    __u32 pages; /* 1..POL_MAX_PAGES; pages after the first are in pol_pages */
+    __u32 reserved;
     struct policy_mask deny;
     struct policy_mask allow;
     struct policy_mask dry_deny;
     struct policy_mask dry_allow;
     struct policy_mask identity_default; /* for identities without a pol_identities entry */
+};
+
+struct pol_page_key {
+    __u32 gen;
+    __u32 wid; /* the page's number: W's wid + page */
 };
 
 struct pol_identity_key {

@@ -875,3 +875,47 @@ CASES: list[Case] = [
     # The L4 part (namespace other) still holds.
     Case("L7 when deny: client", (L7_DENY_WHEN,), SERVER, CLIENT, NO_POLICY),
 ]
+
+
+# --- sets past one page of terms (256): the kernel goes through pages ------------------------
+# ztunnel's own test: 10,000 DENY policies that match nothing must allow, not deny everything.
+
+
+def _deny_principals(count: int) -> tuple[Policy, ...]:
+    return tuple(
+        k8s(f"deny-{i:05}", {"action": "DENY",
+                              "rules": [source(principals=[f"cluster.local/ns/x/sa/blocked-{i}"])]})
+        for i in range(count)
+    )  # fmt: skip
+
+
+MANY_DENIES = _deny_principals(10_000)
+DENY_CLIENT_LAST = k8s("zz-deny-client", {"action": "DENY", "rules": [source(
+    principals=["cluster.local/ns/default/sa/client"])]})  # fmt: skip
+ALLOW_CLIENT_PAGE_2 = k8s("zz-allow-client", {"action": "ALLOW", "rules": [source(
+    principals=["cluster.local/ns/default/sa/client"])]})  # fmt: skip
+
+MANY_POLICY_CASES = [
+    Case("10000 non-matching denies: client", MANY_DENIES, SERVER, CLIENT, NO_POLICY),
+    Case(
+        "10000 denies, the last matching: client",
+        (*MANY_DENIES, DENY_CLIENT_LAST),
+        SERVER,
+        CLIENT,
+        denied_by("default/zz-deny-client"),
+    ),
+    Case(
+        "300 denies then an allow: client",
+        (*MANY_DENIES[:300], ALLOW_CLIENT_PAGE_2),
+        SERVER,
+        CLIENT,
+        allowed_by("default/zz-allow-client"),
+    ),
+    Case(
+        "300 denies then an allow: other",
+        (*MANY_DENIES[:300], ALLOW_CLIENT_PAGE_2),
+        SERVER,
+        OTHER,
+        DEFAULT_DENY,
+    ),
+]

@@ -28,7 +28,7 @@ from agent.policy.compiler import IdentityNumbers, PolicyNumbers, compile_polici
 from agent.policy.kernel_maps import PolicyMaps
 from agent.state.policy import Connection, Decision, Reason, Verdict
 from agent.state.workload import Protocol, Workload
-from tests.support.policy_cases import CASES, SERVER_IP, Case
+from tests.support.policy_cases import CASES, MANY_POLICY_CASES, SERVER_IP, Case
 from tests.support.policy_reference import DRY_RUN_DEFAULT_DENY
 
 pytestmark = pytest.mark.kernel
@@ -119,6 +119,13 @@ def _verdicts(kernel: Kernel) -> dict[str, int]:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_kernel_decides_as_the_semantics_table_says(kernel: Kernel, case: Case) -> None:
+    assert kernel_decision(kernel, case) == case.expected
+
+
+@pytest.mark.parametrize("case", MANY_POLICY_CASES, ids=[c.name for c in MANY_POLICY_CASES])
+def test_sets_past_one_page_of_terms_are_decided_not_fallen_back(
+    kernel: Kernel, case: Case
+) -> None:
     assert kernel_decision(kernel, case) == case.expected
 
 

@@ -77,7 +77,9 @@ def test_the_values_read_from_the_c() -> None:
     assert (abi.POL_HAS_ALLOW, abi.POL_DRY_HAS_ALLOW, abi.POL_FALLBACK) == (0x1, 0x2, 0x4)
     assert (compiler.HAS_ALLOW, compiler.DRY_HAS_ALLOW, compiler.FALLBACK) == (0x1, 0x2, 0x4)
     assert abi.POLICY_MASK_WORDS == compiler.MASK_WORDS == 4
-    assert compiler.MAX_TERMS == 256  # "256 terms per workload", bpf/lib/policy.h
+    assert compiler.TERMS_PER_PAGE == 256  # "256 terms per page", bpf/lib/policy.h
+    assert abi.POL_MAX_PAGES == 64 and compiler.MAX_TERMS == 256 * 64
+    assert abi.POL_HAS_DRY_RUN == compiler.HAS_DRY_RUN == 0x8
     assert abi.POLICY_NAME_SIZE == 128
     assert (abi.PROBE_REASON_SHIFT, abi.PROBE_POLICY_SHIFT) == (1, 8)
     assert abi.POL_LPM_SCOPE_BITS == 64  # "64 (gen, wid) + the address prefix"
@@ -85,7 +87,7 @@ def test_the_values_read_from_the_c() -> None:
 
 def test_maps_are_read_from_their_declarations() -> None:
     assert set(abi.MAPS) == {
-        "pods", "capture_exclude_ports", "verdicts", "pol_config", "pol_workloads",
+        "pods", "capture_exclude_ports", "verdicts", "pol_config", "pol_workloads", "pol_pages",
         "pol_identities", "pol_src_ips", "pol_dst_ips", "pol_ports", "pol_terms",
         "workload_identities", "policy_stats", "upstream_peers", "policy_names", "sock_conns",
         "telemetry_events", "telemetry_stats",
@@ -93,8 +95,8 @@ def test_maps_are_read_from_their_declarations() -> None:
     assert len(abi.MAPS) == len(set(abi.MAPS))
     assert set(abi.FILL_MAPS) <= set(abi.MAPS)
     assert set(kernel_maps._GENERATION_MAPS) == {
-        "pol_workloads", "pol_identities", "pol_src_ips", "pol_dst_ips", "pol_ports",
-        "pol_terms", "workload_identities",
+        "pol_workloads", "pol_pages", "pol_identities", "pol_src_ips", "pol_dst_ips",
+        "pol_ports", "pol_terms", "workload_identities",
     }  # fmt: skip
 
 
@@ -228,7 +230,7 @@ MISMATCHES = {
     "workload mask renamed": (
         "lib/policy.h", "struct policy_mask dry_allow;", "struct policy_mask dry_permit;",
         r"agent\.policy\.kernel_maps does not match struct pol_workload in .*lib/policy\.h: "
-        r"member 5: Python has 'dry_allow', C has 'dry_permit'",
+        r"member 7: Python has 'dry_allow', C has 'dry_permit'",
     ),
     "key member renamed": (
         "lib/policy.h", "__u32 term;\n", "__u32 index;\n",

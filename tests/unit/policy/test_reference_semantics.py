@@ -18,7 +18,7 @@ from agent.state.policy import (
     StringMatchKind,
     Verdict,
 )
-from tests.support.policy_cases import CASES, CLIENT, PLAIN, SERVER, Case
+from tests.support.policy_cases import CASES, CLIENT, MANY_POLICY_CASES, PLAIN, SERVER, Case
 from tests.support.policy_reference import decide, policy_matches
 
 
@@ -29,6 +29,11 @@ def test_the_table_is_big_enough_and_names_are_unique() -> None:
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
 def test_case(case: Case) -> None:
+    assert decide(case.policies, case.target, case.conn) == case.expected
+
+
+@pytest.mark.parametrize("case", MANY_POLICY_CASES, ids=[c.name for c in MANY_POLICY_CASES])
+def test_many_policy_case(case: Case) -> None:
     assert decide(case.policies, case.target, case.conn) == case.expected
 
 
