@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 from datetime import timedelta
 from importlib.metadata import EntryPoint, entry_points
@@ -101,6 +102,10 @@ def _run(args: argparse.Namespace) -> int:
         print("ambient-agent: --kubeconfig needs --kubernetes", file=sys.stderr)
         return 2
     logs.configure(json_lines=args.log_format == "json")
+    # Every proxied connection holds two sockets: the soft fd limit (often 1024) is no limit
+    # for the agent to stop at, the hard one is.
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     config = AgentConfig(
         node=args.node,
         config_file=args.config,

@@ -19,12 +19,23 @@ def register(sub: Any) -> None:
     bench.add_argument("--hbone-abuse", action="store_true",
                        help="what a mesh peer can make an agent hold through its HBONE port: "
                        "RSS before and after each abuse case")  # fmt: skip
+    bench.add_argument("--soak", action="store_true",
+                       help="hold many tunnelled connections: errors, RSS, fds")  # fmt: skip
+    bench.add_argument("--connections", type=int, default=10_000,
+                       help="with --soak: connections held (default 10000)")  # fmt: skip
+    bench.add_argument("--minutes", type=float, default=10.0,
+                       help="with --soak: how long they are held (default 10)")  # fmt: skip
     bench.add_argument("--rounds", type=int, default=5,
                        help="with --restart: rounds (default 5)")  # fmt: skip
     bench.add_argument("--name", default="bench", help="lab name (default: bench)")
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.soak:
+        from bench.soak import run_soak
+
+        connections, minutes = (200, 0.1) if args.quick else (args.connections, args.minutes)
+        return run_soak(args.name, connections, minutes, json_output=args.json)
     if args.hbone_abuse:
         from bench.hbone_abuse import run_abuse_bench
 

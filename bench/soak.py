@@ -1,0 +1,183 @@
+"""`ambient-agent bench --soak`: many tunnelled connections held open for a long time.
+
+On a lab with agents, client-a (node-1) opens N connections to an echo server in server-b
+(node-2), in batches; each is captured in client-a, carried as an HBONE stream to node-2 and
+delivered to the app. Every connection then exchanges 16 bytes every few seconds for the whole
+run and checks the echo. Reported: connections established, errors by kind (a reset, a
+timeout, a wrong echo), round trips, and both agents' RSS and open fds at the start of the
+hold, their peak, and at the end. Defaults: 10,000 connections for 10 minutes. Asserts
+nothing: exit 0 when it ran.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import resource
+import socket
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from agent.netns import NetnsWorker
+from lab import control, probes
+from lab.network import LabState
+
+ECHO_PORT = 9600
+BATCH = 500  # connections opened at once
+EXCHANGE_EVERY = 5.0  # seconds between a connection's exchanges (jittered)
+IO_TIMEOUT = 15.0
+FD_LIMIT = 65536
+
+
+@dataclass
+class AgentSample:
+    rss_mib: float
+    fds: int
+
+
+@dataclass
+class SoakReport:
+    connections: int
+    seconds: float
+    established: int = 0
+    round_trips: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    agents: dict[str, dict[str, AgentSample]] = field(default_factory=dict)
+
+
+def run_soak(name: str, connections: int, minutes: float, json_output: bool) -> int:
+    _raise_fd_limit()  # the lab's agents inherit it
+    control.down(name)
+    state = control.up(name, None)
+    try:
+        report = measure(state, connections, minutes * 60)
+    finally:
+        control.down(name)
+    if json_output:
+        print(json.dumps(asdict(report)))
+    else:
+        print(format_report(report))
+    return 0
+
+
+def _raise_fd_limit() -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = max(hard, FD_LIMIT) if os.geteuid() == 0 else hard
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, wanted))
+
+
+def measure(state: LabState, connections: int, seconds: float) -> SoakReport:
+    server = probes.pod(state, "server-b")
+    code = f"from bench.datapath import serve_echo; serve_echo({ECHO_PORT})"
+    report = SoakReport(connections, seconds)
+    with probes.pod_server(server, ECHO_PORT, [sys.executable, "-c", code]):
+        asyncio.run(_hold(state, server.ip, report))
+    return report
+
+
+async def _hold(state: LabState, host: str, report: SoakReport) -> None:
+    worker = NetnsWorker(str(probes.pod(state, "client-a").netns_path))
+    errors: Counter[str] = Counter()
+    streams: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        for start in range(0, report.connections, BATCH):
+            count = min(BATCH, report.connections - start)
+            opened = await asyncio.gather(
+                *(_open(worker, host) for _ in range(count)), return_exceptions=True
+            )
+            for result in opened:
+                if isinstance(result, BaseException):
+                    errors[f"connect: {type(result).__name__}"] += 1
+                else:
+                    streams.append(result)
+        report.established = len(streams)
+        report.agents["start"] = _sample_agents(state)
+        peak = dict(report.agents["start"])
+        deadline = time.monotonic() + report.seconds
+        sampler = asyncio.create_task(_sample_peak(state, peak, deadline))
+        counts = await asyncio.gather(*(_exchange(r, w, deadline, errors) for r, w in streams))
+        await sampler
+        report.round_trips = sum(counts)
+        report.agents["peak"] = peak
+        report.agents["end"] = _sample_agents(state)
+    finally:
+        for _, writer in streams:
+            writer.close()
+        worker.close()
+    report.errors = dict(errors)
+
+
+async def _open(
+    worker: NetnsWorker, host: str
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    sock = worker.call(socket.socket)  # made in client-a's netns
+    sock.setblocking(False)
+    try:
+        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (host, ECHO_PORT)),
+                               IO_TIMEOUT)  # fmt: skip
+    except BaseException:
+        sock.close()
+        raise
+    return await asyncio.open_connection(sock=sock)
+
+
+async def _exchange(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, deadline: float,
+    errors: Counter[str],
+) -> int:  # fmt: skip
+    done = 0
+    await asyncio.sleep(random.uniform(0, EXCHANGE_EVERY))
+    while time.monotonic() < deadline:
+        message = os.urandom(16)
+        try:
+            writer.write(message)
+            echoed = await asyncio.wait_for(reader.readexactly(16), IO_TIMEOUT)
+        except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
+            errors[f"exchange: {type(exc).__name__}"] += 1
+            return done
+        if echoed != message:
+            errors["exchange: wrong echo"] += 1
+            return done
+        done += 1
+        await asyncio.sleep(EXCHANGE_EVERY * random.uniform(0.8, 1.2))
+    return done
+
+
+async def _sample_peak(state: LabState, peak: dict[str, AgentSample], deadline: float) -> None:
+    while time.monotonic() < deadline:
+        await asyncio.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
+        for node, sample in _sample_agents(state).items():
+            seen = peak[node]
+            peak[node] = AgentSample(max(seen.rss_mib, sample.rss_mib), max(seen.fds, sample.fds))
+
+
+def _sample_agents(state: LabState) -> dict[str, AgentSample]:
+    samples = {}
+    for node, info in state.agents.items():
+        pid = int(info["pid"])
+        rss = 0.0
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                rss = round(int(line.split()[1]) / 1024, 1)
+        samples[node] = AgentSample(rss, len(os.listdir(f"/proc/{pid}/fd")))
+    return samples
+
+
+def format_report(report: SoakReport) -> str:
+    lines = [
+        f"soak: {report.connections} connections client-a -> server-b (HBONE across nodes), "
+        f"held {report.seconds:.0f} s",
+        f"  established {report.established}, round trips {report.round_trips}, errors "
+        f"{sum(report.errors.values())} {report.errors or ''}",
+    ]
+    for when, samples in report.agents.items():
+        shown = ", ".join(f"{node} RSS {s.rss_mib} MiB fds {s.fds}" for node, s in samples.items())
+        lines.append(f"  agents at {when:<5}: {shown}")
+    return "\n".join(lines)
