@@ -2,8 +2,8 @@
 
 On every state change the reconciler puts the policies for the wanted pods into the kernel
 first (a pod is never captured without them), then unenrolls pods no longer wanted, updates
-in place those whose workload changed (or, when the change moves the pod or its identity,
-enrolls them afresh) and enrolls the new ones. CNI requests change the CNI pod registry, publish
+in place those whose workload changed (or, when the change moves the pod, enrolls them
+afresh) and enrolls the new ones. CNI requests change the CNI pod registry, publish
 the state and reconcile at once, so ADD is answered only once the pod is enrolled (or known
 to stay out of the mesh): its app never starts uncaptured. One reconcile runs at a time.
 
@@ -43,7 +43,7 @@ class Enroller(Protocol):
     @property
     def pods(self) -> Mapping[str, EnrolledPodView]: ...
     async def enroll(self, workload: Workload) -> None: ...
-    def update(self, workload: Workload) -> bool: ...
+    async def update(self, workload: Workload) -> bool: ...
     async def unenroll(self, uid: str) -> None: ...
 
 
@@ -130,6 +130,13 @@ class Reconciler:
         finally:
             unsubscribe()
 
+    async def _update(self, workload: Workload) -> bool:
+        try:
+            return await self._enroller.update(workload)
+        except Exception as exc:  # e.g. no certificate for a new identity: enrolled afresh
+            log.warning("pod not updated in place", pod=workload.key, error=str(exc))
+            return False
+
     async def _reconcile_locked(self, state: MeshState) -> None:
         wanted = {w.uid: w for w in self.wanted(state)}
         # Policies first: a pod is never captured without its policies in the kernel.
@@ -140,7 +147,7 @@ class Reconciler:
             workload = wanted.get(uid)
             if workload == pod.workload:
                 continue
-            if workload is None or not self._enroller.update(workload):
+            if workload is None or not await self._update(workload):
                 await self._enroller.unenroll(uid)
         self.enroll_errors = {k: v for k, v in self.enroll_errors.items() if k in wanted}
         for workload in wanted.values():

@@ -10,7 +10,7 @@ Adopting (enrolling a pod an earlier agent left enrolled) changes nothing in the
 the pod's traffic depends on: the tc filters are replaced in one netlink call (by the same
 programs, or by new ones whose maps already hold the pod), so capture never stops; while no
 agent listens, the programs drop the pod's new connections (DROP_NO_LISTENER). A workload
-change that keeps the pod's netns, interface, addresses and identity is applied in place.
+change that keeps the pod's netns, interface and addresses is applied in place.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ class PodTraffic(typing.Protocol):
     async def serve(
         self, pod: EnrolledPod, listeners: dict[int, socket.socket]
     ) -> list[asyncio.Server]: ...
+    async def change_identity(self, pod: EnrolledPod) -> None: ...
     def release(self, pod: EnrolledPod) -> None: ...
 
 
@@ -220,20 +221,29 @@ class PodEnroller:
         record.created_clsact = record.created_clsact or created
         self._save_record(record)
 
-    def update(self, workload: Workload) -> bool:
+    async def update(self, workload: Workload) -> bool:
         """Apply a changed workload to its enrolled pod in place, when the change leaves the
-        pod's netns, interface, addresses and identity as they are (labels, names, services,
-        waypoint): live connections and capture go on. False when it cannot be done so."""
+        pod's netns, interface and addresses as they are (labels, names, services, waypoint,
+        identity): live connections and capture go on; a new identity is presented to new
+        HBONE handshakes. False when it cannot be done so (the pod moved)."""
         pod = self.pods.get(workload.uid)
         if pod is None:
             return False
         old = pod.workload
-        same = (old.netns, old.interface, old.ips, old.trust_domain, old.namespace,
-                old.service_account) == (workload.netns, workload.interface, workload.ips,
-                workload.trust_domain, workload.namespace, workload.service_account)  # fmt: skip
-        if same:
-            pod.workload = workload
-        return same
+        if (old.netns, old.interface, old.ips) != (workload.netns, workload.interface,
+                                                   workload.ips):  # fmt: skip
+            return False
+        pod.workload = workload
+        identity = (workload.trust_domain, workload.namespace, workload.service_account)
+        if identity != (old.trust_domain, old.namespace, old.service_account):
+            try:
+                await self._proxy.change_identity(pod)
+            except Exception:
+                pod.workload = old  # enrolled afresh instead, by the caller
+                raise
+            log.info("pod identity changed in place", pod=workload.key,
+                     service_account=workload.service_account)  # fmt: skip
+        return True
 
     async def unenroll(self, uid: str) -> None:
         pod = self.pods.pop(uid, None)

@@ -78,8 +78,8 @@ class InPodProxy:
     async def serve(self, pod: Pod, listeners: dict[int, socket.socket]) -> list[asyncio.Server]:
         """Start serving the pod's three listeners (created in its netns by enrollment)."""
         workload = pod.workload
-        identity = identity_of(workload)
-        self._contexts.ensure(await self._identities.get(identity))
+        cert = await self._identities.get(identity_of(workload))
+        self._contexts.ensure(cert)
         for ip in workload.ips:
             self._pods_by_ip[ip] = pod
         loop = asyncio.get_running_loop()
@@ -120,10 +120,18 @@ class InPodProxy:
                                        backlog=LISTEN_BACKLOG),
             await loop.create_server(
                 hbone_connection, sock=listeners[abi.PORT_HBONE],
-                ssl=self._contexts.server(identity), ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
+                ssl=self._contexts.server(workload.uid, cert),
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
                 backlog=LISTEN_BACKLOG,
             ),
         ]  # fmt: skip
+
+    async def change_identity(self, pod: Pod) -> None:
+        """pod.workload now names another identity (same netns and addresses): its listener
+        presents the new certificate to new handshakes; live tunnels keep theirs."""
+        cert = await self._identities.get(identity_of(pod.workload))
+        self._contexts.ensure(cert)
+        self._contexts.server(pod.workload.uid, cert)
 
     def release(self, pod: Pod) -> None:
         """The pod is gone from this node: close its tunnels and forget it."""
@@ -132,9 +140,7 @@ class InPodProxy:
                 del self._pods_by_ip[ip]
         for conn in self._hbone_connections.pop(pod.workload.uid, set()):
             conn.close()
-        identity = identity_of(pod.workload)
-        if not any(identity_of(p.workload) == identity for p in self._pods_by_ip.values()):
-            self._contexts.forget(identity)
+        self._contexts.release(pod.workload.uid)
 
     async def close(self) -> None:
         await self._outbound.pool.close()

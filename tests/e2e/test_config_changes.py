@@ -205,3 +205,43 @@ def test_a_relabelled_pod_is_updated_in_place_under_live_connections(
             assert dumped["labels"]["version"] == "v2"
         finally:
             held.sock.close()
+
+
+def test_a_new_service_account_is_taken_in_place_by_new_handshakes(
+    lab: LabState, config: Path
+) -> None:
+    server = probes.pod(lab, "server-b")
+    code = f"from bench.datapath import serve_echo; serve_echo({ECHO_PORT + 1})"
+    with probes.pod_server(server, ECHO_PORT + 1, [sys.executable, "-c", code]):
+        held = Held(lab, "client-a", server.ip, ECHO_PORT + 1)
+        try:
+            assert held.echo(b"as server-b") == b"as server-b"
+            since = len(probes.agent_events(lab, "node-2"))
+            document = yaml.safe_load(config.read_text())
+            for workload in document["workloads"]:
+                if workload["name"] == "server-b":
+                    workload["serviceAccount"] = "server-b-v2"
+            write(config, yaml.safe_dump(document, sort_keys=False))
+            wait_for(lab, "node-2", since, "pod identity changed in place")
+            assert held.echo(b"still open") == b"still open"
+            with probes.whoami_server(server, 9402):
+                exchange = probes.talk(probes.pod(lab, "client-a").netns_path, server.ip, 9402,
+                                       "new handshake")  # fmt: skip
+            assert exchange.reply.startswith("peer=")
+            deadline = time.monotonic() + 10
+            while not (
+                done := [e for e in events_after(lab, "node-2", since) if _to_port(e, 9402)]
+            ):
+                assert time.monotonic() < deadline, "no connection complete for :9402 on node-2"
+                time.sleep(0.05)
+            assert done[-1]["dst.identity"].endswith("/sa/server-b-v2")
+            later = events_after(lab, "node-2", since)
+            assert not [e for e in later if e.get("event") in ("pod unenrolled", "pod enrolled")]
+        finally:
+            held.sock.close()
+
+
+def _to_port(event: dict[str, Any], port: int) -> bool:
+    return event.get("event") == "connection complete" and str(event.get("dst.addr", "")).endswith(
+        f":{port}"
+    )

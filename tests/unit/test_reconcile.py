@@ -46,9 +46,10 @@ class FakeEnroller:
         self.journal.append(f"enroll {w.name}")
         self.pods[w.uid] = FakePod(w)
 
-    def update(self, w: Workload) -> bool:
-        """In place when only the labels changed (the real rule is in enrollment)."""
-        if replace(self.pods[w.uid].workload, labels=w.labels) != w:
+    async def update(self, w: Workload) -> bool:
+        """In place unless the pod moved (the real rule is in enrollment)."""
+        old = self.pods[w.uid].workload
+        if (old.netns, old.ips) != (w.netns, w.ips):
             return False
         self.journal.append(f"update {w.name}")
         self.pods[w.uid] = FakePod(w)
@@ -134,7 +135,7 @@ def test_a_moved_workload_is_enrolled_afresh_and_a_removed_one_released(
     cart, web = workload("cart"), workload("web")
     reconcile(reconciler, cart, web)
     journal.clear()
-    reconcile(reconciler, replace(cart, service_account="other"))
+    reconcile(reconciler, replace(cart, netns="/run/netns/cart-2"))
     assert journal == ["policies for cart", "unenroll cart", "unenroll web", "enroll cart"]
 
 
