@@ -146,11 +146,6 @@ class MapLayout:
     def from_json(cls, data: dict[str, Any]) -> MapLayout:
         return cls(**data)
 
-    def kernel_view_matches(self, fd: int) -> bool:
-        """Whether the map behind fd has this type, these sizes and flags."""
-        other = MapLayout.of(fd, self.key, self.leaf)
-        return other == self
-
 
 @cache
 def possible_cpus() -> int:
