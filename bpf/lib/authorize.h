@@ -158,6 +158,41 @@ static __always_inline __u32 deciding_policy(__u32 gen, const struct pol_workloa
     return term >= 0 ? term_policy(gen, wid, term) : 0;
 }
 
+/* Istio's answer from the one page of W: any DENY match denies; with an ALLOW policy, only an
+ * ALLOW match allows; the dry-run verdict beside it. The same rules as the page walk below. */
+static __always_inline void decide_on_one_page(__u32 gen, const struct pol_workload *w,
+                                               const struct policy_mask *m,
+                                               struct policy_decision *d)
+{
+    int term = first_term(m, &w->deny);
+    if (term >= 0) {
+        d->allow = 0;
+        d->reason = POLICY_DENIED;
+        d->policy = term_policy(gen, w->wid, term);
+        return;
+    }
+    if (w->flags & POL_HAS_ALLOW) {
+        term = first_term(m, &w->allow);
+        if (term >= 0) {
+            d->reason = POLICY_ALLOWED;
+            d->policy = term_policy(gen, w->wid, term);
+        } else {
+            d->allow = 0;
+            d->reason = POLICY_DEFAULT_DENY;
+        }
+    }
+    if (d->allow && (w->flags & POL_HAS_DRY_RUN)) {
+        term = first_term(m, &w->dry_deny);
+        if (term >= 0) {
+            d->dry_would_deny = 1;
+            d->dry_policy = term_policy(gen, w->wid, term);
+        } else if ((w->flags & (POL_HAS_ALLOW | POL_DRY_HAS_ALLOW)) &&
+                   !page_matches(m, w, PAGE_ANY_ALLOW)) {
+            d->dry_would_deny = 1; /* default deny, dry_policy 0 */
+        }
+    }
+}
+
 /* Addresses in network order, port in host order. `count`: a decision (1), or a probe that
  * re-asks about a live connection (0, see policy_probe.c). */
 static __always_inline void authorize(__u32 saddr, __u32 daddr, __u16 dport, __u32 identity,
@@ -180,6 +215,16 @@ static __always_inline void authorize(__u32 saddr, __u32 daddr, __u16 dport, __u
         goto counted; /* no policy applies to this destination */
     if (w->flags & POL_FALLBACK)
         goto fallback;
+    if (w->pages <= 1) {
+        /* One page, as most workloads have: its mask is worked out once and answers every
+         * question, so a decision costs what it did before pages (the walk below would work
+         * it out again per question). */
+        struct policy_mask m;
+        if (!page_terms(gen, w->wid, w, saddr, daddr, dport, identity, &m))
+            goto fallback;
+        decide_on_one_page(gen, w, &m, d);
+        goto counted;
+    }
 
     /* Terms are ordered by policy and pages by term: the first page with a match holds the
      * deciding policy. Any DENY match denies. */
