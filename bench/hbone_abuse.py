@@ -28,7 +28,6 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import hyperframe.frame as frames
@@ -239,11 +238,7 @@ ATTACKS: dict[str, Callable[[NetnsWorker, str, Credentials], dict[str, Any]]] = 
 
 
 def _rss_mib(state: LabState) -> float:
-    pid = int(state.agents[NODE]["pid"])
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    raise RuntimeError(f"no VmRSS for agent {pid}")
+    return probes.agent_memory(state, NODE)[0]
 
 
 def _refusals(state: LabState) -> dict[str, float]:

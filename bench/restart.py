@@ -123,23 +123,12 @@ def _restart(state: LabState, mode: str) -> tuple[float, bool]:
         data = json.loads(record.read_text())
         data["version"] = "an earlier build"
         record.write_text(json.dumps(data))
-    log = agents.lab_dir(state.name) / f"agent-{NODE}.log"
-    offset = log.stat().st_size
+    since = len(probes.agent_events(state, NODE))  # the new agent's log follows the old's
     started = time.monotonic()
     agents.restart_agent(state, NODE)
     ready = time.monotonic() - started
-    with open(log) as lines:
-        lines.seek(offset)
-        loaded = [e for e in map(_event, lines) if e.get("event") == "datapath loaded"]
-    return ready, bool(loaded and loaded[-1].get("adopted"))
-
-
-def _event(line: str) -> dict[str, Any]:
-    with contextlib.suppress(ValueError):
-        event = json.loads(line)
-        if isinstance(event, dict):
-            return event
-    return {}
+    loaded = probes.wait_for_event(state, NODE, since=since, event="datapath loaded")
+    return ready, bool(loaded and loaded.get("adopted"))
 
 
 def _wait_exit(pid: int) -> None:

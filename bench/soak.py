@@ -23,7 +23,6 @@ import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from agent.netns import NetnsWorker
 from lab import control, probes
@@ -189,15 +188,7 @@ async def _sample_peak(state: LabState, peak: dict[str, AgentSample], deadline: 
 
 
 def _sample_agents(state: LabState) -> dict[str, AgentSample]:
-    samples = {}
-    for node, info in state.agents.items():
-        pid = int(info["pid"])
-        rss = 0.0
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                rss = round(int(line.split()[1]) / 1024, 1)
-        samples[node] = AgentSample(rss, len(os.listdir(f"/proc/{pid}/fd")))
-    return samples
+    return {node: AgentSample(*probes.agent_memory(state, node)) for node in state.agents}
 
 
 def format_report(report: SoakReport) -> str:

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -118,14 +120,15 @@ def agent_events(state: LabState, node: str) -> list[dict[str, Any]]:
 
 
 def wait_for_event(
-    state: LabState, node: str, timeout: float = 5.0, **match: str
+    state: LabState, node: str, timeout: float = 5.0, since: int = 0, **match: str
 ) -> dict[str, Any] | None:
     """The first event of the node's agent whose fields equal `match` (dots in keys as
-    __, e.g. src__addr="10.0.0.1:4000"), waiting up to `timeout` seconds for it."""
+    __, e.g. src__addr="10.0.0.1:4000"), waiting up to `timeout` seconds for it. `since`:
+    only events after the first `since` of the log (a count taken before an action)."""
     wanted = {key.replace("__", "."): value for key, value in match.items()}
     deadline = time.monotonic() + timeout
     while True:
-        for event in agent_events(state, node):
+        for event in agent_events(state, node)[since:]:
             if all(event.get(key) == value for key, value in wanted.items()):
                 return event
         if time.monotonic() > deadline:
@@ -193,20 +196,40 @@ class Sample:
     value: float
 
 
-def scrape(state: LabState, node: str, port: int = 15020) -> list[Sample]:
-    """The node agent's /metrics, fetched from inside the node's netns."""
+def admin_get(state: LabState, node: str, url: str) -> tuple[int, str]:
+    """(status, body) of a GET from inside the node's netns (the agent's admin ports are
+    there, on loopback); an HTTP error status is returned, not raised."""
     netns = next(n for n in state.nodes if n.name == node).netns_path
 
-    def inside() -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
-            text: str = answer.read().decode()
-            return text
+    def inside() -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode()
 
     worker = NetnsWorker(str(netns))
     try:
-        text = worker.call(inside)
+        return worker.call(inside)
     finally:
         worker.close()
+
+
+def agent_memory(state: LabState, node: str) -> tuple[float, int]:
+    """(RSS in MiB, open fds) of the node's agent process."""
+    pid = int(state.agents[node]["pid"])
+    rss = 0.0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            rss = round(int(line.split()[1]) / 1024, 1)
+    return rss, len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def scrape(state: LabState, node: str, port: int = 15020) -> list[Sample]:
+    """The node agent's /metrics, fetched from inside the node's netns."""
+    status, text = admin_get(state, node, f"http://127.0.0.1:{port}/metrics")
+    if status != 200:
+        raise RuntimeError(f"/metrics of {node}'s agent answered {status}: {text[:200]}")
     return [
         Sample(sample.name, dict(sample.labels), sample.value)
         for family in text_string_to_metric_families(text)

@@ -166,7 +166,7 @@ def _ctype(desc: Any) -> Any:
 class KernelMap:
     """One map through its fd, used like BCC's tables: `Key`, `Leaf`, item access, iteration
     over keys, `items()`, `len()`, `clear()`, `max_entries`. A per-CPU map's value is an
-    array with one `PerCpuLeaf` per possible CPU."""
+    array with one value per possible CPU."""
 
     def __init__(self, name: str, fd: int, layout: MapLayout) -> None:
         self.name = name
@@ -174,14 +174,12 @@ class KernelMap:
         self.layout = layout
         self.max_entries = layout.max_entries
         self.Key: Any = _ctype(layout.key)
-        self.per_cpu = layout.type in PER_CPU_TYPES
-        self.PerCpuLeaf: Any = _ctype(layout.leaf)
-        if self.per_cpu:
-            if ctypes.sizeof(self.PerCpuLeaf) % 8:
+        leaf: Any = _ctype(layout.leaf)
+        if layout.type in PER_CPU_TYPES:
+            if ctypes.sizeof(leaf) % 8:
                 raise MapError(f"map {name}: per-CPU values must be 8-byte multiples")
-            self.Leaf: Any = self.PerCpuLeaf * possible_cpus()
-        else:
-            self.Leaf = self.PerCpuLeaf
+            leaf = leaf * possible_cpus()
+        self.Leaf: Any = leaf
 
     def _lookup(self, key: Any) -> Any | None:
         value = self.Leaf()

@@ -4,23 +4,17 @@ The full run (10,000 for 10 minutes) is a bench, not a test."""
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 
 from bench import soak
-from lab import control
+from tests.support.labs import running_lab
 
 pytestmark = pytest.mark.kernel
 
 
 def test_a_quick_soak_holds_every_connection() -> None:
-    name = "sq" + uuid.uuid4().hex[:6]
-    try:
-        state = control.up(name, None)
-        report = soak.measure(state, connections=200, seconds=6, every=1.0)
-    finally:
-        control.down(name)
+    with running_lab("sq") as lab:
+        report = soak.measure(lab, connections=200, seconds=6, every=1.0)
     print(soak.format_report(report))
     assert report.established == 200 and report.errors == {}
     assert report.round_trips >= 200 * 4  # about 5 echoes each in 6 s

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agent.netns import NetnsWorker
 from lab import probes
 from lab.network import LabState, load_state
 
@@ -37,21 +36,7 @@ def lab() -> Iterator[LabState]:
                        check=False, capture_output=True)  # fmt: skip
 
 
-def get(state: LabState, node: str, url: str) -> tuple[int, str]:
-    netns = next(n for n in state.nodes if n.name == node).netns_path
-
-    def inside() -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                return response.status, response.read().decode()
-        except urllib.error.HTTPError as error:
-            return error.code, error.read().decode()
-
-    worker = NetnsWorker(str(netns))
-    try:
-        return worker.call(inside)
-    finally:
-        worker.close()
+get = probes.admin_get
 
 
 def test_ready_agents_answer_200_and_dump_their_config(lab: LabState) -> None:

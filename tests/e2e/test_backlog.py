@@ -8,7 +8,6 @@ import selectors
 import socket
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -16,8 +15,9 @@ import pytest
 from agent.datapath import abi
 from agent.inpod.sockets import LISTEN_BACKLOG
 from agent.netns import NetnsWorker
-from lab import control, probes
+from lab import probes
 from lab.network import LabState
+from tests.support.labs import running_lab
 
 pytestmark = pytest.mark.kernel
 
@@ -27,11 +27,8 @@ BURST = 1000
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[LabState]:
-    name = "bl" + uuid.uuid4().hex[:6]
-    try:
-        yield control.up(name, None)
-    finally:
-        control.down(name)
+    with running_lab("bl") as lab:
+        yield lab
 
 
 def in_pod(lab: LabState, pod: str, *argv: str) -> str:

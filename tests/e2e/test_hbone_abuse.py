@@ -4,14 +4,12 @@ bounded (RSS measured before and after, as `ambient-agent bench --hbone-abuse` p
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 
 import pytest
 
 from bench import hbone_abuse
-from lab import control
-from lab.network import LabState
+from tests.support.labs import running_lab
 
 pytestmark = pytest.mark.kernel
 
@@ -22,14 +20,10 @@ RSS_BOUND_MIB = 32
 
 @pytest.fixture(scope="module")
 def results() -> Iterator[dict[str, hbone_abuse.CaseResult]]:
-    name = "ha" + uuid.uuid4().hex[:6]
-    try:
-        state: LabState = control.up(name, None)
-        measured = hbone_abuse.measure(state)
+    with running_lab("ha") as lab:
+        measured = hbone_abuse.measure(lab)
         print(hbone_abuse.format_results(measured))
         yield measured
-    finally:
-        control.down(name)
 
 
 @pytest.mark.parametrize(

@@ -5,25 +5,21 @@ same capture seeing the out-of-mesh client's plaintext shows the witness can see
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 
 import pytest
 
 from bench import restart
-from lab import control
 from lab.network import LabState
+from tests.support.labs import running_lab
 
 pytestmark = pytest.mark.kernel
 
 
 @pytest.fixture
 def lab() -> Iterator[LabState]:
-    name = "rs" + uuid.uuid4().hex[:6]
-    try:
-        yield control.up(name, None)
-    finally:
-        control.down(name)
+    with running_lab("rs") as lab:
+        yield lab
 
 
 def test_restarts_under_a_connection_stream_fail_closed(lab: LabState) -> None:
