@@ -133,10 +133,14 @@ class NodeAgent:
 
         policy = status.policy = PolicyEngine(PolicyMaps(datapath))
         undo("policy retirement timer", policy.close)
-        proxy = InPodProxy(store, identities, policy, self.telemetry)
+        proxy = InPodProxy(store, identities, policy, self.telemetry, cfg.dns_capture)
         status.refusals = proxy.hbone_refusals
+        status.vip_refusals = proxy.outbound_refusals
+        status.dns_counts = proxy.dns_counts
         undo("HBONE client pool", proxy.close)
-        enroller = status.enroller = PodEnroller(datapath, cfg.node_state_dir, proxy)
+        enroller = status.enroller = PodEnroller(
+            datapath, cfg.node_state_dir, proxy, cfg.dns_capture
+        )
         if handing_over:
             undo("pod listeners (pods stay enrolled for the next agent)", enroller.release_all)
         else:

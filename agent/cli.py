@@ -49,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--on-exit", choices=ON_EXIT, default="keep",
                      help="keep: pods stay captured, programs and maps pinned, for the next "
                      "agent (default); unenroll: undo everything")  # fmt: skip
+    run.add_argument("--dns-capture", type=_boolean, default=True, metavar="true|false",
+                     help="answer the pods' DNS for mesh Service names (default true)")  # fmt: skip
     run.add_argument("--ca-dir", type=Path, default=DEFAULT_CA_DIR,
                      help="built-in CA state; agents sharing it trust each other")  # fmt: skip
     run.add_argument("--trust-domain", default=DEFAULT_TRUST_DOMAIN)
@@ -115,6 +117,7 @@ def _run(args: argparse.Namespace) -> int:
         state_dir=args.state_dir,
         ready_file=args.ready_file,
         on_exit=args.on_exit,
+        dns_capture=args.dns_capture,
         ca_dir=args.ca_dir,
         trust_domain=args.trust_domain,
         certificate_ttl=timedelta(seconds=args.cert_ttl),
@@ -130,3 +133,11 @@ def _run(args: argparse.Namespace) -> int:
     except (DatapathError, ConfigError, CaError, OtlpError, KubeSourceError) as exc:
         print(f"ambient-agent: {exc}", file=sys.stderr)
         return 2
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not true or false")

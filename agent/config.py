@@ -29,6 +29,9 @@ class AgentConfig:
     # lets a pod's traffic out unprotected. "unenroll": undo everything (the mesh leaves
     # the node).
     on_exit: str = "keep"
+    # Enrolled pods' DNS (UDP and TCP to port 53) is answered by the agent for mesh names
+    # and forwarded to the pod's nameserver for the rest (ztunnel's DNS proxy).
+    dns_capture: bool = True
     # The built-in CA for standalone use: its directory keeps trust across restarts, and
     # agents that share it trust each other.
     ca_dir: Path = DEFAULT_CA_DIR

@@ -8,6 +8,7 @@ readiness names what is missing and the figures read as none.
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -48,6 +49,8 @@ class NodeStatus:
         self.reconciler: Reconciler | None = None
         self.source: StateSource | None = None
         self.refusals: Refusals | None = None
+        self.vip_refusals: Refusals | None = None
+        self.dns_counts: Counter[str] | None = None
 
     def not_ready(self) -> list[str]:
         """Empty when ready: config loaded, programs loaded, every wanted pod enrolled (its
@@ -128,6 +131,12 @@ class NodeStatus:
 
     def hbone_refusals(self) -> dict[str, int]:
         return dict(self.refusals.counts) if self.refusals else {}
+
+    def outbound_refusals(self) -> dict[str, int]:
+        return dict(self.vip_refusals.counts) if self.vip_refusals else {}
+
+    def dns_requests(self) -> dict[str, int]:
+        return dict(self.dns_counts) if self.dns_counts is not None else {}
 
     def telemetry_counts(self) -> dict[str, int]:
         """The kernel's telemetry_stats by name, and the connections that closed without a

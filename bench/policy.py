@@ -404,7 +404,6 @@ def entries_written(compiled: CompiledPolicies) -> dict[str, int]:
         "pol_dst_ips": sum(len(t.by_dst) * t.pages for t in tables),
         "pol_ports": sum(len(t.by_port) * t.pages for t in tables),
         "pol_terms": sum(len(t.terms) for t in tables),
-        "workload_identities": len(compiled.workload_identities),
     }
     counts["total"] = sum(counts.values())
     return counts

@@ -1,12 +1,15 @@
 /* tc programs on an enrolled pod's interface, inside the pod's network namespace.
  *
  * pod_egress (clsact egress): a TCP packet the pod sends, not from an agent socket and not
- *   to an excluded port, is marked DELIVER_MARK and sent back in on the same interface.
+ *   to an excluded port, is marked DELIVER_MARK and sent back in on the same interface; so
+ *   is a UDP datagram to port 53 when the pod's DNS is captured (POD_CAPTURE_DNS).
  * pod_ingress (clsact ingress):
  *   - a packet carrying DELIVER_MARK came from that loop (a veth crossing from another netns
  *     clears marks, so nothing genuine carries it): hand it to the socket of its connection,
  *     or for a new connection to the agent's outbound listener (15001). The listener then
- *     sees the original destination as its local address.
+ *     sees the original destination as its local address. A looped DNS datagram goes to the
+ *     agent's UDP socket on 15053, which reads its original destination with
+ *     IP_RECVORIGDSTADDR.
  *   - anything else is genuinely inbound: packets of known connections and those to 15008
  *     pass; a new connection to any other port is authorized by L4 policy (lib/authorize.h)
  *     and, if allowed, goes to the inbound listener (15006), else is dropped.
@@ -80,14 +83,44 @@ static __always_inline struct pod_info *enrolled(__u32 addr)
     return 0;
 }
 
+/* A DNS query of a pod whose DNS the agent answers: looped back like TCP. */
+static __always_inline int egress_udp(struct __sk_buff *skb, const struct tcp4_view *v)
+{
+    if (v->dport != bpf_htons(DNS_PORT))
+        return verdict(PASS_NOT_TCP4, TC_ACT_OK);
+    if ((skb->mark & MARK_MASK) == AGENT_MARK)
+        return verdict(PASS_AGENT_MARK, TC_ACT_OK); /* the agent's own forward upstream */
+    struct pod_info *pod = enrolled(v->saddr);
+    if (!pod || !(pod->flags & POD_CAPTURE_DNS))
+        return verdict(PASS_NOT_TCP4, TC_ACT_OK);
+    skb->mark = DELIVER_MARK;
+    return verdict(REDIRECT_DNS, bpf_redirect(skb->ifindex, BPF_F_INGRESS));
+}
+
+static __always_inline int deliver_dns(struct __sk_buff *skb, const struct tcp4_view *v)
+{
+    struct bpf_sock_tuple tuple = {};
+    tuple.ipv4.saddr = v->saddr;
+    tuple.ipv4.daddr = v->daddr;
+    tuple.ipv4.sport = v->sport;
+    tuple.ipv4.dport = bpf_htons(PORT_DNS);
+    struct bpf_sock *sk =
+        bpf_sk_lookup_udp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
+    if (!sk)
+        return drop(DROP_NO_DNS_LISTENER);
+    return assign(skb, sk, DELIVER_DNS);
+}
+
 int pod_egress(struct __sk_buff *skb)
 {
     struct tcp4_view v = {};
-    enum parse_result parsed = parse_tcp4(skb, &v);
+    enum parse_result parsed = parse_ip4(skb, &v);
     if (parsed == PARSE_OTHER)
         return verdict(PASS_NOT_TCP4, TC_ACT_OK);
     if (parsed == PARSE_MALFORMED)
         return drop(DROP_MALFORMED);
+    if (parsed == PARSE_UDP4)
+        return egress_udp(skb, &v);
     if ((skb->mark & MARK_MASK) == AGENT_MARK)
         return verdict(PASS_AGENT_MARK, TC_ACT_OK);
     struct pod_info *pod = enrolled(v.saddr);
@@ -130,11 +163,11 @@ static __always_inline int deliver_inbound(struct __sk_buff *skb, const struct t
     struct pod_info *pod = enrolled(v->daddr);
     if (!pod)
         return verdict(PASS_NOT_ENROLLED, TC_ACT_OK);
-    /* Plaintext has no verified identity: a known workload's address stands for it. A denied
-     * connection ends here, without waking userspace. */
+    /* Plaintext is unauthenticated, whatever its source address: an address is not an
+     * identity (a stale or spoofed one would carry another workload's). A denied connection
+     * ends here, without waking userspace. */
     struct policy_decision decision;
-    authorize(v->saddr, v->daddr, bpf_ntohs(v->dport), plaintext_identity(v->saddr), &decision,
-              1);
+    authorize(v->saddr, v->daddr, bpf_ntohs(v->dport), UNAUTHENTICATED_IDENTITY, &decision, 1);
     if (!decision.allow)
         return drop(DROP_POLICY_DENIED);
     sk = lookup_listener(skb, v, PORT_INBOUND);
@@ -149,11 +182,16 @@ static __always_inline int deliver_inbound(struct __sk_buff *skb, const struct t
 int pod_ingress(struct __sk_buff *skb)
 {
     struct tcp4_view v = {};
-    enum parse_result parsed = parse_tcp4(skb, &v);
+    enum parse_result parsed = parse_ip4(skb, &v);
     if (parsed == PARSE_OTHER)
         return verdict(PASS_NOT_TCP4, TC_ACT_OK);
     if (parsed == PARSE_MALFORMED)
         return drop(DROP_MALFORMED);
+    if (parsed == PARSE_UDP4) {
+        if (skb->mark == DELIVER_MARK && v.dport == bpf_htons(DNS_PORT))
+            return deliver_dns(skb, &v);
+        return verdict(PASS_NOT_TCP4, TC_ACT_OK);
+    }
     if (skb->mark == DELIVER_MARK)
         return deliver_outbound(skb, &v);
     return deliver_inbound(skb, &v);

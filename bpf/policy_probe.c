@@ -17,7 +17,7 @@ int policy_probe(struct __sk_buff *skb)
 {
     struct tcp4_view v = {};
     /* Not a probe we understand: deny, fallback. */
-    if (parse_tcp4(skb, &v) != PARSE_TCP4)
+    if (parse_ip4(skb, &v) != PARSE_TCP4)
         return POLICY_FALLBACK << PROBE_REASON_SHIFT;
     struct policy_decision d;
     authorize(v.saddr, v.daddr, bpf_ntohs(v.dport), skb->mark, &d, 0);

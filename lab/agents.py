@@ -23,7 +23,7 @@ from agent.datapath.cgroup import cgroup2_root, remove_cgroups
 from agent.datapath.loader import remove_pins
 from agent.identity.ca import CertificateAuthority
 from agent.identity.spiffe import DEFAULT_TRUST_DOMAIN
-from lab.network import STATE_ROOT, LabError, LabState
+from lab.network import STATE_ROOT, LabError, LabState, PodState
 
 READY_TIMEOUT = 90.0
 STOP_TIMEOUT = 15.0
@@ -38,7 +38,19 @@ def lab_pin_root(name: str) -> Path:
 
 
 def mesh_config(state: LabState) -> dict[str, Any]:
-    """The lab's pods in the local config shape (ztunnel's), with the netns of each pod."""
+    """The lab's pods and services in the local config shape (ztunnel's), with the netns of
+    each pod; a pod backs the services whose selector matches it."""
+    topology = state.parsed_topology()
+    vips = topology.service_vips()
+
+    def backed(pod: PodState) -> dict[str, dict[int, int]]:
+        spec = topology.pod(pod.namespace, pod.name)
+        return {
+            f"{s.namespace}/{s.hostname}": {p.port: p.target_port for p in s.ports}
+            for s in topology.services
+            if s.selects(spec)
+        }
+
     return {
         "workloads": [
             {
@@ -52,10 +64,20 @@ def mesh_config(state: LabState) -> dict[str, Any]:
                 "netns": str(pod.netns_path),
                 "interface": pod.interface,
                 "labels": dict(pod.labels),
+                "services": backed(pod),
             }
             for pod in state.pods
         ],
-        "services": [],
+        "services": [
+            {
+                "name": service.name,
+                "namespace": service.namespace,
+                "hostname": service.hostname,
+                "vips": [str(vips[service.key])],
+                "ports": {p.port: p.target_port for p in service.ports},
+            }
+            for service in topology.services
+        ],
         "policies": [],
     }
 

@@ -18,18 +18,21 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 from dataclasses import asdict, dataclass, field
 from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
 
-from lab.topology import Topology, parse_topology
+from lab.topology import CLUSTER_DOMAIN, Topology, parse_topology
 
 DEFAULT_LAB_NAME = "lab"
 STATE_ROOT = Path("/run/ambient-lab")
 STATE_FILE = "state.json"
 NETNS_RUN_DIR = Path("/run/netns")
+# Per-netns files `ip netns exec` mounts over /etc (resolv.conf).
+NETNS_ETC_DIR = Path("/etc/netns")
 STATE_VERSION = 1
 FABRIC = "fabric"
 BRIDGE = "br0"
@@ -335,8 +338,10 @@ def _build(state: LabState) -> None:
     for node in state.nodes:
         _build_node(state, node)
     nodes = {node.name: node for node in state.nodes}
+    dns_ip = state.parsed_topology().dns_ip
     for pod in state.pods:
         _build_pod(pod, nodes[pod.node])
+        _write_resolv_conf(pod, str(dns_ip))
 
 
 def _build_fabric(state: LabState) -> None:
@@ -383,6 +388,15 @@ def _build_pod(pod: PodState, node: NodeState) -> None:
     _ip_in(node.netns, "route", "add", f"{pod.ip}/32", "dev", veth, "scope", "link")
 
 
+def _write_resolv_conf(pod: PodState, nameserver: str) -> None:
+    """What `ip netns exec` (so `lab exec`) mounts over /etc/resolv.conf in the pod: the
+    cluster DNS address, answered by the pod's agent, and Kubernetes' search path."""
+    path = NETNS_ETC_DIR / pod.netns / "resolv.conf"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    search = f"{pod.namespace}.svc.{CLUSTER_DOMAIN} svc.{CLUSTER_DOMAIN} {CLUSTER_DOMAIN}"
+    path.write_text(f"nameserver {nameserver}\nsearch {search}\noptions ndots:5\n")
+
+
 def _add_netns(netns: str) -> None:
     _ip("netns", "add", netns)
     _ip_in(netns, "link", "set", "lo", "up")
@@ -404,6 +418,7 @@ def _delete_netns(netns: str) -> None:
     except LabError:
         if netns in list_netns():
             raise  # a concurrent `down` may have won the race; anything else is real
+    shutil.rmtree(NETNS_ETC_DIR / netns, ignore_errors=True)
 
 
 def _sysctl(netns: str, key: str, value: str) -> None:

@@ -6,9 +6,12 @@ gives the same addresses:
 - node i (0-based, file order) is ``node_network[10 + i]``;
 - a node's gateway, seen by its pods, is ``pod_cidr[1]``;
 - the pods of a node, in file order, are ``pod_cidr[2]``, ``pod_cidr[3]``, ...
+- the cluster DNS address (the pods' nameserver, answered by the agents) is
+  ``service_network[10]``; a service without a ``vip`` takes the next free address from
+  ``service_network[20]`` on, in file order.
 
-``Topology.node_ip``, ``Topology.gateway`` and ``Topology.pod_ip`` compute them. The format is
-described in docs/lab.md.
+``Topology.node_ip``, ``Topology.gateway``, ``Topology.pod_ip``, ``Topology.dns_ip`` and
+``Topology.service_vip`` compute them. The format is described in docs/lab.md.
 """
 
 from __future__ import annotations
@@ -31,8 +34,16 @@ or test hosts that a lab may add later."""
 FIRST_POD_HOST = 2
 """Address 1 of a pod CIDR is the node's gateway; pods start at 2."""
 
+DNS_HOST = 10
+"""The cluster DNS address is service_network[DNS_HOST], as kube-dns's is by convention."""
+
+FIRST_VIP_HOST = 20
+"""Services without a written VIP take addresses from service_network[FIRST_VIP_HOST] on."""
+
 DEFAULT_TOPOLOGY_FILE = "default-topology.yaml"
 DEFAULT_NAMESPACE = "default"
+DEFAULT_SERVICE_NETWORK = IPv4Network("10.96.0.0/16")
+CLUSTER_DOMAIN = "cluster.local"
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _DNS_SUBDOMAIN = re.compile(rf"{_DNS_LABEL.pattern}(\.{_DNS_LABEL.pattern})*")
@@ -41,6 +52,7 @@ _LABEL_NAME = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
 _STR_TAG = "tag:yaml.org,2002:str"
 _BOOL_TAG = "tag:yaml.org,2002:bool"
 _NULL_TAG = "tag:yaml.org,2002:null"
+_INT_TAG = "tag:yaml.org,2002:int"
 
 Location = tuple[str | int, ...]
 """Where a value sits in the document, e.g. ("pods", 3, "node"): used to find its line."""
@@ -110,6 +122,42 @@ class PodSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class ServicePortSpec:
+    port: int
+    target_port: int
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSpec:
+    """A Service: the pods of its namespace whose labels match every selector pair back it."""
+
+    name: str
+    namespace: str
+    ports: tuple[ServicePortSpec, ...]
+    selector: tuple[tuple[str, str], ...]
+    vip: IPv4Address | None = None  # None: allocated (see the module docstring)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "selector", tuple(sorted(self.selector)))
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def hostname(self) -> str:
+        return f"{self.name}.{self.namespace}.svc.{CLUSTER_DOMAIN}"
+
+    def selects(self, pod: PodSpec) -> bool:
+        labels = pod.label_map
+        return (
+            bool(self.selector)
+            and pod.namespace == self.namespace
+            and all(labels.get(key) == value for key, value in self.selector)
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Topology:
     """A validated cluster: constructing one with inconsistent parts raises TopologyError."""
 
@@ -117,9 +165,28 @@ class Topology:
     node_network: IPv4Network
     nodes: tuple[NodeSpec, ...]
     pods: tuple[PodSpec, ...]
+    services: tuple[ServiceSpec, ...] = ()
+    service_network: IPv4Network = DEFAULT_SERVICE_NETWORK
 
     def __post_init__(self) -> None:
         _check_topology(self)
+
+    @property
+    def dns_ip(self) -> IPv4Address:
+        return self.service_network[DNS_HOST]
+
+    def service_vips(self) -> dict[str, IPv4Address]:
+        """Every service's VIP by key: written ones, then allocated ones in file order."""
+        taken = {s.vip for s in self.services if s.vip is not None}
+        candidates = (
+            self.service_network[i]
+            for i in range(FIRST_VIP_HOST, self.service_network.num_addresses - 1)
+        )
+        free = (address for address in candidates if address not in taken)
+        return {s.key: s.vip if s.vip is not None else next(free) for s in self.services}
+
+    def service_vip(self, namespace: str, name: str) -> IPv4Address:
+        return self.service_vips()[f"{namespace}/{name}"]
 
     def node(self, name: str) -> NodeSpec:
         return self.nodes[self.node_index(name)]
@@ -157,8 +224,22 @@ class Topology:
             "nodeNetwork": str(self.node_network),
             "nodes": [{"name": n.name, "podCidr": str(n.pod_cidr)} for n in self.nodes],
             "pods": [_pod_document(pod) for pod in self.pods],
+            "serviceNetwork": str(self.service_network),
+            "services": [_service_document(service) for service in self.services],
         }
         return yaml.safe_dump(document, sort_keys=False, default_flow_style=False)
+
+
+def _service_document(service: ServiceSpec) -> dict[str, object]:
+    document: dict[str, object] = {
+        "name": service.name,
+        "namespace": service.namespace,
+        "ports": [{"port": p.port, "targetPort": p.target_port} for p in service.ports],
+        "selector": dict(service.selector),
+    }
+    if service.vip is not None:
+        document["vip"] = str(service.vip)
+    return document
 
 
 def _pod_document(pod: PodSpec) -> dict[str, object]:
@@ -223,16 +304,62 @@ class _Reader:
         self.source = source
 
     def topology(self, root: yaml.Node) -> Topology:
-        fields = self.mapping(root, "the document", {"nodeNetwork", "nodes"}, {"name", "pods"})
+        optional = {"name", "pods", "services", "serviceNetwork"}
+        fields = self.mapping(root, "the document", {"nodeNetwork", "nodes"}, optional)
         name = self.string(fields["name"], "name") if "name" in fields else None
         node_items = self.sequence(fields["nodes"], "nodes")
         pod_items = self.sequence(fields["pods"], "pods") if "pods" in fields else []
+        service_items = (
+            self.sequence(fields["services"], "services") if "services" in fields else []
+        )
+        service_network = DEFAULT_SERVICE_NETWORK
+        if "serviceNetwork" in fields:
+            service_network = self.network(fields["serviceNetwork"], "serviceNetwork")
         return Topology(
             name=name if name is not None else _default_name(self.source),
             node_network=self.network(fields["nodeNetwork"], "nodeNetwork"),
             nodes=tuple(self.node(item, f"nodes[{i}]") for i, item in enumerate(node_items)),
             pods=tuple(self.pod(item, f"pods[{i}]") for i, item in enumerate(pod_items)),
+            services=tuple(
+                self.service(item, f"services[{i}]") for i, item in enumerate(service_items)
+            ),
+            service_network=service_network,
         )
+
+    def service(self, item: yaml.Node, what: str) -> ServiceSpec:
+        fields = self.mapping(item, what, {"name", "ports", "selector"}, {"namespace", "vip"})
+        ports = []
+        for i, port_item in enumerate(self.sequence(fields["ports"], f"{what}.ports")):
+            where = f"{what}.ports[{i}]"
+            port_fields = self.mapping(port_item, where, {"port"}, {"targetPort"})
+            port = self.port(port_fields["port"], f"{where}.port")
+            target = port_fields.get("targetPort")
+            ports.append(
+                ServicePortSpec(
+                    port, port if target is None else self.port(target, f"{where}.targetPort")
+                )
+            )
+        vip = None
+        if "vip" in fields:
+            text = self.string(fields["vip"], f"{what}.vip")
+            try:
+                vip = IPv4Address(text)
+            except AddressValueError:
+                self.fail(fields["vip"], f"{what}.vip: {text!r} is not an IPv4 address")
+        return ServiceSpec(
+            name=self.string(fields["name"], f"{what}.name"),
+            namespace=self.optional_string(fields, "namespace", what, DEFAULT_NAMESPACE),
+            ports=tuple(ports),
+            selector=self.labels(fields["selector"], f"{what}.selector"),
+            vip=vip,
+        )
+
+    def port(self, node: yaml.Node, what: str) -> int:
+        if isinstance(node, yaml.ScalarNode) and node.tag == _INT_TAG:
+            value = int(node.value)
+            if 1 <= value <= 65535:
+                return value
+        self.fail(node, f"{what} must be a port number 1..65535, not {_kind(node)}")
 
     def node(self, item: yaml.Node, what: str) -> NodeSpec:
         fields = self.mapping(item, what, {"name", "podCidr"}, set())
@@ -390,6 +517,7 @@ def _check_topology(topology: Topology) -> None:
         raise TopologyError("nodes: the topology needs at least one node", path=("nodes",))
     _check_nodes(topology)
     _check_pods(topology)
+    _check_services(topology)
 
 
 def _check_nodes(topology: Topology) -> None:
@@ -490,3 +618,52 @@ def _check_labels(pod: PodSpec, what: str, path: Location) -> None:
                 "'-', '_' and '.', starting and ending alphanumeric)",
                 path=(*path, key),
             )
+
+
+def _check_services(topology: Topology) -> None:
+    network = topology.service_network
+    others = [(topology.node_network, "nodeNetwork")]
+    others += [(node.pod_cidr, f"the podCidr of {node.name}") for node in topology.nodes]
+    for other, what in others:
+        if network.overlaps(other):
+            raise TopologyError(
+                f"serviceNetwork {network} overlaps {what} {other}", path=("serviceNetwork",)
+            )
+    if network.num_addresses < FIRST_VIP_HOST + len(topology.services) + 1:
+        raise TopologyError(
+            f"serviceNetwork {network} is too small for {len(topology.services)} service(s)",
+            path=("serviceNetwork",),
+        )
+    seen: dict[str, int] = {}
+    vips: dict[IPv4Address, int] = {}
+    for index, service in enumerate(topology.services):
+        what = f"services[{index}] ({service.key})"
+        _check_dns_label(service.name, f"{what}: service name", ("services", index, "name"))
+        _check_dns_label(service.namespace, f"{what}: namespace", ("services", index, "namespace"))
+        if service.key in seen:
+            raise TopologyError(
+                f"{what}: duplicate service (also services[{seen[service.key]}])",
+                path=("services", index, "name"),
+            )
+        seen[service.key] = index
+        if not service.ports:
+            raise TopologyError(
+                f"{what}: a service needs a port", path=("services", index, "ports")
+            )
+        ports = [p.port for p in service.ports]
+        if len(set(ports)) != len(ports):
+            raise TopologyError(f"{what}: duplicate port", path=("services", index, "ports"))
+        if service.vip is None:
+            continue
+        path: Location = ("services", index, "vip")
+        if service.vip not in network or service.vip in (network[0], topology.dns_ip):
+            raise TopologyError(
+                f"{what}: vip {service.vip} must be a host of serviceNetwork {network} other "
+                f"than the DNS address {topology.dns_ip}",
+                path=path,
+            )
+        if service.vip in vips:
+            raise TopologyError(
+                f"{what}: vip {service.vip} is also services[{vips[service.vip]}]'s", path=path
+            )
+        vips[service.vip] = index

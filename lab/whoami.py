@@ -1,10 +1,15 @@
 """A small TCP server for lab pods: answers each line with the address it saw the client
-come from, so a demo or test can prove which source address reached the app."""
+come from, so a demo or test can prove which source address reached the app. A connection
+that starts with an HTTP/1 request line gets one HTTP response with that text as its body
+(so `curl` works too), and is closed."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import re
+
+_REQUEST_LINE = re.compile(rb"[A-Z]+ \S+ HTTP/1\.[01]\r?\n")
 
 
 async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -12,10 +17,18 @@ async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
     local = writer.get_extra_info("sockname")
     try:
         while line := await reader.readline():
-            writer.write(
+            text = (
                 f"peer={peer[0]}:{peer[1]} local={local[0]}:{local[1]} "
                 f"echo={line.decode(errors='replace').strip()}\n".encode()
             )
+            if _REQUEST_LINE.fullmatch(line):
+                while (await reader.readline()).strip():
+                    pass  # the request's headers
+                head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(text)}\r\nConnection: close"
+                writer.write(f"{head}\r\nContent-Type: text/plain\r\n\r\n".encode() + text)
+                await writer.drain()
+                break
+            writer.write(text)
             await writer.drain()
     except ConnectionError:
         pass

@@ -42,6 +42,8 @@ class AgentMetricsSource(Protocol):
     def open_connections(self) -> int: ...
     def reconcile_failures(self) -> int: ...
     def hbone_refusals(self) -> dict[str, int]: ...
+    def outbound_refusals(self) -> dict[str, int]: ...
+    def dns_requests(self) -> dict[str, int]: ...
 
 
 class AgentCollector(Collector):
@@ -141,6 +143,24 @@ class AgentCollector(Collector):
         for reason, count in sorted(self._source.hbone_refusals().items()):
             refusals.add_metric([reason], count)
         yield refusals
+        outbound = CounterMetricFamily(
+            "ambient_outbound_refusals",
+            "Outbound connections to a Service VIP refused before any upstream was tried, by "
+            "reason (no_ready_endpoint, unknown_service_port).",
+            labels=["reason"],
+        )
+        for reason, count in sorted(self._source.outbound_refusals().items()):
+            outbound.add_metric([reason], count)
+        yield outbound
+        dns = CounterMetricFamily(
+            "ambient_dns_requests",
+            "DNS queries of enrolled pods the agent took, by outcome (answered, nodata, "
+            "nxdomain, forwarded, forward_failed, formerr, malformed, ...).",
+            labels=["reason"],
+        )
+        for reason, count in sorted(self._source.dns_requests().items()):
+            dns.add_metric([reason], count)
+        yield dns
         yield CounterMetricFamily(
             "ambient_reconcile_failures",
             "Reconciles that failed, leaving the state not fully in force until a retry "

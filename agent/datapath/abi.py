@@ -36,6 +36,7 @@ DELIVER_RULE_PRIORITY = 32764
 PORT_OUTBOUND = 15001
 PORT_INBOUND = 15006
 PORT_HBONE = 15008
+PORT_DNS = 15053  # the agent's DNS proxy in each pod (UDP; TCP DNS arrives on 15001)
 
 BPFFS_ROOT = Path("/sys/fs/bpf")
 DEFAULT_PIN_DIR = BPFFS_ROOT / "ambient"
@@ -78,7 +79,7 @@ PROGRAMS = tuple(PROGRAM_CONTEXTS)
 
 # Maps whose fill the agent reports (ambient_map_entries): those that grow with pods and
 # connections. The policy maps are sized and counted by the policy compiler instead.
-FILL_MAPS = ("pods", "workload_identities", "pol_workloads", "policy_names", "sock_conns")
+FILL_MAPS = ("pods", "pol_workloads", "policy_names", "sock_conns")
 
 
 def cflags() -> list[str]:
@@ -88,6 +89,7 @@ def cflags() -> list[str]:
         f"-DPORT_OUTBOUND={PORT_OUTBOUND}",
         f"-DPORT_INBOUND={PORT_INBOUND}",
         f"-DPORT_HBONE={PORT_HBONE}",
+        f"-DPORT_DNS={PORT_DNS}",
     ]
 
 
@@ -97,8 +99,8 @@ SOURCES = ProgramSources(BPF_DIR)
 
 # The #defines this module takes from the C, each under its C name.
 DEFINES_READ = (
-    "MARK_MASK", "POD_CAPTURE", "POLICY_NAME_SIZE", "POLICY_MASK_WORDS", "POL_MAX_PAGES",
-    "POL_HAS_ALLOW", "POL_DRY_HAS_ALLOW", "POL_FALLBACK", "POL_HAS_DRY_RUN",
+    "MARK_MASK", "POD_CAPTURE", "POD_CAPTURE_DNS", "POLICY_NAME_SIZE", "POLICY_MASK_WORDS",
+    "POL_MAX_PAGES", "POL_HAS_ALLOW", "POL_DRY_HAS_ALLOW", "POL_FALLBACK", "POL_HAS_DRY_RUN",
     "PROBE_REASON_SHIFT", "PROBE_POLICY_SHIFT",
 )  # fmt: skip
 
@@ -112,6 +114,7 @@ _DEFINED = read_defines()
 MARK_MASK = _DEFINED["MARK_MASK"]
 # Flag bits of struct pod_info.flags (bpf/lib/maps.h).
 POD_CAPTURE = _DEFINED["POD_CAPTURE"]
+POD_CAPTURE_DNS = _DEFINED["POD_CAPTURE_DNS"]
 # struct policy_name's buffer, its NUL included (bpf/lib/maps.h).
 POLICY_NAME_SIZE = _DEFINED["POLICY_NAME_SIZE"]
 # Words of struct policy_mask, and the flags of struct pol_workload (bpf/lib/policy.h).
@@ -192,6 +195,9 @@ class VerdictReason(enum.IntEnum):
     DROP_AGENT_PORT = 13
     DROP_ASSIGN_FAILED = 14
     DROP_POLICY_DENIED = 15
+    REDIRECT_DNS = 16
+    DELIVER_DNS = 17
+    DROP_NO_DNS_LISTENER = 18
 
 
 class PolicyReason(enum.IntEnum):

@@ -107,9 +107,13 @@ def pod_key_addr(ip: str) -> int:
 
 
 class PodEnroller:
-    def __init__(self, datapath: LoadedDatapath, state_dir: Path, proxy: PodTraffic) -> None:
+    def __init__(
+        self, datapath: LoadedDatapath, state_dir: Path, proxy: PodTraffic, dns_capture: bool = True
+    ) -> None:
+        """dns_capture: steer the pods' UDP DNS queries to the proxy's 15053 as well."""
         self._datapath = datapath
         self._proxy = proxy
+        self._capture_flags = abi.POD_CAPTURE | (abi.POD_CAPTURE_DNS if dns_capture else 0)
         self._records_dir = state_dir / "pods"
         self._records_dir.mkdir(parents=True, exist_ok=True)
         self.pods: dict[str, EnrolledPod] = {}
@@ -209,7 +213,8 @@ class PodEnroller:
         for ip in record.ips:
             key = pods.Key(addr=pod_key_addr(ip))
             value = pods.get(key) or pods.Leaf()
-            value.flags |= abi.POD_CAPTURE
+            # Set, not added to: an adopted pod gets this agent's DNS setting.
+            value.flags = self._capture_flags
             pods[key] = value
         created = await asyncio.to_thread(
             tc.attach,

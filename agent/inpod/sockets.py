@@ -9,6 +9,7 @@ from __future__ import annotations
 import socket
 
 from agent.datapath import abi
+from agent.dns.server import IP_RECVORIGDSTADDR
 
 IP_TRANSPARENT = 19  # linux/in.h; not exported by Python's socket module
 LISTEN_BACKLOG = 4096
@@ -46,6 +47,54 @@ def upstream(source: tuple[str, int] | None = None) -> socket.socket:
         if source is not None:
             sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
             sock.bind((source[0], 0))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def dns_listener(port: int) -> socket.socket:
+    """The pod's UDP DNS socket on 0.0.0.0:port. pod_ingress hands it the pod's looped DNS
+    queries (bpf_sk_assign), whatever nameserver they were sent to; IP_RECVORIGDSTADDR tells
+    which, so the answer can come from there."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, abi.AGENT_MARK)
+        sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+        sock.setsockopt(socket.SOL_IP, IP_RECVORIGDSTADDR, 1)
+        sock.bind(("0.0.0.0", port))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def dns_reply(nameserver: tuple[str, int]) -> socket.socket:
+    """A UDP socket bound (transparently) to the nameserver's address, so a reply sent
+    through it comes from the address the pod asked, as its resolver requires."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, abi.AGENT_MARK)
+        sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+        # Several pods' agents (and this one's earlier reply socket) may hold the same
+        # nameserver address: each in its own netns, but reuse keeps a rebind after a close
+        # from failing while the old one lingers.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(nameserver)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def dns_upstream() -> socket.socket:
+    """An unconnected UDP socket for forwarding one query; the mark keeps it uncaptured."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, abi.AGENT_MARK)
         sock.setblocking(False)
     except BaseException:
         sock.close()

@@ -87,7 +87,6 @@ class WorkloadTables:
 @dataclass
 class CompiledPolicies:
     workloads: list[WorkloadTables]
-    workload_identities: dict[str, int]  # address -> identity number (plaintext sources)
     policy_numbers: dict[str, int]  # "ns/name" -> number used in the kernel's counters
 
 
@@ -353,29 +352,23 @@ def compile_policies(
     policy_numbers: PolicyNumbers,
 ) -> CompiledPolicies:
     """destinations: this node's enrolled workloads with their labels; mesh_workloads: every
-    workload known, for the plaintext identity of their addresses."""
+    workload known, whose identities get their masks now rather than at their first tunnel.
+
+    No address stands for an identity: a plaintext source is unauthenticated, whatever
+    workload's address it carries (a stale or spoofed address would carry another's)."""
     policies = tuple(policies)
     for policy in policies:
         policy_numbers.number(policy.key)
-    workload_identities: dict[str, int] = {}
     for w in mesh_workloads:
-        # Only mesh (HBONE) workloads: their addresses are the mesh's, as Istio trusts them.
-        if w.captured:
-            number = identity_numbers.number(
-                SpiffeId(w.trust_domain, w.namespace, w.service_account)
-            )
-            for ip in w.ips:
-                if ":" not in ip:
-                    workload_identities[ip] = number
+        if w.captured:  # only mesh workloads present a certificate
+            identity_numbers.number(SpiffeId(w.trust_domain, w.namespace, w.service_account))
     acceptance = IdentityAcceptance(identity_numbers.known())
     tables = []
     wid = 1  # each workload's pages take the numbers after its first
     for workload, labels in destinations:
         tables.append(compile_workload(wid, workload, labels, policies, acceptance))
         wid += tables[-1].pages
-    return CompiledPolicies(
-        tables, workload_identities, {p.key: policy_numbers.number(p.key) for p in policies}
-    )
+    return CompiledPolicies(tables, {p.key: policy_numbers.number(p.key) for p in policies})
 
 
 def identity_masks(tables: WorkloadTables, identity: SpiffeId) -> int:

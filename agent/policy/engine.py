@@ -18,6 +18,7 @@ import structlog
 from agent.datapath.abi import PolicyReason
 from agent.identity.spiffe import SpiffeId
 from agent.policy.compiler import (
+    UNAUTHENTICATED,
     CompiledPolicies,
     IdentityNumbers,
     PolicyNumbers,
@@ -123,13 +124,10 @@ class PolicyEngine:
     def cut_denied(self, connections: Iterable[LiveConnection]) -> int:
         """Reset live inbound connections the policies in force now deny (asked for with
         --cut-denied-connections). The kernel decides each, through policy_probe."""
-        workload_identities = self._compiled.workload_identities if self._compiled else {}
         cut = 0
         for conn in connections:
-            if conn.peer is not None:
-                identity = self.identities.number(conn.peer)
-            else:  # plaintext: what pod_ingress used for it
-                identity = workload_identities.get(conn.src_ip, 0)
+            # Plaintext is unauthenticated, as pod_ingress judged it.
+            identity = UNAUTHENTICATED if conn.peer is None else self.identities.number(conn.peer)
             allowed, reason, policy = self._maps.evaluate(
                 conn.src_ip, conn.dst_ip, conn.dst_port, identity
             )

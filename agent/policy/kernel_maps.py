@@ -34,7 +34,6 @@ _MEMBERS_NAMED = {
     "pol_lpm_key": ("prefixlen", "gen", "wid", "addr"),
     "pol_port_key": ("gen", "wid", "port"),
     "pol_term_key": ("gen", "wid", "term"),
-    "workload_identity_key": ("gen", "addr"),
     "policy_name": ("name",),
     "policy_stat_key": ("policy", "reason"),
 }
@@ -99,9 +98,6 @@ class PolicyMaps:
         self.clear_generation(new)  # leftovers of an interrupted earlier write
         for tables in compiled.workloads:
             self._write_workload(new, tables)
-        identities = self._dp.table("workload_identities")
-        for ip, number in compiled.workload_identities.items():
-            identities[identities.Key(gen=new, addr=addr_key(ip))] = ctypes.c_uint32(number)
         names = self._dp.table("policy_names")
         for key, number in compiled.policy_numbers.items():
             entry = names.Leaf()

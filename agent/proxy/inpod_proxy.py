@@ -2,7 +2,8 @@
 
 - 15001 outbound (agent/proxy/outbound.py): HBONE to mesh destinations, plain TCP elsewhere;
 - 15006 inbound plaintext (agent/proxy/inbound.py);
-- 15008 inbound HBONE (agent/proxy/inbound_hbone.py).
+- 15008 inbound HBONE (agent/proxy/inbound_hbone.py);
+- with DNS capture, 15053 UDP DNS (agent/proxy/pod_dns.py; TCP DNS comes through 15001).
 
 Every connection is reported to the telemetry (agent/telemetry/connections.py) under the
 cookie of the agent's socket that faces the pod's app, so the kernel's byte counts for that
@@ -12,6 +13,7 @@ socket are the app's own; it ends with one "connection complete" access log line
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import socket
 import ssl
@@ -34,6 +36,7 @@ from agent.proxy.inbound_hbone import InboundHbone
 from agent.proxy.live_inbound import LiveInbound
 from agent.proxy.outbound import HANDSHAKE_TIMEOUT, Outbound
 from agent.proxy.pod import Pod, identity_of
+from agent.proxy.pod_dns import MeshNamesCache, PodDns
 from agent.proxy.relay import reset
 from agent.proxy.tls_contexts import TlsContexts
 from agent.state.store import StateStore
@@ -55,8 +58,14 @@ class InPodProxy:
         identities: IdentityManager,
         authorizer: PolicyEngine | None,
         telemetry: ConnectionTelemetry,
+        dns_capture: bool = True,
     ) -> None:
         self._identities = identities
+        self._dns_capture = dns_capture
+        self._dns: dict[str, PodDns] = {}
+        self._names = MeshNamesCache(store)
+        # Every pod's DNS queries, by reason (agent/dns/answer.py's Reason), for /metrics.
+        self.dns_counts: collections.Counter[str] = collections.Counter()
         self.telemetry = telemetry
         self._pods_by_ip: dict[str, Pod] = {}
         self._hbone_connections: dict[str, set[HboneConnection]] = {}
@@ -66,10 +75,14 @@ class InPodProxy:
         self.hbone_refusals = Refusals()
         self._budget = MemoryBudget()
         self._outbound = Outbound(store, self._contexts, telemetry, self._pods_by_ip.get,
-                                  self.hbone_refusals, self._budget)  # fmt: skip
+                                  self.hbone_refusals, self._budget, self._dns.get)  # fmt: skip
         self._inbound = InboundPlaintext(store, telemetry, self._live)
         self._inbound_hbone = InboundHbone(store, self._contexts, authorizer, telemetry,
                                            self._live)  # fmt: skip
+
+    @property
+    def outbound_refusals(self) -> Refusals:
+        return self._outbound.refusals
 
     @property
     def pool(self) -> HboneClientPool:
@@ -112,6 +125,8 @@ class InPodProxy:
 
         outbound = listeners[abi.PORT_OUTBOUND]
         inbound = listeners[abi.PORT_INBOUND]
+        if self._dns_capture and workload.uid not in self._dns:
+            self._dns[workload.uid] = await PodDns.start(pod, self._names, self.dns_counts)
         return [
             # backlog: asyncio calls listen() again, with 100 unless told.
             await asyncio.start_server(accept(self._outbound.handle), sock=outbound,
@@ -140,6 +155,8 @@ class InPodProxy:
                 del self._pods_by_ip[ip]
         for conn in self._hbone_connections.pop(pod.workload.uid, set()):
             conn.close()
+        if (dns := self._dns.pop(pod.workload.uid, None)) is not None:
+            dns.close()
         self._contexts.release(pod.workload.uid)
 
     async def close(self) -> None:

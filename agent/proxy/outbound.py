@@ -1,10 +1,11 @@
 """15001, outbound: what an enrolled pod's app connects to.
 
-The connection's local address is its original destination. A destination in the mesh (a
-workload with protocol HBONE) is reached through HBONE: mutual TLS with the source pod's
-certificate to the destination's 15008, the destination's identity checked, CONNECT to
-ip:port. Anything else is passed through as plain TCP from inside the pod netns, as ztunnel
-does for destinations outside the mesh.
+The connection's local address is its original destination, which agent/proxy/destination.py
+turns into a route: a Service VIP becomes one of its ready endpoints (pod IP:targetPort), or
+a refusal. A destination in the mesh (a workload with protocol HBONE) is reached through
+HBONE: mutual TLS with the source pod's certificate to the destination's 15008, the
+destination's identity checked, CONNECT to ip:port. Anything else is passed through as plain
+TCP from inside the pod netns, as ztunnel does for destinations outside the mesh.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from agent.hbone.pool import HboneClientPool, PoolKey
 from agent.identity import tls
 from agent.identity.spiffe import SpiffeId
 from agent.proxy import report
+from agent.proxy.destination import EndpointPicker, Refused, route
 from agent.proxy.pod import Pod, connect_from, identity_of, plain_upstream
+from agent.proxy.pod_dns import PodDns
 from agent.proxy.relay import SocketStream, relay, reset
 from agent.proxy.tls_contexts import TlsContexts
 from agent.state.store import StateStore
@@ -31,6 +34,7 @@ from agent.telemetry.events import socket_cookie
 from agent.telemetry.istio_labels import Reporter, dataplane_mode
 
 HANDSHAKE_TIMEOUT = 10.0
+DNS_PORT = 53
 
 
 class Outbound:
@@ -42,35 +46,71 @@ class Outbound:
         pod_by_ip: Callable[[str], Pod | None],
         refusals: Refusals,
         budget: MemoryBudget,
+        dns_of: Callable[[str], PodDns | None],
     ) -> None:
+        """dns_of: a pod's DNS proxy by uid, when its DNS is captured (TCP to port 53)."""
         self._store = store
         self._contexts = contexts
         self._telemetry = telemetry
         self._pod_by_ip = pod_by_ip
         self._refusals = refusals
         self._budget = budget
+        self._dns_of = dns_of
         self.pool = HboneClientPool(self._dial)
+        self._picker = EndpointPicker()
+        # Connections refused before any upstream was tried, by reason (for /metrics).
+        self.refusals = Refusals()
 
     async def handle(
         self, pod: Pod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         src, dst = report.endpoints(writer)
+        if dst[1] == DNS_PORT and (dns := self._dns_of(pod.workload.uid)) is not None:
+            await dns.handle_tcp(reader, writer, dst)  # answered here, as UDP DNS is
+            return
         state = self._store.current
-        target = state.workload_by_ip(dst[0])
-        tunnelled = target is not None and target.captured
+        decided = route(state, dst, self._picker)
+        if isinstance(decided, Refused):
+            self._refuse(pod, writer, src, dst, decided)
+            return
+        target, upstream, tunnelled = decided.workload, decided.upstream, decided.tunnelled
         report.captured(pod, "outbound", src, dst, dataplane_mode(tunnelled, target))
-        hbone_addr = report.address((dst[0], abi.PORT_HBONE)) if tunnelled else None
+        hbone_addr = report.address((upstream[0], abi.PORT_HBONE)) if tunnelled else None
         conn = self._telemetry.open(report.cookie(writer), report.connection_report(
             state, Reporter.SOURCE, tunnelled,
             (report.address(src), pod.workload, identity_of(pod.workload).uri),
-            (report.address(dst), dst[1], target,
+            (report.address(upstream), upstream[1], target,
              identity_of(target).uri if target and tunnelled else None),
-            {"dst.hbone_addr": hbone_addr},
+            {"dst.hbone_addr": hbone_addr,
+             "dst.vip": report.address(dst) if decided.by_vip else None},
+            service=decided.service,
         ))  # fmt: skip
         if target is not None and tunnelled:
-            await self._tunnel(pod, target, reader, writer, src, dst, conn)
+            await self._tunnel(pod, target, reader, writer, src, upstream, conn)
         else:
-            await self._pass_through(pod, reader, writer, dst, conn)
+            await self._pass_through(pod, reader, writer, upstream, conn)
+
+    def _refuse(
+        self,
+        pod: Pod,
+        writer: asyncio.StreamWriter,
+        src: report.Endpoint,
+        dst: report.Endpoint,
+        refused: Refused,
+    ) -> None:
+        """A VIP the mesh knows but cannot route: reset, never passed through as it is."""
+        reset(writer)
+        self.refusals.count(refused.reason.value)
+        state = self._store.current
+        conn = self._telemetry.open(report.cookie(writer), report.connection_report(
+            state, Reporter.SOURCE, False,
+            (report.address(src), pod.workload, identity_of(pod.workload).uri),
+            (report.address(dst), dst[1], None, None),
+            {"dst.vip": report.address(dst)},
+            service=refused.service, response_flags=refused.reason.response_flags,
+        ))  # fmt: skip
+        error = f"refused: {refused.reason.value} ({refused.describe(dst[1])})"
+        self._telemetry.done(conn, PolicyVerdict("none"), error=error)
 
     async def _tunnel(
         self,

@@ -11,6 +11,7 @@ import structlog
 from agent.hbone import protocol as hbone
 from agent.proxy.pod import Pod
 from agent.proxy.relay import RelayResult
+from agent.state.service import Service
 from agent.state.store import MeshState
 from agent.state.workload import Workload
 from agent.telemetry.connections import (
@@ -63,15 +64,20 @@ def connection_report(
     destination: tuple[str, int, Workload | None, str | None],
     extra: dict[str, Any] | None = None,
     peer_is_client: bool = True,
+    service: Service | None = None,
+    response_flags: str = "-",
 ) -> ConnectionReport:
     """A connection's Istio labels and access log fields, from its two ends: source
-    (address, workload, principal) and destination (address, port, workload, principal)."""
+    (address, workload, principal) and destination (address, port, workload, principal).
+    service: the one the app asked for (by VIP), when the caller knows it; else the one the
+    destination workload serves the port for, if any."""
     src_addr, src_workload, src_principal = source
     dst_addr, dst_port, dst_workload, dst_principal = destination
-    service = destination_service(state, dst_workload, dst_port)
+    if service is None:
+        service = destination_service(state, dst_workload, dst_port)
     security = SecurityPolicy.MUTUAL_TLS if tunnelled else SecurityPolicy.NONE
     labels = connection_labels(reporter, src_workload, src_principal, dst_workload,
-                               dst_principal, service, security)  # fmt: skip
+                               dst_principal, service, security, response_flags)  # fmt: skip
     fields = {
         "src.addr": src_addr, **_peer_fields("src", src_workload), "src.identity": src_principal,
         "dst.addr": dst_addr, **_peer_fields("dst", dst_workload), "dst.identity": dst_principal,

@@ -36,9 +36,11 @@ ambient: workloads.go, services.go), reduced to what this agent models:
 - **Services without a selector** get their workloads from EndpointSlices (label
   `kubernetes.io/service-name`): every endpoint address that is the address of a pod workload
   of the service's namespace gets the service (a slice cannot enlist another namespace's
-  pods), with the slice's port of the same name as the target port. Addresses that are no
-  pod's (an external database, a VM) are not turned into workloads yet; readiness is not
-  looked at, since it does not change who a workload is.
+  pods), with the slice's port of the same name as the target port. An endpoint whose
+  `conditions.ready` is false backs nothing. Addresses that are no pod's (an external
+  database, a VM) are not turned into workloads yet.
+- **Health**: a workload is healthy (a service may pick it as an endpoint) when its pod's
+  `Ready` condition is True and it is not being deleted, as istiod decides it.
 - **Service** -> Service: hostname `<name>.<namespace>.svc.cluster.local`; VIPs
   `spec.clusterIPs` (or `clusterIP`) without "None" (headless services have none); ports
   {port: targetPort}, where a named targetPort takes the number its newest backing workload
@@ -280,6 +282,7 @@ class _KubePod:
     ips: tuple[str, ...]
     phase: str
     port_names: Mapping[str, int]  # container port name -> number
+    ready: bool  # the Ready condition is True and the pod is not being deleted
 
     @property
     def key(self) -> str:
@@ -316,6 +319,11 @@ def _kube_pod(obj: KubeObject) -> _KubePod | None:
         ips=ips,
         phase=phase,
         port_names=port_names,
+        ready=metadata.get("deletionTimestamp") is None
+        and any(
+            _mapping(c).get("type") == "Ready" and _mapping(c).get("status") == "True"
+            for c in _list(status.get("conditions"))
+        ),
     )
 
 
@@ -358,6 +366,7 @@ def _workload(
         canonical_name=_first_label(pod.labels, CANONICAL_NAME_LABELS) or workload_name,
         canonical_revision=_first_label(pod.labels, CANONICAL_REVISION_LABELS) or DEFAULT_REVISION,
         cluster_id=cluster_id,
+        healthy=pod.ready,
     )
 
 
@@ -495,6 +504,9 @@ def _add_endpoint_slice_members(
             if _is_port(target := slice_ports.get(port.name))
         }
         for endpoint in map(_mapping, _list(slice_.get("endpoints"))):
+            # Absent means ready (the API's own reading of a missing condition).
+            if _mapping(endpoint.get("conditions")).get("ready") is False:
+                continue
             for address in map(_canonical_ip, _list(endpoint.get("addresses"))):
                 member = pod_by_ip.get(address) if address is not None else None
                 if member is not None and member.namespace == namespace:

@@ -295,7 +295,7 @@ def _workload(node: yaml.Node, source: str) -> Workload:
         key: _string(source, value, key) if (value := _present(fields, key)) is not None else ""
         for key in ("workloadName", "canonicalName", "canonicalRevision", "clusterId")
     }
-    services: dict[str, Any] = {}
+    services: dict[str, dict[int, int]] = {}
     if (services_node := _present(fields, "services")) is not None:
         services = _workload_services(source, services_node)
     waypoint: dict[str, Any] | None = None
@@ -319,6 +319,11 @@ def _workload(node: yaml.Node, source: str) -> Workload:
     except ValueError as exc:
         raise _error(source, node, f"no valid identity: {exc}") from None
     netns = _optional_name(source, fields, "netns", _netns_error)
+    status = "Healthy"
+    if (status_node := _present(fields, "status")) is not None:
+        status = _string(source, status_node, "status")
+        if status not in ("Healthy", "Unhealthy"):
+            raise _error(source, status_node, f"status {status!r} must be Healthy or Unhealthy")
     return Workload(
         uid=_name(source, fields, "uid", _uid_error, f"local//Pod/{namespace}/{name}"),
         name=name,
@@ -337,22 +342,25 @@ def _workload(node: yaml.Node, source: str) -> Workload:
         canonical_name=names["canonicalName"],
         canonical_revision=names["canonicalRevision"],
         cluster_id=names["clusterId"],
+        healthy=status == "Healthy",
     )
 
 
-def _workload_services(source: str, node: yaml.Node) -> dict[str, Any]:
-    """ztunnel's "namespace/hostname" -> port map. The keys are checked because a malformed
-    one would silently match no service; the port maps are left to the tunnel layer."""
+def _workload_services(source: str, node: yaml.Node) -> dict[str, dict[int, int]]:
+    """ztunnel's "namespace/hostname" -> {service port: target port}. A malformed key would
+    silently match no service, and a port map is where a VIP's connection is sent: both are
+    checked. An empty port map means the service's own target ports."""
     if not isinstance(node, yaml.MappingNode):
         raise _error(source, node, "workload services must be a mapping of namespace/hostname")
-    for key_node, _ in node.value:
+    services: dict[str, dict[int, int]] = {}
+    for key_node, ports_node in node.value:
         key = _construct(source, key_node)
         namespace, slash, hostname = key.partition("/") if isinstance(key, str) else ("", "", "")
         if not (namespace and slash and hostname):
             raise _error(
                 source, key_node, f"workload service {key!r} must be written namespace/hostname"
             )
-    services: dict[str, Any] = _construct(source, node)
+        services[key] = {} if ports_node.tag == _NULL_TAG else _ports(source, ports_node)
     return services
 
 

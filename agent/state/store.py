@@ -51,6 +51,7 @@ class MeshState:
     _by_vip_port: Mapping[tuple[str, int], Service] = field(
         init=False, repr=False, compare=False, hash=False
     )
+    _by_vip: Mapping[str, Service] = field(init=False, repr=False, compare=False, hash=False)
     _by_service_key: Mapping[str, tuple[Workload, ...]] = field(
         init=False, repr=False, compare=False, hash=False
     )
@@ -74,17 +75,20 @@ class MeshState:
             for service_key in workload.services:
                 by_service_key.setdefault(service_key, []).append(workload)
         by_vip_port: dict[tuple[str, int], Service] = {}
+        by_vip: dict[str, Service] = {}
         for service in self.services:
             for vip in service.vips:
                 canonical = _canonical_ip(vip)
                 if canonical is None:
                     continue
+                by_vip.setdefault(canonical, service)
                 for port in service.ports:
                     by_vip_port.setdefault((canonical, port), service)
         # object.__setattr__ because the dataclass is frozen: this is construction, not change.
         object.__setattr__(self, "_by_ip", by_ip)
         object.__setattr__(self, "_by_node", {k: tuple(v) for k, v in by_node.items()})
         object.__setattr__(self, "_by_vip_port", by_vip_port)
+        object.__setattr__(self, "_by_vip", by_vip)
         object.__setattr__(
             self, "_by_service_key", {k: tuple(v) for k, v in by_service_key.items()}
         )
@@ -116,6 +120,11 @@ class MeshState:
         but the port is not one it exposes."""
         canonical = _canonical_ip(ip)
         return None if canonical is None else self._by_vip_port.get((canonical, port))
+
+    def service_at_vip(self, ip: str) -> Service | None:
+        """The service that owns the VIP `ip`, whatever the port."""
+        canonical = _canonical_ip(ip)
+        return None if canonical is None else self._by_vip.get(canonical)
 
     def workloads_of_service(self, service: Service) -> tuple[Workload, ...]:
         return self._by_service_key.get(service.key, ())

@@ -34,9 +34,9 @@ class Workload:
     netns: str | None = None
     interface: str = "eth0"
     trust_domain: str = DEFAULT_TRUST_DOMAIN
-    # ztunnel's shape, kept raw until the tunnel layer needs more: "namespace/hostname" ->
-    # {service port: target port}. Mappings have no hash, so these two stay out of it.
-    services: Mapping[str, Any] = field(default_factory=_empty_mapping, hash=False)
+    # ztunnel's shape: "namespace/hostname" -> {service port: target port on this workload}
+    # (empty: the service's own target ports). Mappings have no hash, so these stay out of it.
+    services: Mapping[str, Mapping[int, int]] = field(default_factory=_empty_mapping, hash=False)
     waypoint: dict[str, Any] | None = field(default=None, hash=False)
     # Pod labels: what AuthorizationPolicy selectors match.
     labels: Mapping[str, str] = field(default_factory=_empty_mapping, hash=False)
@@ -46,10 +46,14 @@ class Workload:
     canonical_name: str = ""
     canonical_revision: str = ""
     cluster_id: str = ""
+    # ztunnel's status: only a healthy (ready) workload is picked as a service's endpoint.
+    # A pod addressed directly is reached whatever its status, as with Kubernetes.
+    healthy: bool = True
 
     def __post_init__(self) -> None:
         # Read-only copies: snapshots are shared by every reader of the state store.
-        object.__setattr__(self, "services", MappingProxyType(dict(self.services)))
+        services = {key: MappingProxyType(dict(ports)) for key, ports in self.services.items()}
+        object.__setattr__(self, "services", MappingProxyType(services))
         object.__setattr__(self, "labels", MappingProxyType(dict(self.labels)))
 
     @property

@@ -45,18 +45,6 @@ static __always_inline void count_policy(__u32 policy, __u32 reason)
         *count += 1; /* per-CPU slot */
 }
 
-/* The source identity of a plaintext connection: a known workload's, else unauthenticated. */
-static __always_inline __u32 plaintext_identity(__u32 saddr)
-{
-    __u32 zero = 0;
-    struct pol_config *cfg = pol_config.lookup(&zero);
-    if (!cfg)
-        return 0;
-    struct workload_identity_key key = {.gen = cfg->gen, .addr = saddr};
-    __u32 *identity = workload_identities.lookup(&key);
-    return identity ? *identity : 0;
-}
-
 /* The terms of one page of W that a connection satisfies (the AND of its four masks); 0 when
  * a class is missing, which the compiler never leaves: a broken set. */
 static __always_inline int page_terms(__u32 gen, __u32 wid, const struct pol_workload *page,

@@ -5,7 +5,8 @@
 #include "reasons.h"
 #include "policy.h"
 
-#define POD_CAPTURE 0x1 /* steer this pod's TCP through the agent */
+#define POD_CAPTURE 0x1     /* steer this pod's TCP through the agent */
+#define POD_CAPTURE_DNS 0x2 /* and its UDP DNS queries (port 53) to the agent's 15053 */
 
 struct pod_key {
     __u32 addr; /* pod IPv4 address, network order */
@@ -50,8 +51,6 @@ BPF_LPM_TRIE(pol_src_ips, struct pol_lpm_key, struct policy_mask, 65536);
 BPF_LPM_TRIE(pol_dst_ips, struct pol_lpm_key, struct policy_mask, 16384);
 BPF_TABLE("hash", struct pol_port_key, struct policy_mask, pol_ports, 65536);
 BPF_F_TABLE("hash", struct pol_term_key, __u32, pol_terms, 262144, BPF_F_NO_PREALLOC);
-/* Known workloads' addresses -> identity number, for plaintext sources. */
-BPF_TABLE("hash", struct workload_identity_key, __u32, workload_identities, 65536);
 /* Decisions per (policy, reason), and the policies' names, so bpftool and ambientctl can
  * say which policy decided without asking the agent. */
 BPF_TABLE("percpu_hash", struct policy_stat_key, __u64, policy_stats, 16384);

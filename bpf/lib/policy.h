@@ -13,6 +13,8 @@
  * the old set or the new one, never half of each. */
 #pragma once
 
+/* The identity number of a source with no verified identity: plaintext, always. */
+#define UNAUTHENTICATED_IDENTITY 0
 #define POLICY_MASK_WORDS 4 /* 256 terms per page */
 /* A workload's terms fill up to this many pages of 256 (16384 terms: ztunnel's test of
  * 10000 DENY policies fits); page p of W is numbered wid + p. */
@@ -88,10 +90,6 @@ struct pol_term_key {
     __u32 term;
 };
 
-struct workload_identity_key {
-    __u32 gen;
-    __u32 addr; /* a known workload's IPv4, network order */
-};
 
 struct policy_stat_key {
     __u32 policy; /* the agent's policy number; 0: none decided */

@@ -19,5 +19,8 @@ enum verdict_reason {
     DROP_AGENT_PORT = 13,              /* inbound straight to 15001/15006 */
     DROP_ASSIGN_FAILED = 14,           /* bpf_sk_assign refused the socket */
     DROP_POLICY_DENIED = 15,           /* plaintext inbound denied by L4 policy */
-    VERDICT_REASON_MAX = 16,
+    REDIRECT_DNS = 16,                 /* pod's UDP DNS query looped back for the agent */
+    DELIVER_DNS = 17,                  /* UDP DNS query given to the agent's 15053 socket */
+    DROP_NO_DNS_LISTENER = 18,         /* DNS capture on, the agent's socket absent */
+    VERDICT_REASON_MAX = 19,
 };

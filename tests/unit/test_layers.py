@@ -20,7 +20,7 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"netns", "drain", "logs", "identity", "hbone", "cni"}),  # no mesh knowledge
     frozenset({"state"}),  # plain data: workloads, services, policies, the snapshot store
     frozenset({"sources", "datapath"}),  # what feeds the state; the kernel side
-    frozenset({"inpod", "policy", "telemetry", "config"}),  # pods, kernel maps, counts
+    frozenset({"inpod", "policy", "telemetry", "dns", "config"}),  # pods, kernel maps, counts
     frozenset({"proxy", "admin"}),  # the in-pod proxy; the admin ports
     frozenset({"reconcile"}),  # pods as the state wants them, CNI answers
     frozenset({"node_status"}),  # what the admin ports show of the agent

@@ -4,9 +4,12 @@ For each case the policies are compiled for the destination, written to the maps
 generation flip, as in the agent), and a SYN from the case's source goes through pod_ingress
 with BPF_PROG_RUN. The decision is read back from the kernel's own counters (verdicts and
 policy_stats) and must equal the case's hand-written expectation, deciding policy included.
-Sources with an identity get it through the workload-identity map: pod_ingress and
-agent_connect4 share authorize(), so this exercises the decision HBONE tunnels get too (the
-lab test covers agent_connect4 itself with real tunnels).
+A SYN through pod_ingress is plaintext, which is unauthenticated whatever its address: a
+case whose source has an identity is sent from that mesh workload's address and must get
+the reference's decision for the same connection without an identity (never the one the
+identity would get). The identity decisions themselves are checked through policy_probe,
+which runs authorize() as pod_ingress and agent_connect4 do (the lab test covers
+agent_connect4 with real tunnels).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import subprocess
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 
@@ -29,7 +32,7 @@ from agent.policy.kernel_maps import PolicyMaps
 from agent.state.policy import Connection, Decision, Reason, Verdict
 from agent.state.workload import Protocol, Workload
 from tests.support.policy_cases import CASES, MANY_POLICY_CASES, SERVER_IP, Case
-from tests.support.policy_reference import DRY_RUN_DEFAULT_DENY
+from tests.support.policy_reference import DRY_RUN_DEFAULT_DENY, decide
 
 pytestmark = pytest.mark.kernel
 
@@ -67,7 +70,7 @@ def kernel() -> Iterator[Kernel]:
 
 
 def _sources(case: Case) -> list[Workload]:
-    """The case's source as a mesh workload, so its address carries its identity."""
+    """The case's source as a mesh workload: its address is a known workload's."""
     conn = case.conn
     if conn.src_identity is None:
         return []
@@ -78,7 +81,8 @@ def _sources(case: Case) -> list[Workload]:
     ]  # fmt: skip
 
 
-def kernel_decision(kernel: Kernel, case: Case) -> Decision:
+def plaintext_decision(kernel: Kernel, case: Case) -> Decision:
+    """The kernel's decision for the case's connection as a plaintext SYN to pod_ingress."""
     target = Workload("dst", "server", case.target.namespace, "server", (SERVER_IP,),
                       Protocol.HBONE, "node-2", labels=case.target.labels)  # fmt: skip
     numbers = PolicyNumbers()
@@ -117,24 +121,42 @@ def _verdicts(kernel: Kernel) -> dict[str, int]:
     return {VerdictReason(int(k.value)).name: sum(v) for k, v in table.items()}
 
 
+def _unauthenticated(case: Case) -> Decision:
+    plaintext = replace(case.conn, src_identity=None)
+    return (
+        case.expected
+        if case.conn.src_identity is None
+        else decide(case.policies, case.target, plaintext)
+    )
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_kernel_decides_as_the_semantics_table_says(kernel: Kernel, case: Case) -> None:
-    assert kernel_decision(kernel, case) == case.expected
+def test_plaintext_is_decided_as_the_semantics_table_says_for_no_identity(
+    kernel: Kernel, case: Case
+) -> None:
+    assert plaintext_decision(kernel, case) == _unauthenticated(case)
+
+
+def test_a_mesh_workloads_address_in_plaintext_is_not_its_principal(kernel: Kernel) -> None:
+    """The witness for "identity only from mTLS": an ALLOW for the client's principal denies
+    a plaintext SYN from the client's own address (its HBONE is allowed: policy_probe below,
+    and the lab's tunnels)."""
+    (case,) = [c for c in CASES if c.name == "allow-client: client"]
+    assert case.expected.verdict is Verdict.ALLOW
+    assert plaintext_decision(kernel, case) == Decision(Verdict.DENY, Reason.DEFAULT_DENY)
 
 
 @pytest.mark.parametrize("case", MANY_POLICY_CASES, ids=[c.name for c in MANY_POLICY_CASES])
 def test_sets_past_one_page_of_terms_are_decided_not_fallen_back(
     kernel: Kernel, case: Case
 ) -> None:
-    assert kernel_decision(kernel, case) == case.expected
+    """Their deciding terms are principals: the walk over pages is asked with the identity."""
+    assert probe_decision(kernel, case) == case.expected
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_the_policy_probe_gives_the_same_decisions_without_counting(
-    kernel: Kernel, case: Case
-) -> None:
-    """policy_probe (how the agent re-checks live connections after a policy change) reaches
-    the table's verdict, reason and policy, and leaves the decision counters alone."""
+def probe_decision(kernel: Kernel, case: Case) -> Decision:
+    """policy_probe's decision for the case's connection, with its identity; it must leave
+    the decision counters alone."""
     target = Workload("dst", "server", case.target.namespace, "server", (SERVER_IP,),
                       Protocol.HBONE, "node-2", labels=case.target.labels)  # fmt: skip
     numbers, identities = PolicyNumbers(), IdentityNumbers()
@@ -148,7 +170,20 @@ def test_the_policy_probe_gives_the_same_decisions_without_counting(
     allowed, reason, policy = kernel.maps.evaluate(conn.src_ip, conn.dst_ip, conn.dst_port,
                                                    identity)  # fmt: skip
     assert kernel.maps.decisions() == before
-    expected = case.expected
-    assert allowed == (expected.verdict is Verdict.ALLOW)
-    assert KERNEL_REASONS[reason] is expected.reason
-    assert numbers.names().get(policy) == expected.policy
+    # The probe reports no dry-run verdict: the table's is carried over for the comparison.
+    return Decision(
+        Verdict.ALLOW if allowed else Verdict.DENY,
+        KERNEL_REASONS[reason],
+        numbers.names().get(policy),
+        case.expected.dry_run_would_deny,
+    )
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_the_policy_probe_gives_the_tables_decisions_with_identities(
+    kernel: Kernel, case: Case
+) -> None:
+    """policy_probe (how the agent re-checks live connections after a policy change) runs
+    authorize() as agent_connect4 does for a tunnel: the table's verdict, reason and policy
+    for the source's verified identity."""
+    assert probe_decision(kernel, case) == case.expected

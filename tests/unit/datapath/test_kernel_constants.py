@@ -89,14 +89,14 @@ def test_maps_are_read_from_their_declarations() -> None:
     assert set(abi.MAPS) == {
         "pods", "capture_exclude_ports", "verdicts", "pol_config", "pol_workloads", "pol_pages",
         "pol_identities", "pol_src_ips", "pol_dst_ips", "pol_ports", "pol_terms",
-        "workload_identities", "policy_stats", "upstream_peers", "policy_names", "sock_conns",
-        "telemetry_events", "telemetry_stats",
+        "policy_stats", "upstream_peers", "policy_names", "sock_conns", "telemetry_events",
+        "telemetry_stats",
     }  # fmt: skip
     assert len(abi.MAPS) == len(set(abi.MAPS))
     assert set(abi.FILL_MAPS) <= set(abi.MAPS)
     assert set(kernel_maps._GENERATION_MAPS) == {
         "pol_workloads", "pol_pages", "pol_identities", "pol_src_ips", "pol_dst_ips",
-        "pol_ports", "pol_terms", "workload_identities",
+        "pol_ports", "pol_terms",
     }  # fmt: skip
 
 

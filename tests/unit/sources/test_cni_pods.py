@@ -55,7 +55,7 @@ def declared(
         netns="/run/netns/declared",
         interface="veth-declared",
         trust_domain="example.org",
-        services={"shop/cart.shop.svc.cluster.local": {"80": 8080}},
+        services={"shop/cart.shop.svc.cluster.local": {80: 8080}},
         labels=labels if labels is not None else {"app": "cart"},
     )
 
@@ -184,7 +184,9 @@ def test_declared_workload_lends_its_identity_and_is_replaced() -> None:
     # From the declared workload: what only a source knows.
     assert workload.service_account == "cart-sa"
     assert dict(workload.labels) == {"app": "cart"}
-    assert dict(workload.services) == {"shop/cart.shop.svc.cluster.local": {"80": 8080}}
+    assert {k: dict(v) for k, v in workload.services.items()} == {
+        "shop/cart.shop.svc.cluster.local": {80: 8080}
+    }
     assert workload.trust_domain == "example.org"
     # From the pod and the agent: what the runtime knows.
     assert (workload.namespace, workload.name) == ("shop", "cart")

@@ -44,6 +44,8 @@ def pod(
     uid: str | None = "uid-reviews-1",
     created: str = "2025-05-12T09:14:03Z",
     ports: Mapping[str, int] | None = None,
+    ready: bool | None = True,
+    deleting: bool = False,
 ) -> dict[str, Any]:
     metadata: dict[str, Any] = {
         "name": name,
@@ -55,6 +57,8 @@ def pod(
         metadata["uid"] = uid
     if annotations:
         metadata["annotations"] = dict(annotations)
+    if deleting:
+        metadata["deletionTimestamp"] = "2025-05-12T10:00:00Z"
     if owners:
         metadata["ownerReferences"] = [dict(owner) for owner in owners]
     container_ports = {"http": 9080} if ports is None else ports
@@ -77,6 +81,11 @@ def pod(
     status: dict[str, Any] = {"phase": phase, "podIPs": [{"ip": ip} for ip in ips]}
     if pod_ip is not None:
         status["podIP"] = pod_ip
+    if ready is not None:
+        status["conditions"] = [
+            {"type": "PodScheduled", "status": "True"},
+            {"type": "Ready", "status": "True" if ready else "False"},
+        ]
     return {"metadata": metadata, "spec": spec, "status": status}
 
 
@@ -660,3 +669,32 @@ def test_snapshot_is_not_changed_by_later_events() -> None:
     snapshot = kube.snapshot()
     kube.apply(Kind.PODS, "DELETED", pod())
     assert len(snapshot.pods) == 1 and not kube.pods
+
+
+# --- health ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("ready", "deleting", "healthy"),
+    [
+        pytest.param(True, False, True, id="ready"),
+        pytest.param(False, False, False, id="not-ready"),
+        pytest.param(None, False, False, id="no-conditions-yet"),
+        pytest.param(True, True, False, id="terminating"),
+    ],
+)
+def test_health_is_the_pods_ready_condition(
+    ready: bool | None, deleting: bool, healthy: bool
+) -> None:
+    assert only_workload(pods=[pod(ready=ready, deleting=deleting)]).healthy is healthy
+
+
+def test_a_not_ready_endpoint_backs_no_selectorless_service() -> None:
+    legacy = service(
+        "legacy", selector={}, ports=[{"name": "tcp", "port": 5432, "targetPort": 15432}]
+    )
+    slice_ = endpoint_slice("legacy", ["10.244.1.12"], [{"name": "tcp", "port": 15432}])
+    slice_["endpoints"][0]["conditions"] = {"ready": False}
+    state = state_of(pods=[pod()], services=[legacy], endpointslices=[slice_])
+    (workload,) = state.workloads
+    assert "shop/legacy.shop.svc.cluster.local" not in workload.services
