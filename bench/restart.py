@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import signal
 import statistics
@@ -115,9 +114,7 @@ def measure(state: LabState, rounds: int) -> RestartReport:
 def _restart(state: LabState, mode: str) -> tuple[float, bool]:
     """Stop the node's agent the mode's way and start a new one; returns (seconds from the
     new process's start until it was ready, whether it adopted the pinned programs)."""
-    pid = int(state.agents[NODE]["pid"])
-    os.kill(pid, signal.SIGTERM if mode == "term" else signal.SIGKILL)
-    _wait_exit(pid)
+    agents.stop_agent(state, NODE, signal.SIGTERM if mode == "term" else signal.SIGKILL)
     if mode == "recompile":
         record = agents.lab_dir(state.name) / "agent-state" / NODE / "datapath.json"
         data = json.loads(record.read_text())
@@ -129,18 +126,6 @@ def _restart(state: LabState, mode: str) -> tuple[float, bool]:
     ready = time.monotonic() - started
     loaded = probes.wait_for_event(state, NODE, since=since, event="datapath loaded")
     return ready, bool(loaded and loaded.get("adopted"))
-
-
-def _wait_exit(pid: int) -> None:
-    deadline = time.monotonic() + STOP_TIMEOUT
-    while time.monotonic() < deadline:
-        with contextlib.suppress(ChildProcessError):
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                return
-        if not os.path.exists(f"/proc/{pid}"):
-            return
-        time.sleep(0.01)
-    raise RuntimeError(f"agent {pid} did not exit within {STOP_TIMEOUT:.0f}s")
 
 
 @contextlib.contextmanager

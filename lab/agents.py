@@ -182,6 +182,18 @@ def lab_agent_pids(name: str) -> list[int]:
     return found
 
 
+def stop_agent(state: LabState, node: str, sig: signal.Signals = signal.SIGTERM) -> None:
+    """Send the node's agent `sig` and wait until it has exited (to restart_agent it)."""
+    pid = int(state.agents[node]["pid"])
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while _alive([pid]):
+        if time.monotonic() > deadline:
+            raise LabError(f"the agent of {node} (pid {pid}) did not exit after {sig.name}")
+        time.sleep(0.01)
+
+
 def stop_agents(name: str) -> None:
     """SIGTERM, SIGKILL after a grace period, then remove the pins (an agent leaves them, and
     its pods enrolled, for the next one, unless started with `--on-exit unenroll`)."""

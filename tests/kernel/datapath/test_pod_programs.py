@@ -235,6 +235,51 @@ def test_inbound_non_tcp_passes(bench: Bench) -> None:
     assert (result.retval, reasons) == (TC_ACT_OK, [R.PASS_NOT_TCP4])
 
 
+# ---- DNS capture (POD_CAPTURE_DNS) --------------------------------------------------------
+
+NAMESERVER = "10.96.0.10"
+
+
+def _capture_dns(bench: Bench, ip: str = POD) -> None:
+    pods = bench.datapath.table("pods")
+    value = pods[pods.Key(addr=pod_key_addr(ip))]
+    value.flags = abi.POD_CAPTURE | abi.POD_CAPTURE_DNS
+    pods[pods.Key(addr=pod_key_addr(ip))] = value
+
+
+def test_egress_dns_query_of_a_dns_captured_pod_is_looped_back(bench: Bench) -> None:
+    _capture_dns(bench)
+    result, reasons = bench.run("pod_egress", packets.udp4(POD, 40000, NAMESERVER, 53))
+    assert (result.retval, result.mark, reasons) == (
+        TC_ACT_REDIRECT, abi.DELIVER_MARK, [R.REDIRECT_DNS]
+    )  # fmt: skip
+    # Other UDP, the agent's own forward upstream and pods without DNS capture pass.
+    for packet, mark, reason in (
+        (packets.udp4(POD, 40000, NAMESERVER, 5353), 0, R.PASS_NOT_TCP4),
+        (packets.udp4(POD, 40000, NAMESERVER, 53), abi.AGENT_MARK, R.PASS_AGENT_MARK),
+        (packets.udp4(OTHER_POD, 40000, NAMESERVER, 53), 0, R.PASS_NOT_TCP4),
+    ):
+        result, reasons = bench.run("pod_egress", packet, mark=mark)
+        assert (result.retval, reasons) == (TC_ACT_OK, [reason])
+
+
+def test_looped_dns_query_goes_to_the_agents_dns_socket_or_is_dropped(bench: Bench) -> None:
+    _capture_dns(bench)
+    packet = packets.udp4(POD, 40000, NAMESERVER, 53)
+    result, reasons = bench.run("pod_ingress", packet, mark=abi.DELIVER_MARK)
+    # Fails closed: a query never leaves for the nameserver while the agent is not there.
+    assert (result.retval, reasons) == (TC_ACT_SHOT, [R.DROP_NO_DNS_LISTENER])
+    sock = bench.worker.call(lambda: sockets.dns_listener(abi.PORT_DNS))
+    try:
+        _, reasons = bench.run("pod_ingress", packet, mark=abi.DELIVER_MARK)
+        assert reasons == [R.DROP_ASSIGN_FAILED]  # found and chosen; see module docstring
+    finally:
+        sock.close()
+    # A genuine datagram to port 53 (not looped) is not the pod's query: it passes.
+    result, reasons = bench.run("pod_ingress", packet)
+    assert (result.retval, reasons) == (TC_ACT_OK, [R.PASS_NOT_TCP4])
+
+
 # ---- pins ---------------------------------------------------------------------------------
 
 
