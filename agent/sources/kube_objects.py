@@ -37,8 +37,11 @@ ambient: workloads.go, services.go), reduced to what this agent models:
   `kubernetes.io/service-name`): every endpoint address that is the address of a pod workload
   of the service's namespace gets the service (a slice cannot enlist another namespace's
   pods), with the slice's port of the same name as the target port. An endpoint whose
-  `conditions.ready` is false backs nothing. Addresses that are no pod's (an external
-  database, a VM) are not turned into workloads yet.
+  `conditions.ready` is false backs nothing. An address that is no pod's (the API server
+  behind `kubernetes.default`, an external database, a VM) becomes a workload outside the
+  mesh (protocol TCP, no node) backing the service, as istiod makes one from the slice: a
+  connection to the VIP then goes to it as plain TCP, where it would otherwise be refused
+  for want of an endpoint.
 - **Health**: a workload is healthy (a service may pick it as an endpoint) when its pod's
   `Ready` condition is True and it is not being deleted, as istiod decides it.
 - **Service** -> Service: hostname `<name>.<namespace>.svc.cluster.local`; VIPs
@@ -234,14 +237,14 @@ def mesh_state_from(
             for service in selecting.get(pod.namespace, ())
             if _selects(service.selector, pod.labels)
         }
-    _add_endpoint_slice_members(objects, services, pods, memberships)
+    external = _add_endpoint_slice_members(objects, services, pods, memberships)
 
     workloads = tuple(
         _workload(
             pod, memberships[pod.key], namespace_by_name, objects.gateways, cluster_id, trust_domain
         )
         for pod in pods
-    )
+    ) + tuple(_external_workload(e, cluster_id, trust_domain) for e in external.values())
     backing_ports: dict[str, list[Mapping[int, int]]] = {}
     for pod in pods:  # newest first, so the newest backing pod resolves a named port
         for service_key, ports in memberships[pod.key].items():
@@ -473,16 +476,28 @@ def _pod_ports(service: _KubeService, pod: _KubePod) -> dict[int, int]:
     return ports
 
 
+@dataclass(slots=True)
+class _ExternalEndpoint:
+    """An EndpointSlice address that is no pod's, with the services it backs."""
+
+    namespace: str
+    address: str
+    name: str  # the first service's name, for telemetry
+    services: dict[str, dict[int, int]]
+
+
 def _add_endpoint_slice_members(
     objects: KubeObjects,
     services: Iterable[_KubeService],
     pods: Iterable[_KubePod],
     memberships: dict[str, dict[str, dict[int, int]]],
-) -> None:
-    """Services without a selector: their EndpointSlices say which addresses back them."""
+) -> dict[tuple[str, str], _ExternalEndpoint]:
+    """Services without a selector: their EndpointSlices say which addresses back them. Pods'
+    addresses join the pods' memberships; the others are returned, by (namespace, address)."""
+    external: dict[tuple[str, str], _ExternalEndpoint] = {}
     selectorless = {(s.namespace, s.name): s for s in services if not s.selector}
     if not selectorless:
-        return
+        return external
     pod_by_ip: dict[str, _KubePod] = {}
     for pod in pods:  # newest first, so a shared address goes to the newest pod
         for ip in pod.ips:
@@ -508,9 +523,36 @@ def _add_endpoint_slice_members(
             if _mapping(endpoint.get("conditions")).get("ready") is False:
                 continue
             for address in map(_canonical_ip, _list(endpoint.get("addresses"))):
-                member = pod_by_ip.get(address) if address is not None else None
-                if member is not None and member.namespace == namespace:
+                if address is None:
+                    continue
+                member = pod_by_ip.get(address)
+                if member is None:
+                    entry = external.setdefault(
+                        (namespace, address),
+                        _ExternalEndpoint(namespace, address, service.name, {}),
+                    )
+                    entry.services.setdefault(service.key, {}).update(ports)
+                elif member.namespace == namespace:
                     memberships[member.key].setdefault(service.key, {}).update(ports)
+    return external
+
+
+def _external_workload(endpoint: _ExternalEndpoint, cluster_id: str, trust_domain: str) -> Workload:
+    return Workload(
+        uid=f"{cluster_id}/discovery.k8s.io/EndpointSlice/{endpoint.namespace}/{endpoint.address}",
+        name=endpoint.name,
+        namespace=endpoint.namespace,
+        service_account="default",
+        ips=(endpoint.address,),
+        protocol=Protocol.TCP,
+        node="",
+        trust_domain=trust_domain,
+        services=endpoint.services,
+        workload_name=endpoint.name,
+        canonical_name=endpoint.name,
+        canonical_revision=DEFAULT_REVISION,
+        cluster_id=cluster_id,
+    )
 
 
 def _service(service: _KubeService, backing: Sequence[Mapping[int, int]]) -> Service:

@@ -497,11 +497,20 @@ def test_selectorless_service_gets_its_workloads_from_endpoint_slices() -> None:
         services=[legacy, service()],
         endpointslices=slices,
     )
-    (workload,) = state.workloads
+    workload, external = state.workloads
     assert {key: dict(ports) for key, ports in workload.services.items()} == {
         "shop/legacy.shop.svc.cluster.local": {5432: 15432},
         REVIEWS_KEY: {9080: 9080},
     }
+    # The address that is no pod's backs the service from outside the mesh, as istiod's
+    # workload from the slice does: the VIP reaches it as plain TCP.
+    assert (external.ips, external.protocol, external.name, external.node) == (
+        ("192.168.50.7",), Protocol.TCP, "legacy", ""
+    )  # fmt: skip
+    assert {k: dict(v) for k, v in external.services.items()} == {
+        "shop/legacy.shop.svc.cluster.local": {5432: 15432}
+    }
+    assert state.workload_by_ip("192.168.50.7") is external
 
 
 # --- newest pod first -----------------------------------------------------------------------

@@ -106,6 +106,8 @@ def logged(logs: Sequence[MutableMapping[str, Any]], event: str) -> list[Mutable
     return [entry for entry in logs if entry["event"] == event]
 
 
+# The kubernetes Service's endpoint (the API server, no pod), as a workload of its own.
+API_SERVER = "default/kubernetes"
 SHOP_PODS = [
     "shop/productpage-v1-5f8d7b9c4-jz6tn",
     "shop/ratings-v1-6c9d8b7f5-lk4vd",
@@ -124,8 +126,9 @@ def test_load_initial_builds_the_state_from_every_list(
     with capture_logs() as logs:
         state = source_for(api, store).load_initial()
     assert store.current is state
-    # kube-proxy (host network) and the finished migration Job are no workloads.
-    assert names(state) == ["kube-system/coredns-668d6bf9bc-7xq2w", *SHOP_PODS]
+    # kube-proxy (host network) and the finished migration Job are no workloads; the API
+    # server's address in the kubernetes Service's slice is one, outside the mesh.
+    assert names(state) == [API_SERVER, "kube-system/coredns-668d6bf9bc-7xq2w", *SHOP_PODS]
     assert {w.key for w in state.workloads_on(NODE)} == {
         "kube-system/coredns-668d6bf9bc-7xq2w",
         "shop/productpage-v1-5f8d7b9c4-jz6tn",
@@ -146,6 +149,9 @@ def test_load_initial_builds_the_state_from_every_list(
     assert dict(reviews.services) == {"shop/reviews.shop.svc.cluster.local": {9080: 9080}}
     assert reviews.waypoint is None  # the namespace names one, but no Gateway exists
     assert workload(state, "coredns-668d6bf9bc-7xq2w").protocol is Protocol.TCP
+    api_server = workload(state, "kubernetes")
+    assert (api_server.protocol, api_server.node) == (Protocol.TCP, "")
+    assert list(api_server.services) == ["default/kubernetes.default.svc.cluster.local"]
     assert sorted(s.key for s in state.services) == [
         "default/kubernetes.default.svc.cluster.local",
         "kube-system/kube-dns.kube-system.svc.cluster.local",
@@ -158,7 +164,7 @@ def test_load_initial_builds_the_state_from_every_list(
     assert [n.name for n in state.namespaces] == ["default", "istio-system", "kube-system", "shop"]
 
     (loaded,) = logged(logs, "kubernetes state loaded")
-    assert (loaded["workloads"], loaded["on_node"], loaded["policies"]) == (5, 3, 1)
+    assert (loaded["workloads"], loaded["on_node"], loaded["policies"]) == (6, 3, 1)
     missing = logged(logs, "kubernetes resource not installed; taken as none")
     assert sorted(entry["kind"] for entry in missing) == ["gateways", "httproutes"]
 
@@ -174,7 +180,7 @@ def test_lists_are_read_page_by_page(
         ("3", "3"),
         ("3", "6"),
     ]
-    assert len(store.current.workloads) == 5
+    assert len(store.current.workloads) == 6
 
 
 def test_load_initial_gives_up_on_a_broken_server(
@@ -259,6 +265,7 @@ def test_pod_opting_out_and_pod_deleted(
 
     run_alongside(source, scenario)
     assert names(store.current) == [
+        API_SERVER,
         "kube-system/coredns-668d6bf9bc-7xq2w",
         "shop/ratings-v1-6c9d8b7f5-lk4vd",
         "shop/reviews-v1-7d4b9c8f6-q8m2p",
@@ -419,7 +426,7 @@ def test_run_without_load_initial_lists_first(
     source = source_for(api, store)
 
     async def scenario() -> None:
-        await until(lambda: len(store.current.workloads) == 5)
+        await until(lambda: len(store.current.workloads) == 6)
         await all_watching(server, PODS)
 
     run_alongside(source, scenario)
