@@ -65,6 +65,7 @@ def read_pods(pin_dir: Path) -> list[dict[str, Any]]:
             {
                 "ip": _ip(key["addr"]),
                 "capture": bool(value["flags"] & abi.POD_CAPTURE),
+                "dns_capture": bool(value["flags"] & abi.POD_CAPTURE_DNS),
                 "outbound_captured": value["outbound_captured"],
                 "inbound_captured": value["inbound_captured"],
             }
@@ -190,10 +191,11 @@ def main(argv: list[str] | None = None) -> int:
             for name in body:
                 print(f"  {name}")
         elif args.command == "pods":
-            print(f"  {'ip':<16}{'capture':<9}{'outbound':>10}{'inbound':>10}")
+            print(f"  {'ip':<16}{'capture':<9}{'dns':<5}{'outbound':>10}{'inbound':>10}")
             for pod in body:
                 print(
                     f"  {pod['ip']:<16}{'yes' if pod['capture'] else 'no':<9}"
+                    f"{'yes' if pod['dns_capture'] else 'no':<5}"
                     f"{pod['outbound_captured']:>10}{pod['inbound_captured']:>10}"
                 )
         elif args.command == "policies":

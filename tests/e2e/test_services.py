@@ -256,6 +256,38 @@ def test_endpoint_churn_keeps_live_connections_and_new_ones_avoid_the_gone_one(
         held.close()
 
 
+def test_a_service_added_to_the_config_is_routed_and_named_without_a_restart(
+    lab: LabState,
+) -> None:
+    added_vip, hostname = "10.96.0.30", "echo2.default.svc.cluster.local"
+    path = agents.lab_dir(lab.name) / "mesh.yaml"
+    original = path.read_text()
+
+    def add(document: dict[str, Any]) -> None:
+        document["services"].append({"name": "echo2", "namespace": "default",
+                                     "hostname": hostname, "vips": [added_vip],
+                                     "ports": {80: APP_PORT}})  # fmt: skip
+        for workload in document["workloads"]:
+            if workload["name"] == "echo-b":
+                workload["services"][f"default/{hostname}"] = {80: APP_PORT}
+
+    since = len(probes.agent_events(lab, "node-1"))
+    write_config(lab, add)
+    try:
+        assert probes.wait_for_event(lab, "node-1", 10, since, event="config reloaded")
+        (rrset,) = ask(lab, dns.message.make_query(hostname, "A")).answer
+        assert [r.address for r in rrset] == [added_vip]
+        assert served_by(call(lab, added_vip)) == f"{ip_of(lab, 'echo-b')}:{APP_PORT}"
+    finally:
+        since = len(probes.agent_events(lab, "node-1"))
+        partial = path.with_suffix(".partial")
+        partial.write_text(original)
+        partial.replace(path)
+        assert probes.wait_for_event(lab, "node-1", 10, since, event="config reloaded")
+    reply = ask(lab, dns.message.make_query(hostname, "A"))
+    assert reply.rcode() == dns.rcode.NXDOMAIN  # and gone again
+
+
 # ---- DNS ----------------------------------------------------------------------------------
 
 
