@@ -135,7 +135,7 @@ class NodeAgent:
         undo("policy retirement timer", policy.close)
         proxy = InPodProxy(store, identities, policy, self.telemetry, cfg.dns_capture)
         status.refusals = proxy.hbone_refusals
-        status.vip_refusals = proxy.outbound_refusals
+        status.vip_refusals = proxy.vip_refusals
         status.dns_counts = proxy.dns_counts
         undo("HBONE client pool", proxy.close)
         enroller = status.enroller = PodEnroller(

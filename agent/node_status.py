@@ -49,7 +49,7 @@ class NodeStatus:
         self.reconciler: Reconciler | None = None
         self.source: StateSource | None = None
         self.refusals: Refusals | None = None
-        self.vip_refusals: Refusals | None = None
+        self.vip_refusals: Counter[str] | None = None
         self.dns_counts: Counter[str] | None = None
 
     def not_ready(self) -> list[str]:
@@ -133,7 +133,7 @@ class NodeStatus:
         return dict(self.refusals.counts) if self.refusals else {}
 
     def outbound_refusals(self) -> dict[str, int]:
-        return dict(self.vip_refusals.counts) if self.vip_refusals else {}
+        return dict(self.vip_refusals) if self.vip_refusals is not None else {}
 
     def dns_requests(self) -> dict[str, int]:
         return dict(self.dns_counts) if self.dns_counts is not None else {}

@@ -81,8 +81,8 @@ class InPodProxy:
                                            self._live)  # fmt: skip
 
     @property
-    def outbound_refusals(self) -> Refusals:
-        return self._outbound.refusals
+    def vip_refusals(self) -> collections.Counter[str]:
+        return self._outbound.vip_refusals
 
     @property
     def pool(self) -> HboneClientPool:

@@ -11,6 +11,7 @@ TCP from inside the pod netns, as ztunnel does for destinations outside the mesh
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import ssl
 from collections.abc import Callable
@@ -58,8 +59,8 @@ class Outbound:
         self._dns_of = dns_of
         self.pool = HboneClientPool(self._dial)
         self._picker = EndpointPicker()
-        # Connections refused before any upstream was tried, by reason (for /metrics).
-        self.refusals = Refusals()
+        # Connections to a VIP refused before any upstream was tried, by reason (/metrics).
+        self.vip_refusals: collections.Counter[str] = collections.Counter()
 
     async def handle(
         self, pod: Pod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -100,7 +101,7 @@ class Outbound:
     ) -> None:
         """A VIP the mesh knows but cannot route: reset, never passed through as it is."""
         reset(writer)
-        self.refusals.count(refused.reason.value)
+        self.vip_refusals[refused.reason.value] += 1
         state = self._store.current
         conn = self._telemetry.open(report.cookie(writer), report.connection_report(
             state, Reporter.SOURCE, False,
