@@ -1,4 +1,5 @@
-"""`ambient-agent demo`: bring the lab up, send traffic along the mesh's three paths, tear down.
+"""`ambient-agent demo`: bring the lab up, send traffic along the mesh's three paths, call a
+Service by name, tear down.
 
 Each step says what the kernel and the agent did, with the evidence: the agent's own log of
 the captured connection (original destination), the address the server saw, and the kernel's
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from types import FrameType
@@ -22,6 +24,8 @@ from lab import agents, control, probes
 from lab.network import LabState, PodState
 
 APP_PORT = 8080
+SERVICE = ("default", "echo")  # namespace, name: the default topology's Service
+SERVICE_CONNECTIONS = 4  # enough for the round robin to reach each of its two endpoints twice
 
 
 @dataclass
@@ -88,6 +92,125 @@ def _connection(state: LabState, title: str, client: str, server: str, route: st
         step.checks["client verified the server's SPIFFE identity"] = step.facts[
             "destination_identity_verified_by_client"
         ] == _identity(target)
+    return step
+
+
+def _resolve(source: PodState, hostname: str) -> str | None:
+    """The address the pod's own resolver gives `hostname`: `ip netns exec` mounts the pod's
+    /etc/netns/<netns>/resolv.conf, so glibc asks the cluster DNS address, which the agent
+    answers."""
+    done = subprocess.run(["ip", "netns", "exec", source.netns, "getent", "hosts", hostname],
+                          capture_output=True, text=True, timeout=30)  # fmt: skip
+    fields = done.stdout.split()
+    return fields[0] if done.returncode == 0 and fields else None
+
+
+def _dns_answered(state: LabState, node: str) -> int:
+    return sum(
+        int(sample.value)
+        for sample in probes.scrape(state, node)
+        if sample.name == "ambient_dns_requests_total" and sample.labels["reason"] == "answered"
+    )
+
+
+def _service(state: LabState, title: str, client: str) -> Step:
+    """`client` looks the Service up by name and connects to what it got a few times: each
+    connection goes to one endpoint, over HBONE, with both identities verified."""
+    topology = state.parsed_topology()
+    namespace, name = SERVICE
+    spec = next(s for s in topology.services if (s.namespace, s.name) == SERVICE)
+    port = spec.ports[0]
+    vip = str(topology.service_vip(namespace, name))
+    endpoints = sorted(p.name for p in topology.pods if spec.selects(p))
+    source = probes.pod(state, client)
+    by_ip = {p.ip: p for p in state.pods}
+    step = Step(title, client, spec.key)
+
+    answered = _dns_answered(state, source.node)
+    resolved = _resolve(source, spec.hostname)
+    answered = _dns_answered(state, source.node) - answered
+    connections = []
+    for number in range(SERVICE_CONNECTIONS if resolved else 0):
+        exchange = probes.talk(source.netns_path, resolved or vip, port.port,
+                               f"hello {name} {number} from {client}")  # fmt: skip
+        outbound = probes.wait_for_event(
+            state, source.node, event="connection complete", direction="outbound",
+            src__addr=exchange.client,
+        )  # fmt: skip
+        reached = by_ip.get(str((outbound or {}).get("dst.addr", "")).split(":")[0])
+        inbound = (
+            probes.wait_for_event(state, reached.node, event="connection complete",
+                                  direction="inbound", src__addr=exchange.client)
+            if reached else None
+        )  # fmt: skip
+        reply = dict(part.split("=", 1) for part in exchange.reply.split(" ") if "=" in part)
+        connections.append({
+            "client": exchange.client,
+            "endpoint": reached.name if reached else None,
+            "endpoint_node": reached.node if reached else None,
+            "app_local_address": reply.get("local"),
+            "server_saw": exchange.server_saw,
+            "vip": outbound.get("dst.vip") if outbound else None,
+            "original_destination": outbound.get("dst.addr") if outbound else None,
+            "route": [e.get("route") if e else None for e in (outbound, inbound)],
+            "dst_service": [e.get("dst.service") if e else None for e in (outbound, inbound)],
+            "source_identity_verified_by_server": inbound.get("src.identity") if inbound else None,
+            "destination_identity_verified_by_client": (
+                outbound.get("dst.identity") if outbound else None
+            ),
+            "bytes_client_to_server": inbound.get("bytes_sent") if inbound else None,
+            "bytes_server_to_client": inbound.get("bytes_recv") if inbound else None,
+        })  # fmt: skip
+    reached_names = sorted({c["endpoint"] for c in connections if c["endpoint"]})
+    step.facts = {
+        "path": (f"{client} --DNS {spec.hostname}--> {vip} ({source.node} agent, nameserver "
+                 f"{topology.dns_ip}); {client} --{vip}:{port.port}--> [{source.node} agent "
+                 f":15001, round robin] --HBONE mTLS <endpoint>:{abi.PORT_HBONE}--> "
+                 f"<endpoint>:{port.target_port}"),
+        "hostname": spec.hostname,
+        "resolved": resolved,
+        "dns_answers_by_the_agent": answered,
+        "vip": f"{vip}:{port.port}",
+        "endpoints": endpoints,
+        "endpoints_reached": {
+            e: sum(c["endpoint"] == e for c in connections) for e in reached_names
+        },
+        "connections": connections,
+    }  # fmt: skip
+
+    def every(check: Any) -> bool:
+        return bool(connections) and all(check(c) for c in connections)
+
+    step.checks = {
+        f"{spec.hostname} resolved to the VIP {vip} by the pod's resolver": resolved == vip,
+        f"the {source.node} agent answered the query": answered >= 1,
+        f"every connection to {vip}:{port.port} went over HBONE (both agents' access logs)": every(
+            lambda c: c["vip"] == f"{vip}:{port.port}" and c["route"] == ["hbone", "hbone"]
+        ),
+        f"each endpoint verified {client}'s SPIFFE identity": every(
+            lambda c: c["source_identity_verified_by_server"] == _identity(source)
+        ),
+        f"{client} verified each endpoint's SPIFFE identity": every(
+            lambda c: (
+                c["endpoint"] is not None
+                and c["destination_identity_verified_by_client"]
+                == _identity(probes.pod(state, c["endpoint"]))
+            )
+        ),
+        f"the connections reached every endpoint ({', '.join(endpoints)})": reached_names
+        == endpoints,
+        f"the access logs name the service {spec.hostname}": every(
+            lambda c: c["dst_service"] == [spec.hostname, spec.hostname]
+        ),
+        f"each app saw the connection on its own :{port.target_port}, from {client}": every(
+            lambda c: (
+                c["endpoint"] is not None
+                and c["app_local_address"]
+                == f"{probes.pod(state, c['endpoint']).ip}:{port.target_port}"
+                and c["server_saw"].split(":")[0] == source.ip
+            )
+        ),
+    }
     return step
 
 
@@ -181,11 +304,30 @@ def _istio_metrics(state: LabState) -> list[dict[str, Any]]:
                 "node": node.name, "reporter": sample.labels["reporter"],
                 "source": sample.labels["source_workload"],
                 "destination": sample.labels["destination_workload"],
+                "destination_service": sample.labels["destination_service"],
                 "dataplane_mode": sample.labels["dataplane_mode"],
                 "security": sample.labels["connection_security_policy"],
             })  # fmt: skip
             row[sample.name.removeprefix("istio_tcp_").removesuffix("_total")] = int(sample.value)
-    return sorted(rows.values(), key=lambda r: (r["node"], r["reporter"], r["source"]))
+    order = ("node", "reporter", "source", "destination", "destination_service")
+    return sorted(rows.values(), key=lambda row: tuple(row[key] for key in order))
+
+
+def _print_service(step: Step) -> None:
+    f = step.facts
+    print(f"    path:                 {f['path']}")
+    print(f"    name:                 {f['hostname']} -> {f['resolved'] or 'not resolved'} "
+          f"({f['dns_answers_by_the_agent']} answer(s) by the agent)")  # fmt: skip
+    reached = ", ".join(f"{name} x{count}" for name, count in f["endpoints_reached"].items())
+    print(f"    endpoints reached:    {reached or 'none'} (of {', '.join(f['endpoints'])})")
+    for c in f["connections"]:
+        print(
+            f"    {c['client']} -> {c['vip']} -> {c['original_destination']} "
+            f"({c['endpoint']} on {c['endpoint_node']}): {'/'.join(map(str, c['route']))}, "
+            f"server identity {c['destination_identity_verified_by_client']}"
+        )
+    for check, ok in step.checks.items():
+        print(f"    {'ok  ' if ok else 'FAIL'} {check}")
 
 
 def _print(steps: list[Step], kernel: dict[str, Any], metrics: list[dict[str, Any]]) -> None:
@@ -202,6 +344,9 @@ def _print(steps: list[Step], kernel: dict[str, Any], metrics: list[dict[str, An
             print(f"    agent's access log:   {f['agent_access_log'] or 'nothing (never woken)'}")
             for check, ok in step.checks.items():
                 print(f"    {'ok  ' if ok else 'FAIL'} {check}")
+            continue
+        if "vip" in f:
+            _print_service(step)
             continue
         print(f"    path:                 {f['path']}")
         print(f"    original destination: {f['original_destination']}")
@@ -236,12 +381,14 @@ def _print(steps: list[Step], kernel: dict[str, Any], metrics: list[dict[str, An
             print(f"    policy  {row['policy']:<22} {row['reason']:<18} {row['count']:>6}")
     print("\nIstio TCP metrics the traffic produced (bytes counted by the kernel's sockops "
           "program; each agent's :15020/metrics):")  # fmt: skip
-    print(f"  {'node':<7} {'reporter':<12} {'source -> destination':<24} {'mode':<12} "
-          f"{'security':<11} {'opened':>6} {'closed':>6} {'received':>9} {'sent':>9}")  # fmt: skip
+    print(f"  {'node':<7} {'reporter':<12} {'source -> destination':<24} {'service':<31} "
+          f"{'mode':<12} {'security':<11} {'opened':>6} {'closed':>6} {'received':>9} "
+          f"{'sent':>9}")  # fmt: skip
     for row in metrics:
         print(
             f"  {row['node']:<7} {row['reporter']:<12} "
-            f"{row['source'] + ' -> ' + row['destination']:<24} {row['dataplane_mode']:<12} "
+            f"{row['source'] + ' -> ' + row['destination']:<24} "
+            f"{row['destination_service']:<31} {row['dataplane_mode']:<12} "
             f"{row['security']:<11} {row.get('connections_opened', 0):>6} "
             f"{row.get('connections_closed', 0):>6} {row.get('received_bytes', 0):>9} "
             f"{row.get('sent_bytes', 0):>9}"
@@ -271,6 +418,8 @@ def run_demo(name: str, json_output: bool = False) -> int:
                             "client-a", "server-a", "hbone"),
                 _connection(state, "out-of-mesh pod -> enrolled pod (plaintext, captured)",
                             "outsider", "server-b", "passthrough"),
+                _service(state, "pod -> Service by name (agent DNS, VIP balanced over both "
+                         "endpoints, HBONE)", "client-a"),
             ]  # fmt: skip
             print("applying two DENY policies (deny-outsider, deny-client-a)...", file=log)
             probes.apply_policies(state, _deny_policies(probes.pod(state, "outsider")),

@@ -355,9 +355,10 @@ class _Reader:
         )
 
     def port(self, node: yaml.Node, what: str) -> int:
-        if isinstance(node, yaml.ScalarNode) and node.tag == _INT_TAG:
+        # Decimal only: YAML 1.1 also reads 0x50, 0b1010000 and 1:20 as ints, and 010 as 8.
+        if isinstance(node, yaml.ScalarNode) and node.tag == _INT_TAG and node.value.isdecimal():
             value = int(node.value)
-            if 1 <= value <= 65535:
+            if 1 <= value <= 65535 and not (len(node.value) > 1 and node.value[0] == "0"):
                 return value
         self.fail(node, f"{what} must be a port number 1..65535, not {_kind(node)}")
 
@@ -656,7 +657,9 @@ def _check_services(topology: Topology) -> None:
         if service.vip is None:
             continue
         path: Location = ("services", index, "vip")
-        if service.vip not in network or service.vip in (network[0], topology.dns_ip):
+        if service.vip not in network or service.vip in (
+            network.network_address, network.broadcast_address, topology.dns_ip
+        ):
             raise TopologyError(
                 f"{what}: vip {service.vip} must be a host of serviceNetwork {network} other "
                 f"than the DNS address {topology.dns_ip}",

@@ -79,7 +79,8 @@ def ready_endpoints(state: MeshState, service: Service, port: int) -> list[Servi
     for workload in sorted(state.workloads_of_service(service), key=lambda w: w.uid):
         if not workload.healthy or not workload.ips:
             continue
-        # The workload's own map wins: a named targetPort can resolve differently per pod.
+        # The workload's own map wins: a named targetPort resolves per pod, and a pod that
+        # does not name it does not serve the port (target_port is None for a name).
         target = workload.services.get(service.key, {}).get(port) or service.target_port(port)
         if target is not None:
             endpoints.append(ServiceEndpoint(workload, workload.ips[0], target))

@@ -46,9 +46,10 @@ ambient: workloads.go, services.go), reduced to what this agent models:
   `Ready` condition is True and it is not being deleted, as istiod decides it.
 - **Service** -> Service: hostname `<name>.<namespace>.svc.cluster.local`; VIPs
   `spec.clusterIPs` (or `clusterIP`) without "None" (headless services have none); ports
-  {port: targetPort}, where a named targetPort takes the number its newest backing workload
-  resolves it to (else the service port). ExternalName services are left out: there is no
-  address to capture.
+  {port: targetPort}, where a named targetPort is `NAMED_TARGET_PORT`: each backing
+  workload's own map says its number, and a pod that does not name the port does not serve
+  it (it is never picked for that port), as with Kubernetes' endpoints. ExternalName
+  services are left out: there is no address to capture.
 - **Namespaces** -> Namespace(name, labels).
 - **AuthorizationPolicies** pass through as raw dicts in the `security.istio.io/v1` shape the
   policy parser reads (apiVersion, kind, metadata name/namespace and the dry-run annotation,
@@ -66,7 +67,7 @@ from __future__ import annotations
 import copy
 import ipaddress
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TypeGuard
@@ -76,7 +77,7 @@ import structlog
 from agent.sources.authorization_policy import DRY_RUN_ANNOTATION, PolicyError, parse_policies
 from agent.state.namespace import Namespace, ambient_enrolled
 from agent.state.policy import Policy
-from agent.state.service import Service
+from agent.state.service import NAMED_TARGET_PORT, Service
 from agent.state.store import MeshState
 from agent.state.workload import Protocol, Workload
 
@@ -245,10 +246,6 @@ def mesh_state_from(
         )
         for pod in pods
     ) + tuple(_external_workload(e, cluster_id, trust_domain) for e in external.values())
-    backing_ports: dict[str, list[Mapping[int, int]]] = {}
-    for pod in pods:  # newest first, so the newest backing pod resolves a named port
-        for service_key, ports in memberships[pod.key].items():
-            backing_ports.setdefault(service_key, []).append(ports)
     try:
         policies = parse_policies(
             document
@@ -260,7 +257,7 @@ def mesh_state_from(
         policies = policies_in_force
     return MeshState(
         workloads=workloads,
-        services=tuple(_service(s, backing_ports.get(s.key, ())) for s in services),
+        services=tuple(_service(s) for s in services),
         policies=policies,
         namespaces=namespaces,
     )
@@ -555,15 +552,11 @@ def _external_workload(endpoint: _ExternalEndpoint, cluster_id: str, trust_domai
     )
 
 
-def _service(service: _KubeService, backing: Sequence[Mapping[int, int]]) -> Service:
-    """backing: the port maps of the workloads that back the service, newest first."""
-    ports: dict[int, int] = {}
-    for port in service.ports:
-        if isinstance(port.target, int):
-            ports[port.port] = port.target
-        else:
-            resolved = (b[port.port] for b in backing if port.port in b)
-            ports[port.port] = next(resolved, port.port)
+def _service(service: _KubeService) -> Service:
+    ports = {
+        port.port: port.target if isinstance(port.target, int) else NAMED_TARGET_PORT
+        for port in service.ports
+    }
     return Service(
         name=service.name,
         namespace=service.namespace,

@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+NAMED_TARGET_PORT = 0  # no port's number: resolved per workload
+
 
 def _no_ports() -> Mapping[int, int]:
     return MappingProxyType({})
@@ -20,8 +22,10 @@ class Service:
     hostname: str
     # Bare IP addresses: ztunnel's "network/ip" form is reduced to the IP when parsed.
     vips: tuple[str, ...] = ()
-    # Service port -> target port on the backing workloads. Read-only, because snapshots are
-    # shared by every reader; left out of the hash since a mapping has none.
+    # Service port -> target port on the backing workloads; NAMED_TARGET_PORT where the
+    # target is a port name, which each workload resolves itself (its `services` map).
+    # Read-only, because snapshots are shared by every reader; left out of the hash since a
+    # mapping has none.
     ports: Mapping[int, int] = field(default_factory=_no_ports, hash=False)
 
     def __post_init__(self) -> None:
@@ -33,4 +37,7 @@ class Service:
         return f"{self.namespace}/{self.hostname}"
 
     def target_port(self, port: int) -> int | None:
-        return self.ports.get(port)
+        """The number every backing workload serves `port` on; None when the service has no
+        such port or its target is a name (then only the workload's own map can say)."""
+        target = self.ports.get(port)
+        return None if target == NAMED_TARGET_PORT else target

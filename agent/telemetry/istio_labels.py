@@ -91,12 +91,15 @@ def peer_labels(workload: Workload | None, principal: str | None) -> tuple[str, 
 
 def destination_service(state: MeshState, workload: Workload | None, port: int) -> Service | None:
     """The service through which the destination workload serves `port`: the first of its
-    services whose port maps to that target port (a direct pod call names no service)."""
+    services whose port maps to that target port on this workload (a call to a port no
+    service maps names no service)."""
     if workload is None:
         return None
-    for key in workload.services:
+    for key, own in workload.services.items():
         service = state.service(key)
-        if service is not None and (port in service.ports.values() or not service.ports):
+        if service is None:
+            continue
+        if port in own.values() or port in service.ports.values() or not service.ports:
             return service
     return None
 

@@ -50,14 +50,14 @@ def lab_name() -> Iterator[str]:
     cli("lab", "down", "--name", name, check=False)
 
 
-def test_demo_shows_the_three_paths_with_verified_identities_and_cleans_up(
+def test_demo_shows_the_three_paths_and_a_service_with_verified_identities_and_cleans_up(
     lab_name: str,
 ) -> None:
     done = cli("demo", "--json", "--name", lab_name, check=False)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["ok"] is True
-    cross, same, plaintext, denied_plaintext, denied_hbone = result["steps"]
+    cross, same, plaintext, service, denied_plaintext, denied_hbone = result["steps"]
     for step in (cross, same):
         assert step["facts"]["source_identity_verified_by_server"] == (
             "spiffe://cluster.local/ns/default/sa/client-a"
@@ -66,6 +66,22 @@ def test_demo_shows_the_three_paths_with_verified_identities_and_cleans_up(
     assert cross["facts"]["destination_identity_verified_by_client"].endswith("/sa/server-b")
     assert same["facts"]["destination_identity_verified_by_client"].endswith("/sa/server-a")
     assert plaintext["facts"]["server_saw"].startswith("10.240.2.4:")
+    # By name: the pod's resolver asked the agent, and the VIP reached both endpoints.
+    facts = service["facts"]
+    assert service["checks"] and all(service["checks"].values())
+    assert (facts["hostname"], facts["resolved"], facts["vip"]) == (
+        "echo.default.svc.cluster.local", "10.96.0.20", "10.96.0.20:80",
+    )  # fmt: skip
+    assert facts["dns_answers_by_the_agent"] >= 1
+    assert facts["endpoints_reached"] == {"server-a": 2, "server-b": 2}
+    for call in facts["connections"]:
+        assert call["route"] == ["hbone", "hbone"]
+        assert call["dst_service"] == ["echo.default.svc.cluster.local"] * 2
+        assert call["source_identity_verified_by_server"] == (
+            "spiffe://cluster.local/ns/default/sa/client-a"
+        )
+        assert call["destination_identity_verified_by_client"].endswith(f"/sa/{call['endpoint']}")
+        assert call["app_local_address"] == call["original_destination"]
     assert all(all(step["checks"].values()) for step in result["steps"])
     assert denied_plaintext["facts"]["client_saw"] == "timeout"
     assert denied_plaintext["facts"]["agent_access_log"] is None  # never reached userspace
@@ -78,15 +94,30 @@ def test_demo_shows_the_three_paths_with_verified_identities_and_cleans_up(
     assert kernel["node-1"]["verdicts"]["DELIVER_OUTBOUND_LISTENER"] >= 2
     assert kernel["node-2"]["verdicts"]["DELIVER_INBOUND_LISTENER"] >= 1
     assert kernel["node-2"]["verdicts"]["PASS_HBONE"] >= 1
-    # The Istio metrics the demo printed: both reporters of the cross-node call agree.
-    metrics = {(r["node"], r["reporter"], r["source"], r["destination"]): r
-               for r in result["metrics"]}  # fmt: skip
-    source = metrics[("node-1", "source", "client-a", "server-b")]
-    destination = metrics[("node-2", "destination", "client-a", "server-b")]
+    # The Istio metrics the demo printed: both reporters of the cross-node calls agree. A
+    # direct call to server-b:8080 is labelled with the Service that serves that port, as
+    # Istio does, so one series holds step 1 and the VIP calls that went to server-b.
+    echo = "echo.default.svc.cluster.local"
+    series = ("node", "reporter", "source", "destination", "destination_service")
+    metrics = {tuple(r[key] for key in series): r for r in result["metrics"]}
+    source = metrics[("node-1", "source", "client-a", "server-b", echo)]
+    destination = metrics[("node-2", "destination", "client-a", "server-b", echo)]
     for key in ("connections_opened", "connections_closed", "received_bytes", "sent_bytes"):
         assert source[key] == destination[key] > 0, key
-    assert source["received_bytes"] == cross["facts"]["bytes_client_to_server"]
-    assert metrics[("node-2", "destination", "outsider", "server-b")]["dataplane_mode"] == (
+    to_b = [c for c in facts["connections"] if c["endpoint"] == "server-b"]
+    assert source["connections_opened"] == 1 + len(to_b)
+    assert source["received_bytes"] == cross["facts"]["bytes_client_to_server"] + sum(
+        c["bytes_client_to_server"] for c in to_b
+    )
+    # The Service's calls, at both reporters: the source's agent and each endpoint's.
+    reporters = [
+        ("node-1", "source", "server-a"), ("node-1", "source", "server-b"),
+        ("node-1", "destination", "server-a"), ("node-2", "destination", "server-b"),
+    ]  # fmt: skip
+    for node, reporter, endpoint in reporters:
+        row = metrics[(node, reporter, "client-a", endpoint, echo)]
+        assert row["security"] == "mutual_tls" and row["dataplane_mode"] == "ambient-l4", row
+    assert metrics[("node-2", "destination", "outsider", "server-b", echo)]["dataplane_mode"] == (
         "out-of-mesh"
     )
     assert_nothing_left(lab_name)

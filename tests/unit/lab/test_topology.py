@@ -1,4 +1,5 @@
-"""Lab topology: the default cluster, address allocation and every validation error."""
+"""Lab topology: the default cluster, address allocation, services and every validation
+error."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import pytest
 from lab.topology import (
     NodeSpec,
     PodSpec,
+    ServicePortSpec,
+    ServiceSpec,
     Topology,
     TopologyError,
     default_topology,
@@ -149,6 +152,139 @@ def test_error_names_the_source_and_line() -> None:
     assert caught.value.source == "lab/mine.yaml"
     assert caught.value.line == 10
     assert str(caught.value).startswith("lab/mine.yaml:10: pods[0] (default/client-a): unknown")
+
+
+# ---- services -------------------------------------------------------------------------------
+
+SERVICES = (
+    BASE
+    + """\
+services:
+  - name: echo
+    ports:
+      - port: 80
+        targetPort: 8080
+    selector: {app: echo}
+"""
+)
+"""BASE with one service: `services:` is line 11, its `- port: 80` line 14."""
+
+
+def with_service(old: str, new: str) -> str:
+    assert old in SERVICES, old
+    return SERVICES.replace(old, new, 1)
+
+
+def test_default_topology_service() -> None:
+    topology = default_topology()
+    (echo,) = topology.services
+    assert echo == ServiceSpec(
+        "echo", "default", (ServicePortSpec(80, 8080),), (("service", "echo"),)
+    )
+    assert echo.hostname == "echo.default.svc.cluster.local"
+    assert topology.service_network == IPv4Network("10.96.0.0/16")
+    assert topology.dns_ip == IPv4Address("10.96.0.10")
+    assert topology.service_vip("default", "echo") == IPv4Address("10.96.0.20")
+    assert [p.name for p in topology.pods if echo.selects(p)] == ["server-a", "server-b"]
+
+
+def test_defaults_for_optional_service_keys() -> None:
+    text = with_service("        targetPort: 8080\n", "")
+    topology = parse_topology(text + "  - name: other\n    ports: [{port: 9}]\n    selector: {}\n")
+    echo, other = topology.services
+    assert echo == ServiceSpec("echo", "default", (ServicePortSpec(80, 80),), (("app", "echo"),))
+    assert echo.vip is None
+    assert topology.service_network == IPv4Network("10.96.0.0/16")
+    assert topology.service_vips() == {
+        "default/echo": IPv4Address("10.96.0.20"),
+        "default/other": IPv4Address("10.96.0.21"),
+    }
+    assert other.selector == ()
+    assert not any(other.selects(pod) for pod in topology.pods)  # no selector: no endpoints
+
+
+def test_a_selector_matches_every_pair_in_the_same_namespace() -> None:
+    spec = ServiceSpec("s", "default", (ServicePortSpec(80, 80),), (("b", "2"), ("a", "1")))
+    assert spec.selector == (("a", "1"), ("b", "2"))
+    assert spec.key == "default/s"
+    assert spec.selects(
+        PodSpec("p", "default", "n", "p", labels=(("a", "1"), ("b", "2"), ("c", "3")))
+    )
+    assert not spec.selects(PodSpec("p", "default", "n", "p", labels=(("a", "1"),)))
+    assert not spec.selects(PodSpec("p", "other", "n", "p", labels=(("a", "1"), ("b", "2"))))
+
+
+def test_allocated_vips_follow_file_order_and_skip_written_ones() -> None:
+    text = SERVICES + "".join(
+        f"  - name: s{i}\n    ports: [{{port: 80}}]\n    selector: {{app: s{i}}}\n{vip}"
+        for i, vip in enumerate(["", "    vip: 10.96.0.20\n", "", "    vip: 10.96.0.5\n"])
+    )
+    assert {key: str(vip) for key, vip in parse_topology(text).service_vips().items()} == {
+        "default/echo": "10.96.0.21",  # .20 is written below
+        "default/s0": "10.96.0.22",
+        "default/s1": "10.96.0.20",
+        "default/s2": "10.96.0.23",
+        "default/s3": "10.96.0.5",
+    }
+
+
+def test_service_network_sets_the_dns_address_and_the_vips() -> None:
+    topology = parse_topology(SERVICES + "serviceNetwork: 10.100.8.0/27\n")
+    assert topology.dns_ip == IPv4Address("10.100.8.10")
+    assert topology.service_vip("default", "echo") == IPv4Address("10.100.8.20")
+    with pytest.raises(KeyError, match="default/nope"):
+        topology.service_vip("default", "nope")
+
+
+def test_the_smallest_service_network_holds_one_vip_per_service() -> None:
+    # A /27 has hosts .20 to .30 for VIPs: 11 services fit, a 12th does not.
+    services = "".join(
+        f"  - name: s{i}\n    ports: [{{port: 80}}]\n    selector: {{app: s{i}}}\n"
+        for i in range(12)
+    )
+    text = BASE + "serviceNetwork: 10.100.8.0/27\nservices:\n" + services
+    with pytest.raises(TopologyError, match=r"10\.100\.8\.0/27 is too small for 12 service"):
+        parse_topology(text)
+    eleven = parse_topology(text.rsplit("  - name: s11", 1)[0])
+    assert str(max(eleven.service_vips().values())) == "10.100.8.30"
+
+
+def test_yaml_round_trip_keeps_services() -> None:
+    text = (
+        SERVICES.replace("      - port: 80\n", "      - port: 53\n      - port: 80\n", 1)
+        + "  - name: db\n    namespace: data\n    vip: 10.100.0.99\n"
+        + "    ports: [{port: 5432}]\n    selector: {app: db, tier: store}\n"
+        + "serviceNetwork: 10.100.0.0/24\n"
+    )
+    topology = parse_topology(text)
+    assert len(topology.services) == 2
+    again = parse_topology(topology.to_yaml())
+    assert again == topology
+    assert again.service_vips() == topology.service_vips()
+    assert again.services[0].ports == (ServicePortSpec(53, 53), ServicePortSpec(80, 8080))
+
+
+def test_constructing_a_topology_with_a_bad_service_is_validated() -> None:
+    nodes = (NodeSpec("node-1", IPv4Network("10.240.1.0/24")),)
+    service = ServiceSpec("s", "default", (), (("app", "s"),))
+    with pytest.raises(TopologyError, match=r"services\[0\] \(default/s\): a service needs a port"):
+        Topology("t", IPv4Network("10.239.0.0/24"), nodes, (), (service,))
+
+
+def test_a_vip_may_be_any_other_host_of_the_service_network() -> None:
+    topology = parse_topology(SERVICES + "    vip: 10.96.0.11\n")
+    assert topology.service_vip("default", "echo") == IPv4Address("10.96.0.11")
+
+
+def test_the_service_networks_broadcast_address_is_no_vip() -> None:
+    with pytest.raises(TopologyError, match="must be a host of serviceNetwork"):
+        parse_topology(SERVICES + "    vip: 10.96.255.255\n")
+
+
+@pytest.mark.parametrize("written", ["0x50", "0b1010000", "1:20"])
+def test_a_non_decimal_port_is_a_topology_error(written: str) -> None:
+    with pytest.raises(TopologyError, match=r"services\[0\]\.ports\[0\]\.port"):
+        parse_topology(with_service("port: 80", f"port: {written}"))
 
 
 THREE_PODS_ON_A_30 = edited("10.240.1.0/24", "10.240.1.0/30") + "  - name: two\n    node: node-1\n"
@@ -308,7 +444,135 @@ ERRORS = {
 }
 
 
-@pytest.mark.parametrize(("text", "problem", "line"), ERRORS.values(), ids=ERRORS.keys())
+ONE_MORE_SERVICE = "  - name: other\n    ports: [{port: 80}]\n    selector: {app: o}\n"
+
+SERVICE_ERRORS = {
+    "services not a list": (BASE + "services: {name: echo}\n", "services must be a list", 11),
+    "service not a mapping": (BASE + "services: [echo]\n", "services[0] must be a mapping", 11),
+    "unknown service key": (
+        with_service("selector:", "selectr:"),
+        "services[0]: unknown key 'selectr'; did you mean 'selector'?",
+        16,
+    ),
+    "unknown port key": (
+        with_service("targetPort:", "target_port:"),
+        "services[0].ports[0]: unknown key 'target_port'; did you mean 'targetPort'?",
+        15,
+    ),
+    "missing selector": (
+        with_service("    selector: {app: echo}\n", ""),
+        "services[0]: missing required key 'selector'",
+        12,
+    ),
+    "missing port": (
+        with_service("      - port: 80\n        targetPort: 8080\n", "      - targetPort: 8080\n"),
+        "services[0].ports[0]: missing required key 'port'",
+        14,
+    ),
+    "no ports": (
+        with_service("    ports:\n      - port: 80\n        targetPort: 8080\n", "    ports: []\n"),
+        "services[0] (default/echo): a service needs a port",
+        13,
+    ),
+    "port zero": (
+        with_service("port: 80", "port: 0"),
+        "services[0].ports[0].port must be a port number 1..65535, not int '0'",
+        14,
+    ),
+    "port too large": (
+        with_service("port: 80", "port: 65536"),
+        "services[0].ports[0].port must be a port number 1..65535, not int '65536'",
+        14,
+    ),
+    "port quoted": (
+        with_service("port: 80", "port: '80'"),
+        "services[0].ports[0].port must be a port number 1..65535, not str '80'",
+        14,
+    ),
+    "named target port": (
+        with_service("targetPort: 8080", "targetPort: http"),
+        "services[0].ports[0].targetPort must be a port number 1..65535, not str 'http'",
+        15,
+    ),
+    "duplicate port": (
+        with_service("        targetPort: 8080\n", "        targetPort: 8080\n      - port: 80\n"),
+        "services[0] (default/echo): duplicate port",
+        14,
+    ),
+    "duplicate service": (
+        SERVICES + ONE_MORE_SERVICE.replace("other", "echo"),
+        "services[1] (default/echo): duplicate service (also services[0])",
+        17,
+    ),
+    "service name not a label": (
+        with_service("name: echo", "name: Echo"),
+        "services[0] (default/Echo): service name 'Echo' is not a DNS-1123 label",
+        12,
+    ),
+    "service namespace not a label": (
+        SERVICES + "    namespace: my_ns\n",
+        "services[0] (my_ns/echo): namespace 'my_ns' is not a DNS-1123 label",
+        17,
+    ),
+    "vip not an address": (
+        SERVICES + "    vip: 10.96.0.300\n",
+        "services[0].vip: '10.96.0.300' is not an IPv4 address",
+        17,
+    ),
+    "vip outside the service network": (
+        SERVICES + "    vip: 10.97.0.1\n",
+        "services[0] (default/echo): vip 10.97.0.1 must be a host of serviceNetwork "
+        "10.96.0.0/16 other than the DNS address 10.96.0.10",
+        17,
+    ),
+    "vip is the dns address": (
+        SERVICES + "    vip: 10.96.0.10\n",
+        "vip 10.96.0.10 must be a host of serviceNetwork 10.96.0.0/16 other than the DNS",
+        17,
+    ),
+    "vip is the network address": (
+        SERVICES + "    vip: 10.96.0.0\n",
+        "vip 10.96.0.0 must be a host of serviceNetwork",
+        17,
+    ),
+    "vip written twice": (
+        SERVICES + "    vip: 10.96.0.50\n" + ONE_MORE_SERVICE + "    vip: 10.96.0.50\n",
+        "services[1] (default/other): vip 10.96.0.50 is also services[0]'s",
+        21,
+    ),
+    "service network overlaps the node network": (
+        SERVICES + "serviceNetwork: 10.239.0.0/16\n",
+        "serviceNetwork 10.239.0.0/16 overlaps nodeNetwork 10.239.0.0/24",
+        17,
+    ),
+    "service network overlaps a pod cidr": (
+        SERVICES + "serviceNetwork: 10.240.2.128/25\n",
+        "serviceNetwork 10.240.2.128/25 overlaps the podCidr of node-2 10.240.2.0/24",
+        17,
+    ),
+    "default service network overlaps the node network": (
+        edited("10.239.0.0/24", "10.96.0.0/24"),
+        "serviceNetwork 10.96.0.0/16 overlaps nodeNetwork 10.96.0.0/24",
+        1,  # not written: the document's line
+    ),
+    "service network not a cidr": (
+        SERVICES + "serviceNetwork: 10.96.0.0\n",
+        "serviceNetwork: '10.96.0.0' is not a CIDR",
+        17,
+    ),
+    "service network too small": (
+        SERVICES + "serviceNetwork: 10.96.0.0/28\n",
+        "serviceNetwork 10.96.0.0/28 is too small for 1 service(s)",
+        17,
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("text", "problem", "line"),
+    [*ERRORS.values(), *SERVICE_ERRORS.values()],
+    ids=[*ERRORS, *SERVICE_ERRORS],
+)
 def test_invalid_topology(text: str, problem: str, line: int | None) -> None:
     with pytest.raises(TopologyError) as caught:
         parse_topology(text, "bad.yaml")

@@ -17,6 +17,7 @@ from agent.sources.kube_objects import (
     mesh_state_from,
     object_key,
 )
+from agent.state.service import NAMED_TARGET_PORT
 from agent.state.store import MeshState
 from agent.state.workload import Protocol, Workload
 
@@ -438,8 +439,10 @@ def test_service_fields() -> None:
         "reviews.shop.svc.cluster.local",
     )
     assert reviews.vips == ("10.96.87.201", "fd00:10:96::c9")
-    # The named target port as the backing pod resolves it.
-    assert dict(reviews.ports) == {9080: 8080, 15000: 15000}
+    # A named target port is each backing pod's to resolve (its own map says 8080).
+    assert dict(reviews.ports) == {9080: NAMED_TARGET_PORT, 15000: 15000}
+    (workload,) = state.workloads
+    assert dict(workload.services[REVIEWS_KEY]) == {9080: 8080, 15000: 15000}
     assert state.service_by_vip("10.96.87.201", 9080) is reviews
     assert state.workloads_of_service(reviews) == state.workloads
 
@@ -447,8 +450,12 @@ def test_service_fields() -> None:
 @pytest.mark.parametrize(
     ("written", "vips", "ports"),
     [
-        pytest.param(service(cluster_ips=("None",)), (), {9080: 9080}, id="headless"),
-        pytest.param(service(), ("10.96.87.201",), {9080: 9080}, id="unresolved-named-port"),
+        pytest.param(
+            service(cluster_ips=("None",)), (), {9080: NAMED_TARGET_PORT}, id="headless"
+        ),
+        pytest.param(
+            service(), ("10.96.87.201",), {9080: NAMED_TARGET_PORT}, id="unresolved-named-port"
+        ),
     ],
 )
 def test_service_without_backing_pods(
