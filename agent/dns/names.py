@@ -63,6 +63,8 @@ class MeshNames:
     # Lower-case hostname -> what a question for it resolves to (Known, or FORWARD for a
     # headless Service, whose pod records only the cluster's DNS has).
     _by_hostname: Mapping[str, Known | Forward]
+    # Namespaces that hold a Service, by name (lower case).
+    _namespaces: frozenset[str] = frozenset()
 
     @classmethod
     def of(cls, state: MeshState, domain: str = DEFAULT_DOMAIN) -> MeshNames:
@@ -70,7 +72,8 @@ class MeshNames:
         for service in state.services:
             # The first Service to claim a hostname wins, as in MeshState's own indexes.
             by_hostname.setdefault(_normalise(service.hostname), _resolution_of(service))
-        return cls(_normalise(domain), by_hostname)
+        namespaces = frozenset(service.namespace.lower() for service in state.services)
+        return cls(_normalise(domain), by_hostname, namespaces)
 
     def resolve(self, qname: str, pod_namespace: str) -> Resolution:
         """What a question for `qname` (text form, trailing dot optional) from a pod in
@@ -103,8 +106,12 @@ class MeshNames:
             return FORWARD  # pod records and SRV names: the cluster's DNS has them
         if labels[-1] != "svc":
             return Unknown(name)  # no other branch of the domain holds names
+        if len(labels) == 2 and labels[0] not in self._namespaces:
+            # `<ns>.svc.<domain>` for a namespace without Services, such as the search-list
+            # expansion of a bare `echo`: no such name.
+            return Unknown(name)
         if len(labels) < 3:
-            return FORWARD  # `svc.<domain>`, `<ns>.svc.<domain>`: names without records
+            return FORWARD  # `svc.<domain>`, a namespace with Services: names without records
         # Under a Service: `<x>.<service>.<namespace>.svc`. A headless Service's pod records
         # (and SRV names) are the cluster DNS's; a Service with a VIP has none, and no
         # Service means no such name.

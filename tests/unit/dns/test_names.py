@@ -55,6 +55,7 @@ def test_unknown_service_names_are_an_authoritative_no(names: MeshNames) -> None
         "echo.default.svc.cluster.local.default.svc.cluster.local",
         "echo.default.svc.cluster.local.svc.cluster.local",
         "echo.default.svc.cluster.local.cluster.local",
+        "echo.svc.cluster.local",  # a bare `echo` with the search list: no namespace echo
         "x.echo.default.svc.cluster.local",  # a Service with a VIP has no names under it
         "echo.default.other.cluster.local",
     ],
