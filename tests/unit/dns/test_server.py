@@ -28,6 +28,7 @@ from agent.dns.server import (
     DnsProxy,
     original_destination,
 )
+from tests.support.waiting import until
 
 NAMESERVER = ("10.96.0.53", 53)
 LOCAL = "echo.default.svc.cluster.local"
@@ -272,13 +273,6 @@ def udp_socket(orig_dst: bool) -> socket.socket:
     sock.bind(("127.0.0.1", 0))
     sock.setblocking(False)
     return sock
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + 2
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.005)
 
 
 async def receive(sock: socket.socket) -> dns.message.Message:

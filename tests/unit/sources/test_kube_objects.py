@@ -450,9 +450,7 @@ def test_service_fields() -> None:
 @pytest.mark.parametrize(
     ("written", "vips", "ports"),
     [
-        pytest.param(
-            service(cluster_ips=("None",)), (), {9080: NAMED_TARGET_PORT}, id="headless"
-        ),
+        pytest.param(service(cluster_ips=("None",)), (), {9080: NAMED_TARGET_PORT}, id="headless"),
         pytest.param(
             service(), ("10.96.87.201",), {9080: NAMED_TARGET_PORT}, id="unresolved-named-port"
         ),

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -53,6 +52,7 @@ from tests.support.fake_kube_api import (
     SERVICES,
     FakeApiServer,
 )
+from tests.support.waiting import until
 
 CLUSTER = RECORDED / "services"
 
@@ -122,14 +122,6 @@ def following(
 
     source.load_initial()
     asyncio.run(main())
-
-
-async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
 
 
 def routed(state: MeshState, dst: tuple[str, int], picker: EndpointPicker) -> Route:

@@ -44,6 +44,7 @@ from tests.support.fake_kube_api import (
     recorded_events,
     recorded_list,
 )
+from tests.support.waiting import until
 
 
 @pytest.fixture
@@ -80,14 +81,6 @@ def run_alongside(source: KubeSource, scenario: Callable[[], Awaitable[None]]) -
             await asyncio.wait_for(following, 5)
 
     asyncio.run(main())
-
-
-async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
 
 
 async def all_watching(server: FakeApiServer, *paths: str) -> None:

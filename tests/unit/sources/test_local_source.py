@@ -13,6 +13,7 @@ from structlog.testing import capture_logs
 from agent.sources.local_config import ConfigError
 from agent.sources.local_source import LocalConfigSource
 from agent.state.store import MeshState, StateStore
+from tests.support.waiting import until
 
 
 def mesh(*names: str) -> str:
@@ -53,14 +54,6 @@ def run_alongside(source: LocalConfigSource, scenario: Callable[[], Awaitable[No
             await asyncio.wait_for(watching, 5)
 
     asyncio.run(main())
-
-
-async def until(condition: Callable[[], bool], timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
 
 
 def replace_by_rename(path: Path, text: str) -> None:
