@@ -5,12 +5,13 @@ nameserver."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import socket
 import struct
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import dns.flags
@@ -26,6 +27,7 @@ from agent.dns.server import (
     IPV6_RECVORIGDSTADDR,
     Address,
     DnsProxy,
+    UdpService,
     original_destination,
 )
 from tests.support.waiting import until
@@ -275,6 +277,24 @@ def udp_socket(orig_dst: bool) -> socket.socket:
     return sock
 
 
+@contextlib.contextmanager
+def served(
+    proxy: DnsProxy,
+    orig_dst: bool = True,
+    reply: Callable[[Address], socket.socket] | None = None,
+) -> Iterator[tuple[socket.socket, socket.socket, UdpService]]:
+    """(listener, client, service): the proxy serving a loopback UDP socket, replying
+    through `reply` (the listener itself unless told), all closed at the end."""
+    listener, client = udp_socket(orig_dst=orig_dst), udp_socket(orig_dst=False)
+    service = proxy.serve_udp(listener, lambda: "default", reply or (lambda _: listener))
+    try:
+        yield listener, client, service
+    finally:
+        service.close()
+        listener.close()
+        client.close()
+
+
 async def receive(sock: socket.socket) -> dns.message.Message:
     loop = asyncio.get_running_loop()
     return dns.message.from_wire(await asyncio.wait_for(loop.sock_recv(sock, 65535), 2))
@@ -325,16 +345,10 @@ def test_udp_replies_from_the_address_asked(names: MeshNames) -> None:
 def test_udp_without_original_destination_is_dropped(names: MeshNames) -> None:
     async def main() -> None:
         proxy = proxy_for(names, FakeUpstream())
-        listener, client = udp_socket(orig_dst=False), udp_socket(orig_dst=False)
-        service = proxy.serve_udp(listener, lambda: "default", lambda _: listener)
-        try:
+        with served(proxy, orig_dst=False) as (listener, client, _service):
             client.sendto(query(LOCAL).to_wire(), listener.getsockname())
             await until(lambda: proxy.counts[Reason.NO_ORIGINAL_DESTINATION] == 1)
             assert proxy.counts[Reason.ANSWERED] == 0
-        finally:
-            service.close()
-            listener.close()
-            client.close()
 
     run(main)
 
@@ -343,19 +357,13 @@ def test_udp_without_original_destination_is_dropped(names: MeshNames) -> None:
 def test_udp_reply_that_cannot_be_sent_is_counted(names: MeshNames) -> None:
     async def main() -> None:
         proxy = proxy_for(names, FakeUpstream())
-        listener, client = udp_socket(orig_dst=True), udp_socket(orig_dst=False)
         closed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         closed.close()
-        service = proxy.serve_udp(listener, lambda: "default", lambda _: closed)
-        try:
+        with served(proxy, reply=lambda _: closed) as (listener, client, _service):
             for name in (LOCAL, EXTERNAL):
                 client.sendto(query(name).to_wire(), listener.getsockname())
             await until(lambda: proxy.counts[Reason.SEND_FAILED] == 2)
             assert proxy.counts[Reason.ANSWERED] == proxy.counts[Reason.FORWARDED] == 0
-        finally:
-            service.close()
-            listener.close()
-            client.close()
 
     run(main)
 
@@ -365,9 +373,7 @@ def test_udp_close_cancels_pending_forwards(names: MeshNames) -> None:
     async def main() -> None:
         upstream = FakeUpstream(gate=asyncio.Event())  # never opens
         proxy = proxy_for(names, upstream)
-        listener, client = udp_socket(orig_dst=True), udp_socket(orig_dst=False)
-        service = proxy.serve_udp(listener, lambda: "default", lambda _: listener)
-        try:
+        with served(proxy) as (listener, client, service):
             client.sendto(query(EXTERNAL).to_wire(), listener.getsockname())
             await until(lambda: service.pending == 1)
             assert proxy.in_flight == 1
@@ -377,10 +383,6 @@ def test_udp_close_cancels_pending_forwards(names: MeshNames) -> None:
             client.sendto(query(LOCAL).to_wire(), listener.getsockname())
             await asyncio.sleep(0.05)
             assert proxy.counts[Reason.ANSWERED] == 0
-        finally:
-            service.close()
-            listener.close()
-            client.close()
 
     run(main)
 
@@ -390,9 +392,7 @@ def test_udp_bound_on_pending_forwards(names: MeshNames) -> None:
     async def main() -> None:
         gate = asyncio.Event()
         proxy = proxy_for(names, FakeUpstream(gate=gate), max_in_flight=3)
-        listener, client = udp_socket(orig_dst=True), udp_socket(orig_dst=False)
-        service = proxy.serve_udp(listener, lambda: "default", lambda _: listener)
-        try:
+        with served(proxy) as (listener, client, service):
             queries = [query(EXTERNAL) for _ in range(5)]
             for q in queries:
                 client.sendto(q.to_wire(), listener.getsockname())
@@ -407,10 +407,6 @@ def test_udp_bound_on_pending_forwards(names: MeshNames) -> None:
             assert ids == {q.id for q in queries}
             assert proxy.counts[Reason.OVERLOADED] == 2
             assert proxy.counts[Reason.FORWARDED] == 3
-        finally:
-            service.close()
-            listener.close()
-            client.close()
 
     run(main)
 
