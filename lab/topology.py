@@ -658,7 +658,9 @@ def _check_services(topology: Topology) -> None:
             continue
         path: Location = ("services", index, "vip")
         if service.vip not in network or service.vip in (
-            network.network_address, network.broadcast_address, topology.dns_ip
+            network.network_address,
+            network.broadcast_address,
+            topology.dns_ip,
         ):
             raise TopologyError(
                 f"{what}: vip {service.vip} must be a host of serviceNetwork {network} other "
