@@ -51,7 +51,7 @@ class Reason(StrEnum):
     # Decided here, by answer():
     ANSWERED = "answered"  # A/AAAA records for a mesh Service
     NODATA = "nodata"  # a mesh Service, but no records of the type asked
-    NXDOMAIN = "nxdomain"  # <service>.<namespace>.svc.<domain> for no Service
+    NXDOMAIN = "nxdomain"  # a name of the cluster domain that no Service has
     FORMERR = "formerr"  # unparseable, or not exactly one question
     NOTIMP = "notimp"  # an opcode other than QUERY
     BADVERS = "badvers"  # EDNS version above 0 (RFC 6891)
