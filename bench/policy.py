@@ -573,10 +573,10 @@ _NO_POLICY, _ALLOWED, _DENIED, _DEFAULT_DENY = 0, 1, 2, 3
 
 def decision_policies(app: str, denies: int) -> list[Policy]:
     """For the workloads labelled app=`app`: `denies` single-term DENY policies on ports
-    nobody connects to, plus one ALLOW for ALLOWED_PORT from the bench client. That is
-    denies + 1 terms, the ALLOW's bit the highest (terms are ordered by policy name)."""
+    nobody connects to, plus one ALLOW for ALLOWED_PORT from the bench client's address (the
+    probes are plaintext SYNs, which carry no principal). That is denies + 1 terms, the
+    ALLOW's bit the highest (terms are ordered by policy name)."""
     selector = {"matchLabels": {"app": app}}
-    client = f"{TRUST_DOMAIN}/ns/{DECISION_NS}/sa/client"
     documents: list[dict[str, Any]] = [
         {
             "apiVersion": "security.istio.io/v1",
@@ -600,7 +600,7 @@ def decision_policies(app: str, denies: int) -> list[Policy]:
                 "action": "ALLOW",
                 "rules": [
                     {
-                        "from": [{"source": {"principals": [client]}}],
+                        "from": [{"source": {"ipBlocks": [f"{SRC_IP}/32"]}}],
                         "to": [{"operation": {"ports": [str(ALLOWED_PORT)]}}],
                     }
                 ],

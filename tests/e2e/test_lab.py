@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
+from agent.datapath import abi
 from agent.netns import NetnsWorker
 from lab import probes
 from lab.agents import lab_agent_pids, lab_pin_root
@@ -150,7 +151,8 @@ def test_lab_commands_and_recovery_after_agents_are_killed(lab_name: str) -> Non
         ["bpftool", "map", "dump", "pinned", str(pods_map)], capture_output=True, text=True,
         check=True,
     ).stdout  # fmt: skip
-    assert '"outbound_captured":' in dump and '"flags": 1' in dump
+    flags = abi.POD_CAPTURE | abi.POD_CAPTURE_DNS  # TCP and DNS capture, the default
+    assert '"outbound_captured":' in dump and f'"flags": {flags}' in dump
     node_pins = str(pods_map.parents[1])
     ctl = subprocess.run(
         [sys.executable, "-m", "agent.ctl", "pods", "--json", "--pin-dir", node_pins],
