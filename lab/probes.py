@@ -172,15 +172,16 @@ def try_connect(netns: Path, host: str, port: int, timeout: float) -> tuple[str,
             sock.bind(("0.0.0.0", 0))
             try:
                 sock.connect((host, port))
-                client = sock.getsockname()
                 sock.sendall(b"hello\n")
                 reply = sock.makefile("r").readline()
+                outcome = "reply" if reply else "closed"
             except TimeoutError:
-                local = sock.getsockname()
-                return "timeout", f"{local[0]}:{local[1]}"
+                outcome = "timeout"
             except ConnectionResetError:
-                return "reset", f"{client[0]}:{client[1]}"
-            return ("reply" if reply else "closed"), f"{client[0]}:{client[1]}"
+                # Also from connect() itself, when the reset comes before the caller wakes.
+                outcome = "reset"
+            local = sock.getsockname()  # the address the connect took, even after a reset
+            return outcome, f"{local[0]}:{local[1]}"
 
     worker = NetnsWorker(str(netns))
     try:
