@@ -136,6 +136,7 @@ class NodeAgent:
         proxy = InPodProxy(store, identities, policy, self.telemetry, cfg.dns_capture)
         status.refusals = proxy.hbone_refusals
         status.vip_refusals = proxy.vip_refusals
+        status.waypoint_skips = proxy.waypoint_skipped
         status.dns_counts = proxy.dns_counts
         undo("HBONE client pool", proxy.close)
         enroller = status.enroller = PodEnroller(

@@ -51,6 +51,7 @@ class NodeStatus:
         self.refusals: Refusals | None = None
         self.vip_refusals: Counter[str] | None = None
         self.dns_counts: Counter[str] | None = None
+        self.waypoint_skips: Counter[str] | None = None
 
     def not_ready(self) -> list[str]:
         """Empty when ready: config loaded, programs loaded, every wanted pod enrolled (its
@@ -134,6 +135,9 @@ class NodeStatus:
 
     def outbound_refusals(self) -> dict[str, int]:
         return dict(self.vip_refusals) if self.vip_refusals is not None else {}
+
+    def waypoint_skipped(self) -> dict[str, int]:
+        return dict(self.waypoint_skips) if self.waypoint_skips is not None else {}
 
     def dns_requests(self) -> dict[str, int]:
         return dict(self.dns_counts) if self.dns_counts is not None else {}

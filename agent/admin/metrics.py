@@ -44,6 +44,7 @@ class AgentMetricsSource(Protocol):
     def hbone_refusals(self) -> dict[str, int]: ...
     def outbound_refusals(self) -> dict[str, int]: ...
     def dns_requests(self) -> dict[str, int]: ...
+    def waypoint_skipped(self) -> dict[str, int]: ...
 
 
 class AgentCollector(Collector):
@@ -161,6 +162,15 @@ class AgentCollector(Collector):
         for reason, count in sorted(self._source.dns_requests().items()):
             dns.add_metric([reason], count)
         yield dns
+        skipped = CounterMetricFamily(
+            "ambient_waypoint_skipped",
+            "Connections bound to a waypoint that went direct, without L7, because the "
+            "waypoint was not ready (no address, or no ready pod), by waypoint.",
+            labels=["waypoint"],
+        )
+        for waypoint, count in sorted(self._source.waypoint_skipped().items()):
+            skipped.add_metric([waypoint], count)
+        yield skipped
         yield CounterMetricFamily(
             "ambient_reconcile_failures",
             "Reconciles that failed, leaving the state not fully in force until a retry "

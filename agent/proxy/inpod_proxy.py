@@ -85,6 +85,10 @@ class InPodProxy:
         return self._outbound.vip_refusals
 
     @property
+    def waypoint_skipped(self) -> collections.Counter[str]:
+        return self._outbound.waypoint_skipped
+
+    @property
     def pool(self) -> HboneClientPool:
         return self._outbound.pool
 

@@ -16,7 +16,8 @@ import os
 import ssl
 from collections.abc import Callable
 
-from agent.datapath import abi
+import structlog
+
 from agent.hbone import protocol as hbone
 from agent.hbone.connection import HboneConnection, MemoryBudget, Refusals, TunnelRefused
 from agent.hbone.pool import HboneClientPool, PoolKey
@@ -29,10 +30,13 @@ from agent.proxy.pod_dns import PodDns
 from agent.proxy.relay import SocketStream, relay, reset
 from agent.proxy.tls_contexts import TlsContexts
 from agent.state.store import StateStore
+from agent.state.waypoint import Waypoint
 from agent.state.workload import Workload
 from agent.telemetry.connections import ConnectionTelemetry, PolicyVerdict, TrackedConnection
 from agent.telemetry.events import socket_cookie
 from agent.telemetry.istio_labels import Reporter, dataplane_mode
+
+log = structlog.get_logger("agent.proxy")
 
 HANDSHAKE_TIMEOUT = 10.0
 DNS_PORT = 53
@@ -61,6 +65,9 @@ class Outbound:
         self._picker = EndpointPicker()
         # Connections to a VIP refused before any upstream was tried, by reason (/metrics).
         self.vip_refusals: collections.Counter[str] = collections.Counter()
+        # Connections that went direct because their bound waypoint was not ready, by
+        # waypoint (for /metrics).
+        self.waypoint_skipped: collections.Counter[str] = collections.Counter()
 
     async def handle(
         self, pod: Pod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -70,26 +77,39 @@ class Outbound:
             await dns.handle_tcp(reader, writer, dst)  # answered here, as UDP DNS is
             return
         state = self._store.current
-        decided = route(state, dst, self._picker)
+        decided = route(state, dst, self._picker, pod.workload)
         if isinstance(decided, Refused):
             self._refuse(pod, writer, src, dst, decided)
             return
+        if decided.skipped is not None:
+            self._skipped_waypoint(pod, src, dst, decided.skipped)
         target, upstream, tunnelled = decided.workload, decided.upstream, decided.tunnelled
-        report.captured(pod, "outbound", src, dst, dataplane_mode(tunnelled, target))
-        hbone_addr = report.address((upstream[0], abi.PORT_HBONE)) if tunnelled else None
+        via_waypoint = decided.waypoint is not None
+        report.captured(pod, "outbound", src, dst, dataplane_mode(tunnelled, target, via_waypoint))
+        hbone = decided.hbone_address if tunnelled else None
         conn = self._telemetry.open(report.cookie(writer), report.connection_report(
             state, Reporter.SOURCE, tunnelled,
             (report.address(src), pod.workload, identity_of(pod.workload).uri),
             (report.address(upstream), upstream[1], target,
              identity_of(target).uri if target and tunnelled else None),
-            {"dst.hbone_addr": hbone_addr,
-             "dst.vip": report.address(dst) if decided.by_vip else None},
-            service=decided.service,
+            {"dst.hbone_addr": report.address(hbone) if hbone else None,
+             "dst.vip": report.address(dst) if decided.by_vip else None,
+             "dst.waypoint": decided.waypoint.key if decided.waypoint else None},
+            service=decided.service, via_waypoint=via_waypoint,
         ))  # fmt: skip
-        if target is not None and tunnelled:
-            await self._tunnel(pod, target, reader, writer, src, upstream, conn)
+        if target is not None and hbone is not None:
+            await self._tunnel(pod, target, reader, writer, src, upstream, hbone, conn)
         else:
             await self._pass_through(pod, reader, writer, upstream, conn)
+
+    def _skipped_waypoint(
+        self, pod: Pod, src: report.Endpoint, dst: report.Endpoint, waypoint: Waypoint
+    ) -> None:
+        """L7 was asked for and will not happen: say so loudly (deep guide §20)."""
+        self.waypoint_skipped[waypoint.key] += 1
+        log.warning("waypoint not ready: connection goes direct, without L7",
+                    waypoint=waypoint.key, pod=pod.workload.key, **{"src.addr": report.address(src),
+                    "dst.addr": report.address(dst)})  # fmt: skip
 
     def _refuse(
         self,
@@ -121,10 +141,12 @@ class Outbound:
         writer: asyncio.StreamWriter,
         src: report.Endpoint,
         dst: report.Endpoint,
+        hbone_addr: report.Endpoint,
         conn: TrackedConnection,
     ) -> None:
+        """dst: the `:authority`; hbone_addr: where the tunnel is dialled (the destination's
+        15008, or a waypoint pod's); target: who must answer there (its identity checked)."""
         source_id, target_id = identity_of(pod.workload), identity_of(target)
-        hbone_addr = (dst[0], abi.PORT_HBONE)
         key = PoolKey(source_id.uri, frozenset({target_id.uri}), hbone_addr, src[0])
         source = pod.workload
         headers = {

@@ -66,6 +66,7 @@ def connection_report(
     peer_is_client: bool = True,
     service: Service | None = None,
     response_flags: str = "-",
+    via_waypoint: bool | None = None,
 ) -> ConnectionReport:
     """A connection's Istio labels and access log fields, from its two ends: source
     (address, workload, principal) and destination (address, port, workload, principal).
@@ -77,7 +78,8 @@ def connection_report(
         service = destination_service(state, dst_workload, dst_port)
     security = SecurityPolicy.MUTUAL_TLS if tunnelled else SecurityPolicy.NONE
     labels = connection_labels(reporter, src_workload, src_principal, dst_workload,
-                               dst_principal, service, security, response_flags)  # fmt: skip
+                               dst_principal, service, security, response_flags,
+                               via_waypoint)  # fmt: skip
     fields = {
         "src.addr": src_addr, **_peer_fields("src", src_workload), "src.identity": src_principal,
         "dst.addr": dst_addr, **_peer_fields("dst", dst_workload), "dst.identity": dst_principal,

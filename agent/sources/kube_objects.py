@@ -67,7 +67,7 @@ from __future__ import annotations
 import copy
 import ipaddress
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TypeGuard
@@ -79,6 +79,7 @@ from agent.state.namespace import Namespace, ambient_enrolled
 from agent.state.policy import Policy
 from agent.state.service import NAMED_TARGET_PORT, Service
 from agent.state.store import MeshState
+from agent.state.waypoint import HBONE_PORT, Waypoint, WaypointFor
 from agent.state.workload import Protocol, Workload
 
 log = structlog.get_logger("agent.kubernetes")
@@ -89,6 +90,7 @@ KubeObject = Mapping[str, Any]
 CLUSTER_DOMAIN = "cluster.local"
 USE_WAYPOINT = "istio.io/use-waypoint"
 USE_WAYPOINT_NAMESPACE = "istio.io/use-waypoint-namespace"
+WAYPOINT_FOR_LABEL = "istio.io/waypoint-for"  # on the Gateway
 WAYPOINT_GATEWAY_CLASS = "istio-waypoint"
 MANAGED_GATEWAY_LABEL = "gateway.istio.io/managed"
 MESH_CONTROLLER = "istio.io-mesh-controller"
@@ -240,10 +242,9 @@ def mesh_state_from(
         }
     external = _add_endpoint_slice_members(objects, services, pods, memberships)
 
+    waypoints = _Waypoints(objects.gateways, {f"{s.namespace}/{s.name}": s.vips for s in services})
     workloads = tuple(
-        _workload(
-            pod, memberships[pod.key], namespace_by_name, objects.gateways, cluster_id, trust_domain
-        )
+        _workload(pod, memberships[pod.key], namespace_by_name, waypoints, cluster_id, trust_domain)
         for pod in pods
     ) + tuple(_external_workload(e, cluster_id, trust_domain) for e in external.values())
     try:
@@ -257,7 +258,10 @@ def mesh_state_from(
         policies = policies_in_force
     return MeshState(
         workloads=workloads,
-        services=tuple(_service(s) for s in services),
+        services=tuple(
+            _service(s, _service_waypoint(s, namespace_by_name.get(s.namespace), waypoints))
+            for s in services
+        ),
         policies=policies,
         namespaces=namespaces,
     )
@@ -343,7 +347,7 @@ def _workload(
     pod: _KubePod,
     services: Mapping[str, Mapping[int, int]],
     namespaces: Mapping[str, Namespace],
-    gateways: Mapping[str, KubeObject],
+    waypoints: _Waypoints,
     cluster_id: str,
     trust_domain: str,
 ) -> Workload:
@@ -360,7 +364,7 @@ def _workload(
         node=pod.node,
         trust_domain=trust_domain,
         services=services,
-        waypoint=_waypoint(pod, namespaces.get(pod.namespace), gateways),
+        waypoint=_pod_waypoint(pod, namespaces.get(pod.namespace), waypoints),
         labels=pod.labels,
         workload_name=workload_name,
         canonical_name=_first_label(pod.labels, CANONICAL_NAME_LABELS) or workload_name,
@@ -368,6 +372,16 @@ def _workload(
         cluster_id=cluster_id,
         healthy=pod.ready,
     )
+
+
+def _pod_waypoint(
+    pod: _KubePod, namespace: Namespace | None, waypoints: _Waypoints
+) -> Waypoint | None:
+    if pod.labels.get(MANAGED_GATEWAY_LABEL) == MESH_CONTROLLER:
+        return None  # a waypoint's own pod: its traffic must not loop back into it
+    namespace_labels: Mapping[str, str] = namespace.labels if namespace is not None else {}
+    deciders = (pod.labels, pod.annotations, namespace_labels)
+    return waypoints.bound(deciders, pod.namespace, lambda w: w.takes_workloads)
 
 
 def _workload_name(pod: _KubePod) -> str:
@@ -386,26 +400,50 @@ def _workload_name(pod: _KubePod) -> str:
     return owner_name
 
 
-def _waypoint(
-    pod: _KubePod, namespace: Namespace | None, gateways: Mapping[str, KubeObject]
-) -> dict[str, Any] | None:
-    if pod.labels.get(MANAGED_GATEWAY_LABEL) == MESH_CONTROLLER:
-        return None  # a waypoint's own pod: its traffic must not loop back into it
-    namespace_labels: Mapping[str, str] = namespace.labels if namespace is not None else {}
-    # The first object that says anything decides, so a pod's "none" overrides its namespace.
-    deciding = next(
-        (m for m in (pod.labels, pod.annotations, namespace_labels) if m.get(USE_WAYPOINT)), None
-    )
-    if deciding is None or deciding[USE_WAYPOINT] == "none":
-        return None
-    name = deciding[USE_WAYPOINT]
-    waypoint_namespace = deciding.get(USE_WAYPOINT_NAMESPACE) or pod.namespace
-    gateway = gateways.get(f"{waypoint_namespace}/{name}")
-    if gateway is None:
-        return None
-    if _mapping(gateway.get("spec")).get("gatewayClassName") != WAYPOINT_GATEWAY_CLASS:
-        return None
-    return {"name": name, "namespace": waypoint_namespace}
+@dataclass(frozen=True, slots=True)
+class _Waypoints:
+    """What binding to a waypoint looks at: the Gateways, and the waypoints' Services (whose
+    VIP is the waypoint's address when the Gateway's status has none yet)."""
+
+    gateways: Mapping[str, KubeObject]
+    service_vips: Mapping[str, tuple[str, ...]]  # "namespace/name" -> VIPs
+
+    def bound(
+        self,
+        deciders: Sequence[Mapping[str, str]],
+        own_namespace: str,
+        takes: Callable[[WaypointFor], bool],
+    ) -> Waypoint | None:
+        """The waypoint the first of `deciders` (label maps, most specific first) that names
+        one binds to, if it exists, is a waypoint and takes this kind of traffic."""
+        # The first object that says anything decides: a pod's or Service's "none" overrides
+        # its namespace.
+        deciding = next((m for m in deciders if m.get(USE_WAYPOINT)), None)
+        if deciding is None or deciding[USE_WAYPOINT] == "none":
+            return None
+        name = deciding[USE_WAYPOINT]
+        namespace = deciding.get(USE_WAYPOINT_NAMESPACE) or own_namespace
+        gateway = self.gateways.get(f"{namespace}/{name}")
+        if gateway is None:
+            return None
+        if _mapping(gateway.get("spec")).get("gatewayClassName") != WAYPOINT_GATEWAY_CLASS:
+            return None
+        labels = _string_map(_mapping(gateway.get("metadata")).get("labels"))
+        try:
+            waypoint_for = WaypointFor(labels.get(WAYPOINT_FOR_LABEL, WaypointFor.SERVICE))
+        except ValueError:
+            waypoint_for = WaypointFor.SERVICE  # istiod's reading of a value it does not know
+        if not takes(waypoint_for):
+            return None
+        return Waypoint(self._address(gateway, f"{namespace}/{name}"), HBONE_PORT, name, namespace)
+
+    def _address(self, gateway: KubeObject, key: str) -> str:
+        """The Gateway's first status address that is an IP, else its Service's VIP; "" for
+        a waypoint that is not ready (bound, but with nowhere to send traffic yet)."""
+        for entry in map(_mapping, _list(_mapping(gateway.get("status")).get("addresses"))):
+            if (address := _canonical_ip(entry.get("value"))) is not None:
+                return address
+        return next(iter(self.service_vips.get(key, ())), "")
 
 
 # --- services -----------------------------------------------------------------------------
@@ -422,6 +460,7 @@ class _ServicePort:
 class _KubeService:
     name: str
     namespace: str
+    labels: Mapping[str, str]
     selector: Mapping[str, str]  # empty: the service picks its endpoints some other way
     vips: tuple[str, ...]
     ports: tuple[_ServicePort, ...]
@@ -454,6 +493,7 @@ def _kube_service(obj: KubeObject) -> _KubeService | None:
     return _KubeService(
         name=_text(metadata.get("name")),
         namespace=_text(metadata.get("namespace")) or "default",
+        labels=_string_map(metadata.get("labels")),
         selector=_string_map(spec.get("selector")),
         vips=vips,
         ports=tuple(ports),
@@ -552,7 +592,15 @@ def _external_workload(endpoint: _ExternalEndpoint, cluster_id: str, trust_domai
     )
 
 
-def _service(service: _KubeService) -> Service:
+def _service_waypoint(
+    service: _KubeService, namespace: Namespace | None, waypoints: _Waypoints
+) -> Waypoint | None:
+    namespace_labels: Mapping[str, str] = namespace.labels if namespace is not None else {}
+    deciders = (service.labels, namespace_labels)
+    return waypoints.bound(deciders, service.namespace, lambda w: w.takes_services)
+
+
+def _service(service: _KubeService, waypoint: Waypoint | None) -> Service:
     ports = {
         port.port: port.target if isinstance(port.target, int) else NAMED_TARGET_PORT
         for port in service.ports
@@ -563,6 +611,7 @@ def _service(service: _KubeService) -> Service:
         hostname=service.hostname,
         vips=service.vips,
         ports=ports,
+        waypoint=waypoint,
     )
 
 

@@ -20,6 +20,7 @@ from agent.state.names import dns_label_error, dns_subdomain_error, interface_na
 from agent.state.namespace import Namespace
 from agent.state.policy import Policy
 from agent.state.service import Service
+from agent.state.waypoint import HBONE_PORT, Waypoint
 from agent.state.workload import DEFAULT_TRUST_DOMAIN, Protocol, Workload
 
 
@@ -48,7 +49,8 @@ _WORKLOAD_KEYS = {
     "workloadName", "workloadType", "trustDomain", "clusterId", "status",
 }  # fmt: skip
 
-# The last four are ztunnel's and accepted so its configs load; nothing here reads them yet.
+# subjectAltNames, loadBalancer and ipFamilies are ztunnel's and accepted so its configs
+# load; nothing here reads them yet.
 _SERVICE_KEYS = {
     "name", "namespace", "hostname", "vips", "ports",
     "subjectAltNames", "waypoint", "loadBalancer", "ipFamilies",
@@ -298,11 +300,7 @@ def _workload(node: yaml.Node, source: str) -> Workload:
     services: dict[str, dict[int, int]] = {}
     if (services_node := _present(fields, "services")) is not None:
         services = _workload_services(source, services_node)
-    waypoint: dict[str, Any] | None = None
-    if (waypoint_node := _present(fields, "waypoint")) is not None:
-        if not isinstance(waypoint_node, yaml.MappingNode):
-            raise _error(source, waypoint_node, "waypoint must be a mapping")
-        waypoint = _construct(source, waypoint_node)
+    waypoint = _waypoint(source, _present(fields, "waypoint"))
     labels: dict[str, str] = {}
     if (labels_node := _present(fields, "labels")) is not None:
         raw = _construct(source, labels_node) if isinstance(labels_node, yaml.MappingNode) else None
@@ -385,7 +383,40 @@ def _service(node: yaml.Node, source: str) -> Service:
         hostname=hostname,
         vips=_vips(source, _present(fields, "vips")),
         ports=_ports(source, _present(fields, "ports")),
+        waypoint=_waypoint(source, _present(fields, "waypoint")),
     )
+
+
+def _waypoint(source: str, node: yaml.Node | None) -> Waypoint | None:
+    """ztunnel's GatewayAddress: {destination: "network/ip", hboneMtlsPort: 15008}, plus the
+    Gateway's name and namespace (ours, for logs and telemetry). An empty destination is a
+    bound waypoint that is not ready."""
+    if node is None:
+        return None
+    if not isinstance(node, yaml.MappingNode):
+        raise _error(source, node, "waypoint must be a mapping")
+    fields = _fields(node)
+    unknown = sorted(set(fields) - {"destination", "hboneMtlsPort", "name", "namespace"})
+    if unknown:
+        raise _error(source, node, f"waypoint has unknown keys {unknown}")
+    address = ""
+    if (destination := _present(fields, "destination")) is not None:
+        written = _string(source, destination, "waypoint destination")
+        address = (_ip(written.rpartition("/")[2]) or "") if written else ""
+        if written and not address:
+            problem = f"waypoint destination {written!r} is not an IP address (ip or network/ip)"
+            raise _error(source, destination, problem)
+    port = HBONE_PORT
+    if (port_node := _present(fields, "hboneMtlsPort")) is not None:
+        port = _construct(source, port_node)
+        if not _is_port(port):
+            raise _error(source, port_node, f"hboneMtlsPort {port!r} must be an integer 1..65535")
+    names = {
+        key: _string(source, value, f"waypoint {key}")
+        for key in ("name", "namespace")
+        if (value := _present(fields, key)) is not None
+    }
+    return Waypoint(address, port, names.get("name", ""), names.get("namespace", ""))
 
 
 def _vips(source: str, node: yaml.Node | None) -> tuple[str, ...]:

@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from agent.state.waypoint import Waypoint
+
 NAMED_TARGET_PORT = 0  # no port's number: resolved per workload
 
 
@@ -27,6 +29,8 @@ class Service:
     # Read-only, because snapshots are shared by every reader; left out of the hash since a
     # mapping has none.
     ports: Mapping[int, int] = field(default_factory=_no_ports, hash=False)
+    # Where traffic addressed to the VIP goes first (a waypoint for services), if anywhere.
+    waypoint: Waypoint | None = None
 
     def __post_init__(self) -> None:
         # Copy so that the caller's dict, if it keeps one, cannot change a published service.

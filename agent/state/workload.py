@@ -8,6 +8,8 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Any
 
+from agent.state.waypoint import Waypoint
+
 DEFAULT_TRUST_DOMAIN = "cluster.local"
 
 
@@ -37,7 +39,8 @@ class Workload:
     # ztunnel's shape: "namespace/hostname" -> {service port: target port on this workload}
     # (empty: the service's own target ports). Mappings have no hash, so these stay out of it.
     services: Mapping[str, Mapping[int, int]] = field(default_factory=_empty_mapping, hash=False)
-    waypoint: dict[str, Any] | None = field(default=None, hash=False)
+    # Where traffic addressed to this pod goes first (a waypoint for workloads), if anywhere.
+    waypoint: Waypoint | None = None
     # Pod labels: what AuthorizationPolicy selectors match.
     labels: Mapping[str, str] = field(default_factory=_empty_mapping, hash=False)
     # Telemetry names (ztunnel's workloadName, canonicalName, canonicalRevision, clusterId);

@@ -54,14 +54,18 @@ class DataplaneMode(enum.StrEnum):
     AMBIENT_WAYPOINT = "ambient-waypoint"
 
 
-def dataplane_mode(tunnelled: bool, destination: Workload | None) -> DataplaneMode:
+def dataplane_mode(
+    tunnelled: bool, destination: Workload | None, via_waypoint: bool | None = None
+) -> DataplaneMode:
     """tunnelled: the connection went over HBONE (so both ends are mesh workloads, even one
-    this node cannot name, such as a peer known only by its verified identity)."""
+    this node cannot name, such as a peer known only by its verified identity);
+    via_waypoint: whether it passes a waypoint, when the caller knows (the source does),
+    else taken from whether the destination has one."""
     if not tunnelled:
         return DataplaneMode.OUT_OF_MESH
-    if destination is not None and destination.waypoint:
-        return DataplaneMode.AMBIENT_WAYPOINT
-    return DataplaneMode.AMBIENT_L4
+    if via_waypoint is None:
+        via_waypoint = destination is not None and destination.waypoint is not None
+    return DataplaneMode.AMBIENT_WAYPOINT if via_waypoint else DataplaneMode.AMBIENT_L4
 
 
 def _first_label(workload: Workload, *keys: str) -> str | None:
@@ -136,6 +140,7 @@ def connection_labels(
     service: Service | None,
     security: SecurityPolicy,
     response_flags: str = "-",
+    via_waypoint: bool | None = None,
 ) -> ConnectionLabels:
     values = (
         reporter.value,
@@ -143,7 +148,7 @@ def connection_labels(
         *service_labels(service),
         *peer_labels(destination, destination_principal),
         "tcp", response_flags, security.value,
-        dataplane_mode(security is SecurityPolicy.MUTUAL_TLS, destination).value,
+        dataplane_mode(security is SecurityPolicy.MUTUAL_TLS, destination, via_waypoint).value,
     )  # fmt: skip
     return ConnectionLabels(
         values, source.uid if source else None, destination.uid if destination else None

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import collections
 
+import pytest
+
 from agent.proxy.destination import EndpointPicker, RefusalReason, Refused, Route, route
 from agent.state.service import Service
 from agent.state.store import MeshState
+from agent.state.waypoint import Waypoint
 from agent.state.workload import Protocol, Workload
 
 VIP = "10.96.0.20"
@@ -30,8 +33,13 @@ def state(*workloads: Workload, services: tuple[Service, ...] = (ECHO,)) -> Mesh
     return MeshState(workloads=workloads, services=services)
 
 
-def routed(mesh: MeshState, dst: tuple[str, int], picker: EndpointPicker | None = None) -> Route:
-    decided = route(mesh, dst, picker or EndpointPicker())
+def routed(
+    mesh: MeshState,
+    dst: tuple[str, int],
+    picker: EndpointPicker | None = None,
+    source: Workload | None = None,
+) -> Route:
+    decided = route(mesh, dst, picker or EndpointPicker(), source)
     assert isinstance(decided, Route), decided
     return decided
 
@@ -103,3 +111,85 @@ def test_a_pod_address_is_reached_as_dialled_and_names_the_service_it_serves() -
     assert routed(state(a), ("10.240.1.3", 22)).service is None
     outside = routed(state(a), ("192.0.2.1", 443))
     assert outside == Route(("192.0.2.1", 443), None, None, by_vip=False)
+
+
+# ---- waypoints ----------------------------------------------------------------------------
+
+WAYPOINT_VIP = "10.96.0.50"
+WAYPOINT_SERVICE = Service(
+    "waypoint", "default", "waypoint.default.svc.cluster.local", (WAYPOINT_VIP,), {15008: 15008}
+)
+WAYPOINT = Waypoint(WAYPOINT_VIP, 15008, "waypoint", "default")
+
+
+def waypoint_pod(name: str, ip: str, *, healthy: bool = True) -> Workload:
+    return Workload(f"uid-{name}", name, "default", "waypoint", (ip,), Protocol.TCP, "node-1",
+                    services={WAYPOINT_SERVICE.key: {}}, healthy=healthy)  # fmt: skip
+
+
+def bound_state(*workloads: Workload, waypoint: Waypoint = WAYPOINT) -> MeshState:
+    echo = Service(ECHO.name, ECHO.namespace, ECHO.hostname, ECHO.vips, ECHO.ports, waypoint)
+    return MeshState(workloads=workloads, services=(echo, WAYPOINT_SERVICE))
+
+
+CLIENT = Workload("uid-client", "client", "default", "client", ("10.240.1.2",),
+                  Protocol.HBONE, "node-1")  # fmt: skip
+
+
+def test_a_vip_bound_to_a_waypoint_goes_to_a_waypoint_pod_with_the_vip_as_authority() -> None:
+    wp_a, wp_b = waypoint_pod("wp-a", "10.240.1.9"), waypoint_pod("wp-b", "10.240.2.9")
+    mesh, picker = bound_state(endpoint("a", "10.240.1.3"), wp_a, wp_b), EndpointPicker()
+    first = routed(mesh, (VIP, 80), picker, CLIENT)
+    assert (first.upstream, first.workload, first.waypoint) == ((VIP, 80), wp_a, WAYPOINT)
+    assert first.tunnelled and first.hbone_address == ("10.240.1.9", 15008)
+    assert first.service is not None and first.service.name == "echo"
+    assert routed(mesh, (VIP, 80), picker, CLIENT).workload == wp_b  # waypoint pods in turn
+
+
+def test_a_pod_bound_to_a_waypoint_is_reached_through_it_with_its_own_address() -> None:
+    wp = waypoint_pod("wp-a", "10.240.1.9")
+    target = Workload("uid-a", "a", "default", "default", ("10.240.1.3",), Protocol.HBONE,
+                      "node-1", waypoint=WAYPOINT)  # fmt: skip
+    decided = routed(MeshState(workloads=(target, wp), services=(WAYPOINT_SERVICE,)),
+                     ("10.240.1.3", 8080), EndpointPicker(), CLIENT)  # fmt: skip
+    assert (decided.upstream, decided.workload, decided.by_vip) == (("10.240.1.3", 8080), wp, False)
+    assert decided.hbone_address == ("10.240.1.9", 15008)
+
+
+def test_service_addressed_traffic_never_uses_a_workloads_waypoint() -> None:
+    a = endpoint("a", "10.240.1.3")
+    bound = Workload(a.uid, a.name, a.namespace, a.service_account, a.ips, a.protocol, a.node,
+                     services=a.services, waypoint=WAYPOINT)  # fmt: skip
+    decided = routed(state(bound, waypoint_pod("wp", "10.240.1.9")), (VIP, 80), None, CLIENT)
+    assert (decided.workload, decided.waypoint) == (bound, None)
+
+
+def test_the_waypoints_own_traffic_is_not_sent_back_to_it() -> None:
+    wp = waypoint_pod("wp-a", "10.240.1.9")
+    decided = routed(bound_state(endpoint("a", "10.240.1.3"), wp), (VIP, 80), None, wp)
+    assert (decided.upstream, decided.waypoint, decided.skipped) == (
+        ("10.240.1.3", 8080), None, None
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "waypoint_pods, waypoint",
+    [
+        pytest.param((), WAYPOINT, id="no-pod-behind-it"),
+        pytest.param((waypoint_pod("wp", "10.240.1.9", healthy=False),), WAYPOINT, id="pod-down"),
+        pytest.param(
+            (waypoint_pod("wp", "10.240.1.9"),),
+            Waypoint("", name="waypoint", namespace="default"),
+            id="gateway-without-address",
+        ),
+    ],
+)
+def test_a_waypoint_that_is_not_ready_is_skipped_and_says_so(
+    waypoint_pods: tuple[Workload, ...], waypoint: Waypoint
+) -> None:
+    mesh = bound_state(endpoint("a", "10.240.1.3"), *waypoint_pods, waypoint=waypoint)
+    decided = routed(mesh, (VIP, 80), None, CLIENT)
+    assert (decided.upstream, decided.waypoint, decided.skipped) == (
+        ("10.240.1.3", 8080), None, waypoint
+    )  # fmt: skip
+    assert decided.hbone_address == ("10.240.1.3", 15008)

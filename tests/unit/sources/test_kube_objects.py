@@ -19,6 +19,7 @@ from agent.sources.kube_objects import (
 )
 from agent.state.service import NAMED_TARGET_PORT
 from agent.state.store import MeshState
+from agent.state.waypoint import Waypoint
 from agent.state.workload import Protocol, Workload
 
 CLUSTER = "Kubernetes"
@@ -112,13 +113,24 @@ def service(
     return {"metadata": {"name": name, "namespace": namespace}, "spec": spec}
 
 
-def gateway(name: str = "waypoint", namespace: str = "shop", cls: str = "istio-waypoint") -> Any:
-    return {
+def gateway(
+    name: str = "waypoint",
+    namespace: str = "shop",
+    cls: str = "istio-waypoint",
+    waypoint_for: str | None = "all",
+    address: str | None = "10.96.0.50",
+) -> Any:
+    written: dict[str, Any] = {
         "apiVersion": "gateway.networking.k8s.io/v1",
         "kind": "Gateway",
         "metadata": {"name": name, "namespace": namespace},
         "spec": {"gatewayClassName": cls, "listeners": [{"name": "mesh", "port": 15008}]},
     }
+    if waypoint_for is not None:
+        written["metadata"]["labels"] = {"istio.io/waypoint-for": waypoint_for}
+    if address is not None:
+        written["status"] = {"addresses": [{"type": "IPAddress", "value": address}]}
+    return written
 
 
 def owner(kind: str, name: str, *, controller: bool = True) -> dict[str, Any]:
@@ -298,7 +310,7 @@ def test_canonical_name_and_revision(labels: dict[str, str], name: str, revision
 
 USE = "istio.io/use-waypoint"
 USE_NAMESPACE = "istio.io/use-waypoint-namespace"
-SHOP_WAYPOINT = {"name": "waypoint", "namespace": "shop"}
+SHOP_WAYPOINT = Waypoint("10.96.0.50", 15008, "waypoint", "shop")
 
 
 @pytest.mark.parametrize(
@@ -312,7 +324,7 @@ SHOP_WAYPOINT = {"name": "waypoint", "namespace": "shop"}
             {USE: "reviews-wp"},
             {},
             [gateway(), gateway("reviews-wp")],
-            {"name": "reviews-wp", "namespace": "shop"},
+            Waypoint("10.96.0.50", 15008, "reviews-wp", "shop"),
             id="pod-over-namespace",
         ),
         pytest.param({USE: "waypoint"}, {USE: "none"}, {}, [gateway()], None, id="pod-opts-out"),
@@ -325,7 +337,7 @@ SHOP_WAYPOINT = {"name": "waypoint", "namespace": "shop"}
             {USE: "shared", USE_NAMESPACE: "istio-system"},
             {},
             [gateway("shared", "istio-system")],
-            {"name": "shared", "namespace": "istio-system"},
+            Waypoint("10.96.0.50", 15008, "shared", "istio-system"),
             id="other-namespace",
         ),
         pytest.param(
@@ -337,6 +349,38 @@ SHOP_WAYPOINT = {"name": "waypoint", "namespace": "shop"}
             id="the-waypoint-itself",
         ),
         pytest.param({}, {}, {}, [gateway()], None, id="nobody-asks"),
+        pytest.param(
+            {},
+            {USE: "waypoint"},
+            {},
+            [gateway(waypoint_for=None)],
+            None,
+            id="a-service-waypoint-takes-no-pod-traffic",
+        ),
+        pytest.param(
+            {},
+            {USE: "waypoint"},
+            {},
+            [gateway(waypoint_for="service")],
+            None,
+            id="waypoint-for-service",
+        ),
+        pytest.param(
+            {},
+            {USE: "waypoint"},
+            {},
+            [gateway(waypoint_for="workload")],
+            SHOP_WAYPOINT,
+            id="waypoint-for-workload",
+        ),
+        pytest.param(
+            {},
+            {USE: "waypoint"},
+            {},
+            [gateway(address=None)],
+            Waypoint("", 15008, "waypoint", "shop"),
+            id="not-ready-no-address",
+        ),
     ],
 )
 def test_waypoint(
@@ -344,7 +388,7 @@ def test_waypoint(
     pod_labels: dict[str, str],
     pod_annotations: dict[str, str],
     gateways: list[dict[str, Any]],
-    waypoint: dict[str, str] | None,
+    waypoint: Waypoint | None,
 ) -> None:
     workload = only_workload(
         namespaces=[namespace("shop", {**AMBIENT, **namespace_labels})],
@@ -352,6 +396,59 @@ def test_waypoint(
         gateways=gateways,
     )
     assert workload.waypoint == waypoint
+
+
+@pytest.mark.parametrize(
+    ("namespace_labels", "service_labels", "gateways", "waypoint"),
+    [
+        pytest.param(
+            {},
+            {USE: "waypoint"},
+            [gateway(waypoint_for=None)],
+            SHOP_WAYPOINT,
+            id="service-label-default-waypoint-for",
+        ),
+        pytest.param({USE: "waypoint"}, {}, [gateway()], SHOP_WAYPOINT, id="namespace-label"),
+        pytest.param({USE: "waypoint"}, {USE: "none"}, [gateway()], None, id="service-opts-out"),
+        pytest.param(
+            {},
+            {USE: "waypoint"},
+            [gateway(waypoint_for="workload")],
+            None,
+            id="a-workload-waypoint-takes-no-service-traffic",
+        ),
+        pytest.param(
+            {}, {USE: "waypoint"}, [gateway(waypoint_for="none")], None, id="waypoint-for-none"
+        ),
+    ],
+)
+def test_service_waypoint(
+    namespace_labels: dict[str, str],
+    service_labels: dict[str, str],
+    gateways: list[dict[str, Any]],
+    waypoint: Waypoint | None,
+) -> None:
+    written = service()
+    written["metadata"]["labels"] = service_labels
+    state = state_of(
+        namespaces=[namespace("shop", {**AMBIENT, **namespace_labels})],
+        services=[written],
+        gateways=gateways,
+    )
+    (translated,) = state.services
+    assert translated.waypoint == waypoint
+
+
+def test_a_waypoint_without_status_address_takes_its_services_vip() -> None:
+    waypoint_service = service("waypoint", selector={"gateway.networking.k8s.io/gateway-name":
+                               "waypoint"}, cluster_ips=("10.96.0.77",))  # fmt: skip
+    bound = service()
+    bound["metadata"]["labels"] = {USE: "waypoint"}
+    state = state_of(services=[waypoint_service, bound], gateways=[gateway(address=None)])
+    reviews = state.service(REVIEWS_KEY)
+    assert reviews is not None and reviews.waypoint == Waypoint(
+        "10.96.0.77", 15008, "waypoint", "shop"
+    )
 
 
 # --- services -------------------------------------------------------------------------------

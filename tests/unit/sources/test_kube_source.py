@@ -324,7 +324,8 @@ def test_missing_crd_is_tolerated_logged_once_and_picked_up_when_installed(
     source = source_for(api, store)
 
     def has_waypoint() -> bool:
-        return workload(store.current, "reviews-v1-7d4b9c8f6-x2x9k").waypoint is not None
+        reviews = store.current.service("shop/reviews.shop.svc.cluster.local")
+        return reviews is not None and reviews.waypoint is not None
 
     async def scenario() -> None:
         await all_watching(server, PODS)
@@ -344,9 +345,11 @@ def test_missing_crd_is_tolerated_logged_once_and_picked_up_when_installed(
         "gateways"
     ]
     assert not logged(logs, "kubernetes list or watch failed; retrying")
-    waypoints = {w.key: w.waypoint for w in store.current.workloads if w.namespace == "shop"}
-    assert set(map(str, waypoints.values())) == {str({"name": "waypoint", "namespace": "shop"})}
-    assert len(waypoints) == 4
+    # The Gateway says nothing of waypoint-for: Istio's default, Services only.
+    waypoints = {s.key: s.waypoint for s in store.current.services if s.namespace == "shop"}
+    assert {(w.name, w.namespace) for w in waypoints.values() if w} == {("waypoint", "shop")}
+    assert len(waypoints) == 3 and all(waypoints.values())
+    assert all(w.waypoint is None for w in store.current.workloads if w.namespace == "shop")
     watched = server.requests_to(GATEWAYS, watch=True)
     assert watched and watched[0].query["resourceVersion"] == "49020"
 

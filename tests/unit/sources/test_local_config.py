@@ -8,6 +8,7 @@ import pytest
 from agent.sources.authorization_policy import parse_policy
 from agent.sources.local_config import ConfigError, load_local_config, parse_local_config
 from agent.state.service import Service
+from agent.state.waypoint import Waypoint
 from agent.state.workload import Protocol
 
 VALID = """\
@@ -175,7 +176,7 @@ def test_workload_keeps_trust_domain_services_and_waypoint() -> None:
     (server,) = parse_local_config(MESH, "mesh.yaml").workloads
     assert server.trust_domain == "example.org"
     assert dict(server.services) == {"default/echo.example.com": {80: 8080}}
-    assert server.waypoint == {"destination": "/10.0.0.50", "hboneMtlsPort": 15008}
+    assert server.waypoint == Waypoint("10.0.0.50", 15008)
 
 
 def test_workload_defaults_for_new_fields() -> None:

@@ -10,6 +10,7 @@ import pytest
 
 from agent.state.service import Service
 from agent.state.store import MeshState
+from agent.state.waypoint import Waypoint
 from agent.state.workload import Protocol, Workload
 from agent.telemetry.istio_labels import (
     DEFAULT_CLUSTER,
@@ -28,7 +29,7 @@ from agent.telemetry.istio_labels import (
 
 CART_ID = "spiffe://cluster.local/ns/shop/sa/cart"
 PAYMENTS_ID = "spiffe://cluster.local/ns/shop/sa/payments"
-WAYPOINT = {"destination": "shop/waypoint.shop.svc.cluster.local", "hboneMtlsPort": 15008}
+WAYPOINT = Waypoint("10.96.0.50", name="waypoint", namespace="shop")
 
 # Istio's standard TCP labels, in the order Istio documents them.
 ISTIO_TCP_LABELS = (
@@ -51,7 +52,7 @@ def workload(
     protocol: Protocol = Protocol.HBONE,
     labels: Mapping[str, str] | None = None,
     services: Mapping[str, Any] | None = None,
-    waypoint: dict[str, Any] | None = None,
+    waypoint: Waypoint | None = None,
     workload_name: str = "",
     canonical_name: str = "",
     canonical_revision: str = "",
