@@ -30,10 +30,12 @@ import pytest
 import yaml
 
 from agent.datapath import abi
+from agent.identity.spiffe import SpiffeId
 from agent.netns import NetnsWorker
 from lab import agents, control, probes
 from lab.network import LabState
 from lab.topology import load_topology
+from tests.support.stand_in_waypoint import stand_in_waypoint
 
 pytestmark = pytest.mark.kernel
 
@@ -405,3 +407,103 @@ def test_plaintext_from_a_mesh_workloads_address_is_not_its_principal(lab: LabSt
         assert denied() > before  # its SYN was dropped by echo-a's pod_ingress
     finally:
         probes.apply_policies(lab, [], ("node-1", "node-2"))
+
+
+# ---- waypoints: how the node agents route to one (a stand-in waypoint, until issue 13's) --
+
+WAYPOINT_VIP = "10.96.0.50"
+WAYPOINT_HOST = "waypoint.default.svc.cluster.local"
+
+
+def bind_to_waypoint(document: dict[str, Any], *, pod: str | None = None) -> None:
+    """The waypoint's Service (VIP WAYPOINT_VIP, port 15008, its pod behind it), and echo
+    bound to it; with `pod`, that workload bound too (a waypoint for workloads)."""
+    waypoint = {"destination": WAYPOINT_VIP, "name": "waypoint", "namespace": "default"}
+    document["services"].append({"name": "waypoint", "namespace": "default",
+                                 "hostname": WAYPOINT_HOST, "vips": [WAYPOINT_VIP],
+                                 "ports": {15008: 15008}})  # fmt: skip
+    for service in document["services"]:
+        if service["name"] == "echo":
+            service["waypoint"] = waypoint
+    for workload in document["workloads"]:
+        if workload["name"] == "waypoint":
+            workload["services"] = {f"default/{WAYPOINT_HOST}": {15008: 15008}}
+        if workload["name"] == pod:
+            workload["waypoint"] = waypoint
+
+
+@pytest.fixture
+def waypoint(lab: LabState) -> Iterator[Any]:
+    """The stand-in in the waypoint pod, sending everything on to echo-a, and the lab's
+    config put back afterwards."""
+    path = agents.lab_dir(lab.name) / "mesh.yaml"
+    original = path.read_text()
+    echo_a = (ip_of(lab, "echo-a"), APP_PORT)
+    with stand_in_waypoint(probes.pod(lab, "waypoint").netns_path,
+                           agents.lab_dir(lab.name) / "ca", SpiffeId.parse(identity("waypoint")),
+                           lambda authority: echo_a) as stand_in:  # fmt: skip
+        try:
+            yield stand_in
+        finally:
+            since = len(probes.agent_events(lab, "node-1"))
+            partial = path.with_suffix(".partial")
+            partial.write_text(original)
+            partial.replace(path)
+            assert probes.wait_for_event(lab, "node-1", 10, since, event="config reloaded")
+
+
+def reload(lab: LabState, edit: Any) -> None:
+    since = len(probes.agent_events(lab, "node-1"))
+    write_config(lab, edit)
+    assert probes.wait_for_event(lab, "node-1", 10, since, event="config reloaded")
+
+
+def test_a_vip_bound_to_a_waypoint_goes_through_it_with_the_vip_as_authority(
+    lab: LabState, waypoint: Any
+) -> None:
+    reload(lab, bind_to_waypoint)
+    since = len(probes.agent_events(lab, "node-1"))
+    exchange = call(lab, vip("echo"))
+    # The waypoint relayed it: the app saw the waypoint pod's address.
+    assert exchange.server_saw.split(":")[0] == ip_of(lab, "waypoint")
+    assert [(t.authority, t.peer and t.peer.uri) for t in waypoint.tunnels] == [
+        (f"{vip('echo')}:80", identity("client"))  # the original client, verified
+    ]
+    line = completed(lab, "node-1", exchange.client, since)
+    assert (line["route"], line["dst.waypoint"]) == ("hbone", "default/waypoint")
+    assert line["dst.hbone_addr"] == f"{ip_of(lab, 'waypoint')}:15008"
+    assert line["dst.identity"] == identity("waypoint")  # checked by the client's agent
+    assert (line["dst.service"], line["dataplane_mode"]) == (ECHO_HOST, "ambient-waypoint")
+
+
+def test_a_pod_bound_to_a_waypoint_is_reached_through_it_with_its_own_address(
+    lab: LabState, waypoint: Any
+) -> None:
+    reload(lab, lambda document: bind_to_waypoint(document, pod="echo-b"))
+    echo_b = f"{ip_of(lab, 'echo-b')}:{APP_PORT}"
+    call(lab, ip_of(lab, "echo-b"), APP_PORT)
+    assert [t.authority for t in waypoint.tunnels] == [echo_b]
+
+
+def test_a_waypoint_that_is_not_ready_is_skipped_logged_and_counted(
+    lab: LabState, waypoint: Any
+) -> None:
+    def unready(document: dict[str, Any]) -> None:
+        bind_to_waypoint(document)
+        for workload in document["workloads"]:
+            if workload["name"] == "waypoint":
+                workload["status"] = "Unhealthy"
+
+    reload(lab, unready)
+    skipped = {"waypoint": "default/waypoint"}
+    before = metric(lab, "node-1", "ambient_waypoint_skipped_total", **skipped)
+    since = len(probes.agent_events(lab, "node-1"))
+    exchange = call(lab, vip("echo"))
+    assert waypoint.tunnels == []  # went direct, to an endpoint
+    assert exchange.server_saw.split(":")[0] == ip_of(lab, "client")
+    assert metric(lab, "node-1", "ambient_waypoint_skipped_total", **skipped) == before + 1
+    event = "waypoint not ready: connection goes direct, without L7"
+    warned = probes.wait_for_event(
+        lab, "node-1", 5, since, waypoint="default/waypoint", event=event
+    )
+    assert warned is not None
