@@ -137,6 +137,7 @@ class NodeAgent:
         status.refusals = proxy.hbone_refusals
         status.vip_refusals = proxy.vip_refusals
         status.waypoint_skips = proxy.waypoint_skipped
+        status.bypasses = proxy.waypoint_bypasses.counts
         status.dns_counts = proxy.dns_counts
         undo("HBONE client pool", proxy.close)
         enroller = status.enroller = PodEnroller(

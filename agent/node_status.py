@@ -52,6 +52,7 @@ class NodeStatus:
         self.vip_refusals: Counter[str] | None = None
         self.dns_counts: Counter[str] | None = None
         self.waypoint_skips: Counter[str] | None = None
+        self.bypasses: Counter[tuple[str, str]] | None = None
 
     def not_ready(self) -> list[str]:
         """Empty when ready: config loaded, programs loaded, every wanted pod enrolled (its
@@ -138,6 +139,9 @@ class NodeStatus:
 
     def waypoint_skipped(self) -> dict[str, int]:
         return dict(self.waypoint_skips) if self.waypoint_skips is not None else {}
+
+    def waypoint_bypasses(self) -> dict[tuple[str, str], int]:
+        return dict(self.bypasses) if self.bypasses is not None else {}
 
     def dns_requests(self) -> dict[str, int]:
         return dict(self.dns_counts) if self.dns_counts is not None else {}

@@ -45,6 +45,7 @@ class AgentMetricsSource(Protocol):
     def outbound_refusals(self) -> dict[str, int]: ...
     def dns_requests(self) -> dict[str, int]: ...
     def waypoint_skipped(self) -> dict[str, int]: ...
+    def waypoint_bypasses(self) -> dict[tuple[str, str], int]: ...
 
 
 class AgentCollector(Collector):
@@ -171,6 +172,15 @@ class AgentCollector(Collector):
         for waypoint, count in sorted(self._source.waypoint_skipped().items()):
             skipped.add_metric([waypoint], count)
         yield skipped
+        bypasses = CounterMetricFamily(
+            "ambient_waypoint_bypass",
+            "Connections that reached a waypoint-bound pod without passing its waypoint (so "
+            "without L7 policy): plaintext, or HBONE from a peer that is not the waypoint.",
+            labels=["waypoint", "transport"],
+        )
+        for (waypoint, transport), count in sorted(self._source.waypoint_bypasses().items()):
+            bypasses.add_metric([waypoint, transport], count)
+        yield bypasses
         yield CounterMetricFamily(
             "ambient_reconcile_failures",
             "Reconciles that failed, leaving the state not fully in force until a retry "

@@ -13,6 +13,7 @@ from agent.proxy import report
 from agent.proxy.live_inbound import LiveInbound
 from agent.proxy.pod import Pod, identity_of, plain_upstream
 from agent.proxy.relay import SocketStream, reset
+from agent.proxy.waypoint_bypass import WaypointBypasses
 from agent.state.store import StateStore
 from agent.telemetry.connections import ConnectionTelemetry, PolicyVerdict
 from agent.telemetry.istio_labels import Reporter, dataplane_mode
@@ -20,9 +21,14 @@ from agent.telemetry.istio_labels import Reporter, dataplane_mode
 
 class InboundPlaintext:
     def __init__(
-        self, store: StateStore, telemetry: ConnectionTelemetry, live: LiveInbound
+        self,
+        store: StateStore,
+        telemetry: ConnectionTelemetry,
+        live: LiveInbound,
+        bypasses: WaypointBypasses,
     ) -> None:
         self._store = store
+        self._bypasses = bypasses
         self._telemetry = telemetry
         self._live = live
 
@@ -37,6 +43,7 @@ class InboundPlaintext:
             state, Reporter.DESTINATION, False, (report.address(src), source, None),
             (report.address(dst), dst[1], pod.workload, identity_of(pod.workload).uri),
         ))  # fmt: skip
+        self._bypasses.check(state, pod.workload, None, "plaintext", report.address(src))
         verdict = PolicyVerdict("allow")
         try:
             upstream = await plain_upstream(pod.worker, dst, src[0])

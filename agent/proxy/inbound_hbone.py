@@ -23,6 +23,7 @@ from agent.proxy.live_inbound import LiveInbound
 from agent.proxy.pod import CONNECT_TIMEOUT, Pod, identity_of
 from agent.proxy.relay import SocketStream
 from agent.proxy.tls_contexts import TlsContexts
+from agent.proxy.waypoint_bypass import WaypointBypasses
 from agent.state.store import StateStore
 from agent.telemetry.connections import ConnectionReport, ConnectionTelemetry, PolicyVerdict
 from agent.telemetry.events import socket_cookie
@@ -37,8 +38,10 @@ class InboundHbone:
         authorizer: PolicyEngine | None,
         telemetry: ConnectionTelemetry,
         live: LiveInbound,
+        bypasses: WaypointBypasses,
     ) -> None:
         self._store = store
+        self._bypasses = bypasses
         self._contexts = contexts
         self._authorizer = authorizer
         self._telemetry = telemetry
@@ -87,6 +90,8 @@ class InboundHbone:
             return
         if stream.was_reset:
             return  # reset by the peer before its turn (rapid reset): no app connection
+        self._bypasses.check(state, pod.workload, peer_id if isinstance(peer_id, SpiffeId)
+                             else None, "hbone", client)  # fmt: skip
         up = await pod.worker.run(sockets.upstream, (client_ip, 0))
         try:
             if self._authorizer is not None and isinstance(peer_id, SpiffeId):

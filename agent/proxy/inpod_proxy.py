@@ -39,6 +39,7 @@ from agent.proxy.pod import Pod, identity_of
 from agent.proxy.pod_dns import MeshNamesCache, PodDns
 from agent.proxy.relay import reset
 from agent.proxy.tls_contexts import TlsContexts
+from agent.proxy.waypoint_bypass import WaypointBypasses
 from agent.state.store import StateStore
 from agent.telemetry.connections import ConnectionTelemetry
 from agent.telemetry.events import socket_cookie
@@ -76,9 +77,10 @@ class InPodProxy:
         self._budget = MemoryBudget()
         self._outbound = Outbound(store, self._contexts, telemetry, self._pods_by_ip.get,
                                   self.hbone_refusals, self._budget, self._dns.get)  # fmt: skip
-        self._inbound = InboundPlaintext(store, telemetry, self._live)
+        self.waypoint_bypasses = WaypointBypasses()
+        self._inbound = InboundPlaintext(store, telemetry, self._live, self.waypoint_bypasses)
         self._inbound_hbone = InboundHbone(store, self._contexts, authorizer, telemetry,
-                                           self._live)  # fmt: skip
+                                           self._live, self.waypoint_bypasses)  # fmt: skip
 
     @property
     def vip_refusals(self) -> collections.Counter[str]:

@@ -507,3 +507,22 @@ def test_a_waypoint_that_is_not_ready_is_skipped_logged_and_counted(
         lab, "node-1", 5, since, waypoint="default/waypoint", event=event
     )
     assert warned is not None
+
+
+def test_connections_around_a_bound_waypoint_are_counted_as_bypasses(
+    lab: LabState, waypoint: Any
+) -> None:
+    """Deep guide lab 2: echo's pods reached directly (pod-addressed HBONE from a mesh pod,
+    plaintext from outside the mesh) never see the waypoint: each is counted where it lands."""
+    reload(lab, bind_to_waypoint)
+
+    def bypasses(node: str, transport: str) -> float:
+        return metric(lab, node, "ambient_waypoint_bypass_total", waypoint="default/waypoint",
+                      transport=transport)  # fmt: skip
+
+    hbone, plaintext = bypasses("node-1", "hbone"), bypasses("node-2", "plaintext")
+    call(lab, ip_of(lab, "echo-a"), APP_PORT)  # a pod address: service waypoints skip it
+    probes.talk(probes.pod(lab, "legacy").netns_path, ip_of(lab, "echo-b"), APP_PORT, "hi")
+    assert waypoint.tunnels == []
+    assert bypasses("node-1", "hbone") == hbone + 1
+    assert bypasses("node-2", "plaintext") == plaintext + 1

@@ -1,0 +1,77 @@
+"""Connections that reach a waypoint-bound destination without passing its waypoint.
+
+The deep guide's §20 (and lab 2): L7 policy lives at the waypoint, so a connection that goes
+around it (plaintext from outside the mesh, a pod-addressed call to a Service's pod, HBONE
+from a source that ignores the binding) is never judged at L7. ztunnel lets such traffic in
+unless an L4 policy admits only the waypoint's service account; this agent lets it in too,
+and makes it visible: each one is logged and counted at the destination.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import structlog
+
+from agent.identity.spiffe import SpiffeId
+from agent.proxy.pod import identity_of
+from agent.state.store import MeshState
+from agent.state.waypoint import Waypoint
+from agent.state.workload import Workload
+
+log = structlog.get_logger("agent.proxy")
+
+
+def guarding_waypoint(state: MeshState, destination: Workload) -> Waypoint | None:
+    """The waypoint traffic to `destination` should come through: its own, else the first
+    of its Services'."""
+    if destination.waypoint is not None:
+        return destination.waypoint
+    for key in destination.services:
+        service = state.service(key)
+        if service is not None and service.waypoint is not None:
+            return service.waypoint
+    return None
+
+
+def waypoint_identities(state: MeshState, waypoint: Waypoint) -> set[SpiffeId]:
+    """The identities of the waypoint's pods: the Service at its address, or the pod."""
+    service = state.service_at_vip(waypoint.address) if waypoint.address else None
+    if service is not None:
+        pods: tuple[Workload, ...] = state.workloads_of_service(service)
+    else:
+        at_address = state.workload_by_ip(waypoint.address) if waypoint.address else None
+        pods = (at_address,) if at_address is not None else ()
+    return {identity_of(pod) for pod in pods}
+
+
+class WaypointBypasses:
+    """Counts, by (waypoint, transport), for /metrics."""
+
+    def __init__(self) -> None:
+        self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
+
+    def check(
+        self,
+        state: MeshState,
+        destination: Workload,
+        peer: SpiffeId | None,
+        transport: str,
+        client: str,
+    ) -> None:
+        """Note the connection if it went around the destination's waypoint: plaintext, or
+        HBONE from a peer that is not one of the waypoint's pods."""
+        waypoint = guarding_waypoint(state, destination)
+        if waypoint is None:
+            return
+        if peer is not None and peer in waypoint_identities(state, waypoint):
+            return
+        self.counts[(waypoint.key, transport)] += 1
+        log.warning(
+            "waypoint bypassed: connection reached its destination without L7",
+            waypoint=waypoint.key,
+            transport=transport,
+            pod=destination.key,
+            peer=peer.uri if peer is not None else None,
+            **{"src.addr": client},
+        )
