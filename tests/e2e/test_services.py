@@ -206,15 +206,35 @@ def write_config(lab: LabState, edit: Any) -> None:
     partial.replace(path)
 
 
+def reload(lab: LabState, edit: Any) -> None:
+    """Edit the lab's config as a user would and wait until node-1's agent took it."""
+    since = len(probes.agent_events(lab, "node-1"))
+    write_config(lab, edit)
+    assert probes.wait_for_event(lab, "node-1", 10, since, event="config reloaded")
+
+
+@contextlib.contextmanager
+def restored_config(lab: LabState) -> Iterator[None]:
+    """The lab's config put back as it was at the start, after the block."""
+    original = yaml.safe_load((agents.lab_dir(lab.name) / "mesh.yaml").read_text())
+
+    def put_back(document: dict[str, Any]) -> None:
+        document.clear()
+        document.update(original)
+
+    try:
+        yield
+    finally:
+        reload(lab, put_back)
+
+
 def set_status(lab: LabState, pod: str, status: str) -> None:
     def edit(document: dict[str, Any]) -> None:
         for workload in document["workloads"]:
             if workload["name"] == pod:
                 workload["status"] = status
 
-    since = len(probes.agent_events(lab, "node-1"))
-    write_config(lab, edit)
-    assert probes.wait_for_event(lab, "node-1", 10, since, event="config reloaded") is not None
+    reload(lab, edit)
 
 
 class Held:
@@ -262,8 +282,6 @@ def test_a_service_added_to_the_config_is_routed_and_named_without_a_restart(
     lab: LabState,
 ) -> None:
     added_vip, hostname = "10.96.0.30", "echo2.default.svc.cluster.local"
-    path = agents.lab_dir(lab.name) / "mesh.yaml"
-    original = path.read_text()
 
     def add(document: dict[str, Any]) -> None:
         document["services"].append({"name": "echo2", "namespace": "default",
@@ -273,19 +291,11 @@ def test_a_service_added_to_the_config_is_routed_and_named_without_a_restart(
             if workload["name"] == "echo-b":
                 workload["services"][f"default/{hostname}"] = {80: APP_PORT}
 
-    since = len(probes.agent_events(lab, "node-1"))
-    write_config(lab, add)
-    try:
-        assert probes.wait_for_event(lab, "node-1", 10, since, event="config reloaded")
+    with restored_config(lab):
+        reload(lab, add)
         (rrset,) = ask(lab, dns.message.make_query(hostname, "A")).answer
         assert [r.address for r in rrset] == [added_vip]
         assert served_by(call(lab, added_vip)) == f"{ip_of(lab, 'echo-b')}:{APP_PORT}"
-    finally:
-        since = len(probes.agent_events(lab, "node-1"))
-        partial = path.with_suffix(".partial")
-        partial.write_text(original)
-        partial.replace(path)
-        assert probes.wait_for_event(lab, "node-1", 10, since, event="config reloaded")
     reply = ask(lab, dns.message.make_query(hostname, "A"))
     assert reply.rcode() == dns.rcode.NXDOMAIN  # and gone again
 
@@ -436,26 +446,14 @@ def bind_to_waypoint(document: dict[str, Any], *, pod: str | None = None) -> Non
 def waypoint(lab: LabState) -> Iterator[Any]:
     """The stand-in in the waypoint pod, sending everything on to echo-a, and the lab's
     config put back afterwards."""
-    path = agents.lab_dir(lab.name) / "mesh.yaml"
-    original = path.read_text()
     echo_a = (ip_of(lab, "echo-a"), APP_PORT)
-    with stand_in_waypoint(probes.pod(lab, "waypoint").netns_path,
-                           agents.lab_dir(lab.name) / "ca", SpiffeId.parse(identity("waypoint")),
-                           lambda authority: echo_a) as stand_in:  # fmt: skip
-        try:
-            yield stand_in
-        finally:
-            since = len(probes.agent_events(lab, "node-1"))
-            partial = path.with_suffix(".partial")
-            partial.write_text(original)
-            partial.replace(path)
-            assert probes.wait_for_event(lab, "node-1", 10, since, event="config reloaded")
-
-
-def reload(lab: LabState, edit: Any) -> None:
-    since = len(probes.agent_events(lab, "node-1"))
-    write_config(lab, edit)
-    assert probes.wait_for_event(lab, "node-1", 10, since, event="config reloaded")
+    with (
+        restored_config(lab),
+        stand_in_waypoint(probes.pod(lab, "waypoint").netns_path,
+                          agents.lab_dir(lab.name) / "ca", SpiffeId.parse(identity("waypoint")),
+                          lambda authority: echo_a) as stand_in,
+    ):  # fmt: skip
+        yield stand_in
 
 
 def test_a_vip_bound_to_a_waypoint_goes_through_it_with_the_vip_as_authority(
