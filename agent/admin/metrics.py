@@ -6,7 +6,7 @@ whose byte counts are the kernel's sockops records. The same collector feeds OTL
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Protocol
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -135,52 +135,37 @@ class AgentCollector(Collector):
             "ambient_programs_loaded", "eBPF programs loaded and pinned by the agent.",
             value=self._source.programs_loaded(),
         )  # fmt: skip
-        refusals = CounterMetricFamily(
+        yield _by_label(
             "ambient_hbone_refusals",
             "HBONE connections and requests refused, by reason (bad_request, no_alpn_h2, "
             "peer_identity, header_block_too_large, reset_flood, control_frame_flood, "
             "peer_not_reading, protocol_error).",
-            labels=["reason"],
-        )
-        for reason, count in sorted(self._source.hbone_refusals().items()):
-            refusals.add_metric([reason], count)
-        yield refusals
-        outbound = CounterMetricFamily(
+            ["reason"], self._source.hbone_refusals(),
+        )  # fmt: skip
+        yield _by_label(
             "ambient_outbound_refusals",
             "Outbound connections to a Service VIP refused before any upstream was tried, by "
             "reason (no_ready_endpoint, unknown_service_port).",
-            labels=["reason"],
-        )
-        for reason, count in sorted(self._source.outbound_refusals().items()):
-            outbound.add_metric([reason], count)
-        yield outbound
-        dns = CounterMetricFamily(
+            ["reason"], self._source.outbound_refusals(),
+        )  # fmt: skip
+        yield _by_label(
             "ambient_dns_requests",
             "DNS queries of enrolled pods the agent took, by outcome (answered, nodata, "
             "nxdomain, forwarded, forward_failed, formerr, malformed, ...).",
-            labels=["reason"],
-        )
-        for reason, count in sorted(self._source.dns_requests().items()):
-            dns.add_metric([reason], count)
-        yield dns
-        skipped = CounterMetricFamily(
+            ["reason"], self._source.dns_requests(),
+        )  # fmt: skip
+        yield _by_label(
             "ambient_waypoint_skipped",
             "Connections bound to a waypoint that went direct, without L7, because the "
             "waypoint was not ready (no address, or no ready pod), by waypoint.",
-            labels=["waypoint"],
-        )
-        for waypoint, count in sorted(self._source.waypoint_skipped().items()):
-            skipped.add_metric([waypoint], count)
-        yield skipped
-        bypasses = CounterMetricFamily(
+            ["waypoint"], self._source.waypoint_skipped(),
+        )  # fmt: skip
+        yield _by_label(
             "ambient_waypoint_bypass",
             "Connections that reached a waypoint-bound pod without passing its waypoint (so "
             "without L7 policy): plaintext, or HBONE from a peer that is not the waypoint.",
-            labels=["waypoint", "transport"],
-        )
-        for (waypoint, transport), count in sorted(self._source.waypoint_bypasses().items()):
-            bypasses.add_metric([waypoint, transport], count)
-        yield bypasses
+            ["waypoint", "transport"], self._source.waypoint_bypasses(),
+        )  # fmt: skip
         yield CounterMetricFamily(
             "ambient_reconcile_failures",
             "Reconciles that failed, leaving the state not fully in force until a retry "
@@ -195,3 +180,17 @@ class AgentCollector(Collector):
         for cert in self._source.certificates():
             expiry.add_metric([cert.identity.uri], cert.not_after.timestamp())
         yield expiry
+
+
+def _by_label(
+    name: str,
+    documentation: str,
+    labels: list[str],
+    counts: Mapping[str, int] | Mapping[tuple[str, str], int],
+) -> CounterMetricFamily:
+    """A counter family from counts keyed by one label value, or a tuple of them."""
+    family = CounterMetricFamily(name, documentation, labels=labels)
+    for key, count in sorted(counts.items()):
+        values: list[str] = [key] if isinstance(key, str) else list(key)
+        family.add_metric(values, count)
+    return family
