@@ -21,7 +21,7 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"state"}),  # plain data: workloads, services, policies, the snapshot store
     frozenset({"sources", "datapath"}),  # what feeds the state; the kernel side
     frozenset({"inpod", "policy", "telemetry", "dns", "config"}),  # pods, kernel maps, counts
-    frozenset({"proxy", "admin"}),  # the in-pod proxy; the admin ports
+    frozenset({"proxy", "admin", "waypoint"}),  # the in-pod proxy; the admin ports; the waypoint
     frozenset({"reconcile"}),  # pods as the state wants them, CNI answers
     frozenset({"node_status"}),  # what the admin ports show of the agent
     frozenset({"app"}),  # the one place that wires it all
