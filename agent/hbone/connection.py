@@ -27,6 +27,7 @@ from agent.hbone import protocol as p
 log = structlog.get_logger("agent.hbone")
 
 PING_INTERVAL = 10.0
+NO_ERROR = int(h2.errors.ErrorCodes.NO_ERROR)
 PING_TIMEOUT = 20.0
 
 
@@ -134,10 +135,14 @@ class HboneStream:
     async def read(self) -> bytes:
         """The next chunk; b"" once the peer half-closed. ConnectionResetError on reset."""
         while not self._chunks:
+            # What the peer sent before END_STREAM, or before a RST_STREAM(NO_ERROR), is
+            # complete: Envoy ends a tunnel whose upstream closed with NO_ERROR, after the
+            # data and sometimes without END_STREAM (seen with 1.40 as a waypoint), and a
+            # reset after END_STREAM takes nothing back. Any other reset is an abort.
+            if self._peer_eof or self._reset_code == NO_ERROR:
+                return b""
             if self._reset_code is not None:
                 raise self._reset_error()
-            if self._peer_eof:
-                return b""
             self._readable.clear()
             await self._readable.wait()
         data, flow_length = self._chunks.popleft()
@@ -317,7 +322,9 @@ class HboneConnection(asyncio.Protocol):
             stream._on_peer_eof()
         elif isinstance(event, p.StreamReset):
             stream._on_reset(event.error_code)
-            self.stream_finished(stream)
+            # After NO_ERROR what arrived is the peer's complete data: its reader still gets
+            # it (and gives the windows and the budget back as it reads).
+            self._forget_stream(stream.stream_id, keep_unread=event.error_code == NO_ERROR)
         elif isinstance(event, p.WindowOpened):
             stream._on_window()
 
@@ -405,16 +412,22 @@ class HboneConnection(asyncio.Protocol):
     def stream_finished(self, stream: HboneStream) -> None:
         """The owner is done with the stream (both directions over or abandoned)."""
         self._forget_stream(stream.stream_id)
+        self._drain(stream)
 
-    def _forget_stream(self, stream_id: int) -> None:
+    def _forget_stream(self, stream_id: int, keep_unread: bool = False) -> None:
         stream = self._streams.pop(stream_id, None)
         if stream is None:
             return
-        # What it received and nobody will read: the windows and the budget get it back.
+        if not keep_unread:
+            self._drain(stream)
+        self._mark_idle()
+
+    def _drain(self, stream: HboneStream) -> None:
+        """What the stream received and nobody will read: the windows and the budget get
+        it back."""
         while stream._chunks:
             _, flow_length = stream._chunks.popleft()
-            self.consumed(stream_id, flow_length)
-        self._mark_idle()
+            self.consumed(stream.stream_id, flow_length)
 
     # server side
     def accept(self, stream: HboneStream) -> None:

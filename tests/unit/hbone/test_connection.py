@@ -9,6 +9,7 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
+import h2.errors
 import pytest
 
 from agent.hbone import protocol as p
@@ -130,6 +131,51 @@ def test_peer_reset_reaches_the_reader() -> None:
     async def main() -> None:
         async with hbone_pair(reset) as client:
             stream = await client.open_tunnel("10.0.0.2:80", {})
+            with pytest.raises(ConnectionResetError):
+                await asyncio.wait_for(stream.read(), 5)
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("end_stream", [False, True], ids=["data-then-reset", "end-then-reset"])
+def test_a_no_error_reset_after_the_data_is_a_clean_end(end_stream: bool) -> None:
+    """Envoy as a waypoint ends a tunnel whose upstream closed with RST_STREAM(NO_ERROR)
+    right after the data, with or without END_STREAM first: the reader gets every byte,
+    then EOF, even when it reads only after the reset arrived."""
+
+    async def respond(stream: HboneStream, r: p.TunnelRequested, c: HboneConnection) -> None:
+        c.accept(stream)
+        await stream.write(b"the whole response")
+        if end_stream:
+            stream.write_eof()
+        c.proto.reset_stream(stream.stream_id, h2.errors.ErrorCodes.NO_ERROR)
+        c._flush()
+
+    async def main() -> None:
+        async with hbone_pair(respond) as client:
+            stream = await client.open_tunnel("10.0.0.2:80", {})
+            await asyncio.sleep(0.2)  # the reset is in before the first read
+            assert stream.was_reset
+            received = b""
+            while chunk := await asyncio.wait_for(stream.read(), 5):
+                received += chunk
+            assert received == b"the whole response"
+            stream.close()
+            assert client.active_streams == 0
+
+    asyncio.run(main())
+
+
+def test_another_reset_after_the_data_is_an_abort() -> None:
+    async def respond(stream: HboneStream, r: p.TunnelRequested, c: HboneConnection) -> None:
+        c.accept(stream)
+        await stream.write(b"partial")
+        stream.reset()  # CANCEL
+
+    async def main() -> None:
+        async with hbone_pair(respond) as client:
+            stream = await client.open_tunnel("10.0.0.2:80", {})
+            await asyncio.sleep(0.2)
             with pytest.raises(ConnectionResetError):
                 await asyncio.wait_for(stream.read(), 5)
 
