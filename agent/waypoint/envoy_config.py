@@ -11,6 +11,8 @@ The shape is istiod's for waypoints (../shared/brief/waypoint.md), in three list
   chain of the Service VIP:port it names. Each chain carries the connection (TCP for now;
   HTTP routes and L7 policy come with the waypoint process, issue 13) to the service's
   cluster, whose endpoints are internal addresses carrying the picked pod's IP:targetPort.
+  A pod bound to the waypoint itself gets a chain on its address that tunnels straight on
+  to the address asked (HBONE to its 15008, `:authority` podIP:port).
 - `connect_originate`: restores that pod address (original_dst, from the endpoint's
   metadata) and tunnels to it over HBONE: `podIP:15008` with `:authority` podIP:targetPort,
   mTLS with the waypoint's own certificate.
@@ -127,7 +129,29 @@ def _tcp_proxy(stat_prefix: str, cluster: str, **extra: Any) -> JsonObject:
     }
 
 
-def _connect_terminate(identity: WaypointIdentity) -> JsonObject:
+def _access_log(path: Path) -> list[JsonObject]:
+    """One JSON line per tunnel: what it asked for and who asked, as Envoy saw them."""
+    fields = {
+        "authority": "%REQ(:AUTHORITY)%",
+        "peer": "%DOWNSTREAM_PEER_URI_SAN%",
+        "downstream": "%DOWNSTREAM_REMOTE_ADDRESS%",
+        "status": "%RESPONSE_CODE%",
+        "flags": "%RESPONSE_FLAGS%",
+        "start": "%START_TIME%",
+    }
+    return [
+        {
+            "name": "envoy.access_loggers.file",
+            "typed_config": _any(
+                "envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                path=str(path),
+                log_format={"json_format": fields},
+            ),
+        }
+    ]
+
+
+def _connect_terminate(identity: WaypointIdentity, access_log: Path | None) -> JsonObject:
     hcm = _any(
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         stat_prefix="connect_terminate",
@@ -172,6 +196,7 @@ def _connect_terminate(identity: WaypointIdentity) -> JsonObject:
                 "typed_config": _any("envoy.extensions.filters.http.router.v3.Router"),
             },
         ],
+        **({"access_log": _access_log(access_log)} if access_log is not None else {}),
     )
     downstream_tls = _any(
         "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
@@ -273,9 +298,15 @@ def _service_cluster(name: str, pods: Iterable[tuple[str, int]]) -> JsonObject:
     }
 
 
-def render(state: MeshState, gateway: str, identity: WaypointIdentity) -> JsonObject:
+def render(
+    state: MeshState,
+    gateway: str,
+    identity: WaypointIdentity,
+    access_log: Path | None = None,
+) -> JsonObject:
     """The bootstrap (static resources, no admin) for the waypoint `gateway` ("ns/name"):
-    a chain and a cluster per port of every Service bound to it."""
+    a chain and a cluster per port of every Service bound to it, and a chain per workload
+    bound to it (pod-addressed traffic, tunnelled on to the address it asked for)."""
     chains: list[JsonObject] = []
     clusters: list[JsonObject] = [
         {
@@ -321,6 +352,29 @@ def render(state: MeshState, gateway: str, identity: WaypointIdentity) -> JsonOb
                     "filters": [_tcp_proxy(name, name)],
                 }
             )
+    for workload in sorted(state.workloads, key=lambda w: w.uid):
+        if workload.waypoint is None or workload.waypoint.key != gateway or not workload.ips:
+            continue
+        chains.append(
+            {
+                "name": f"direct-tcp|{workload.key}",
+                "filter_chain_match": {
+                    "prefix_ranges": [
+                        {"address_prefix": ip, "prefix_len": 128 if ":" in ip else 32}
+                        for ip in workload.ips
+                    ]
+                },
+                # The local address main_internal restored is the pod's own ip:port: the
+                # original_dst cluster dials its 15008 with that as the authority.
+                "filters": [
+                    _tcp_proxy(
+                        "direct-tcp",
+                        "connect_originate",
+                        tunneling_config={"hostname": "%DOWNSTREAM_LOCAL_ADDRESS%"},
+                    )
+                ],
+            }
+        )
     return {
         "bootstrap_extensions": [
             {
@@ -332,7 +386,7 @@ def render(state: MeshState, gateway: str, identity: WaypointIdentity) -> JsonOb
         ],
         "static_resources": {
             "listeners": [
-                _connect_terminate(identity),
+                _connect_terminate(identity, access_log),
                 _main_internal(chains),
                 _connect_originate(),
             ],

@@ -30,12 +30,11 @@ import pytest
 import yaml
 
 from agent.datapath import abi
-from agent.identity.spiffe import SpiffeId
 from agent.netns import NetnsWorker
 from lab import agents, control, probes
 from lab.network import LabState
 from lab.topology import load_topology
-from tests.support.stand_in_waypoint import stand_in_waypoint
+from tests.support.lab_waypoint import LabWaypoint, envoy_waypoint
 
 pytestmark = pytest.mark.kernel
 
@@ -419,15 +418,16 @@ def test_plaintext_from_a_mesh_workloads_address_is_not_its_principal(lab: LabSt
         probes.apply_policies(lab, [], ("node-1", "node-2"))
 
 
-# ---- waypoints: how the node agents route to one (a stand-in waypoint, until issue 13's) --
+# ---- waypoints: how the node agents route to one (a real Envoy with the waypoint's config,
+# until issue 13's waypoint process runs it) ----------------------------------------------
 
 WAYPOINT_VIP = "10.96.0.50"
 WAYPOINT_HOST = "waypoint.default.svc.cluster.local"
 
 
-def bind_to_waypoint(document: dict[str, Any], *, pod: str | None = None) -> None:
-    """The waypoint's Service (VIP WAYPOINT_VIP, port 15008, its pod behind it), and echo
-    bound to it; with `pod`, that workload bound too (a waypoint for workloads)."""
+def bind_to_waypoint(document: dict[str, Any]) -> None:
+    """The waypoint's Service (VIP WAYPOINT_VIP, port 15008, its pod behind it); echo bound
+    to it (for services) and echo-b too (for workloads)."""
     waypoint = {"destination": WAYPOINT_VIP, "name": "waypoint", "namespace": "default"}
     document["services"].append({"name": "waypoint", "namespace": "default",
                                  "hostname": WAYPOINT_HOST, "vips": [WAYPOINT_VIP],
@@ -438,81 +438,83 @@ def bind_to_waypoint(document: dict[str, Any], *, pod: str | None = None) -> Non
     for workload in document["workloads"]:
         if workload["name"] == "waypoint":
             workload["services"] = {f"default/{WAYPOINT_HOST}": {15008: 15008}}
-        if workload["name"] == pod:
+        if workload["name"] == "echo-b":
             workload["waypoint"] = waypoint
 
 
 @pytest.fixture
-def waypoint(lab: LabState) -> Iterator[Any]:
-    """The stand-in in the waypoint pod, sending everything on to echo-a, and the lab's
-    config put back afterwards."""
-    echo_a = (ip_of(lab, "echo-a"), APP_PORT)
-    with (
-        restored_config(lab),
-        stand_in_waypoint(probes.pod(lab, "waypoint").netns_path,
-                          agents.lab_dir(lab.name) / "ca", SpiffeId.parse(identity("waypoint")),
-                          lambda authority: echo_a) as stand_in,
-    ):  # fmt: skip
-        yield stand_in
+def waypoint(lab: LabState) -> Iterator[LabWaypoint]:
+    """The bindings in the lab's config and Envoy in the waypoint pod, both undone after."""
+    with restored_config(lab):
+        reload(lab, bind_to_waypoint)
+        with envoy_waypoint(lab, "waypoint", "default/waypoint") as envoy:
+            yield envoy
+
+
+def through_envoy(waypoint: LabWaypoint, count: int) -> list[tuple[str, str]]:
+    deadline = time.monotonic() + 5  # Envoy writes its access log every 100 ms
+    while len(tunnels := waypoint.tunnels()) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [(t.authority, t.peer) for t in tunnels]
 
 
 def test_a_vip_bound_to_a_waypoint_goes_through_it_with_the_vip_as_authority(
-    lab: LabState, waypoint: Any
+    lab: LabState, waypoint: LabWaypoint
 ) -> None:
-    reload(lab, bind_to_waypoint)
     since = len(probes.agent_events(lab, "node-1"))
-    exchange = call(lab, vip("echo"))
-    # The waypoint relayed it: the app saw the waypoint pod's address.
-    assert exchange.server_saw.split(":")[0] == ip_of(lab, "waypoint")
-    assert [(t.authority, t.peer and t.peer.uri) for t in waypoint.tunnels] == [
-        (f"{vip('echo')}:80", identity("client"))  # the original client, verified
-    ]
-    line = completed(lab, "node-1", exchange.client, since)
+    exchanges = [call(lab, vip("echo")) for _ in range(4)]
+    # Envoy relayed them (the apps saw it come from the waypoint pod, over HBONE from there),
+    # balancing over both endpoints; it saw the VIP as authority and the original client.
+    assert {e.server_saw.split(":")[0] for e in exchanges} == {ip_of(lab, "waypoint")}
+    assert {served_by(e) for e in exchanges} == {f"{ip_of(lab, p)}:{APP_PORT}"
+                                                 for p in ("echo-a", "echo-b")}  # fmt: skip
+    assert through_envoy(waypoint, 4) == [(f"{vip('echo')}:80", identity("client"))] * 4
+    line = completed(lab, "node-1", exchanges[0].client, since)
     assert (line["route"], line["dst.waypoint"]) == ("hbone", "default/waypoint")
     assert line["dst.hbone_addr"] == f"{ip_of(lab, 'waypoint')}:15008"
     assert line["dst.identity"] == identity("waypoint")  # checked by the client's agent
     assert (line["dst.service"], line["dataplane_mode"]) == (ECHO_HOST, "ambient-waypoint")
+    # The endpoint's agent took HBONE from the waypoint and verified its identity.
+    from_waypoint = {"direction": "inbound", "src__identity": identity("waypoint")}
+    inbound = probes.wait_for_event(
+        lab, "node-1", 5, since, event="connection complete", **from_waypoint
+    )
+    assert inbound is not None and inbound["dst.workload"] == "echo-a"
 
 
 def test_a_pod_bound_to_a_waypoint_is_reached_through_it_with_its_own_address(
-    lab: LabState, waypoint: Any
+    lab: LabState, waypoint: LabWaypoint
 ) -> None:
-    reload(lab, lambda document: bind_to_waypoint(document, pod="echo-b"))
     echo_b = f"{ip_of(lab, 'echo-b')}:{APP_PORT}"
-    call(lab, ip_of(lab, "echo-b"), APP_PORT)
-    assert [t.authority for t in waypoint.tunnels] == [echo_b]
+    exchange = call(lab, ip_of(lab, "echo-b"), APP_PORT)
+    assert served_by(exchange) == echo_b
+    assert exchange.server_saw.split(":")[0] == ip_of(lab, "waypoint")
+    assert through_envoy(waypoint, 1) == [(echo_b, identity("client"))]
 
 
 def test_a_waypoint_that_is_not_ready_is_skipped_logged_and_counted(
-    lab: LabState, waypoint: Any
+    lab: LabState, waypoint: LabWaypoint
 ) -> None:
-    def unready(document: dict[str, Any]) -> None:
-        bind_to_waypoint(document)
-        for workload in document["workloads"]:
-            if workload["name"] == "waypoint":
-                workload["status"] = "Unhealthy"
-
-    reload(lab, unready)
+    set_status(lab, "waypoint", "Unhealthy")
     skipped = {"waypoint": "default/waypoint"}
     before = metric(lab, "node-1", "ambient_waypoint_skipped_total", **skipped)
     since = len(probes.agent_events(lab, "node-1"))
     exchange = call(lab, vip("echo"))
-    assert waypoint.tunnels == []  # went direct, to an endpoint
-    assert exchange.server_saw.split(":")[0] == ip_of(lab, "client")
+    assert exchange.server_saw.split(":")[0] == ip_of(lab, "client")  # direct, to an endpoint
     assert metric(lab, "node-1", "ambient_waypoint_skipped_total", **skipped) == before + 1
     event = "waypoint not ready: connection goes direct, without L7"
     warned = probes.wait_for_event(
         lab, "node-1", 5, since, waypoint="default/waypoint", event=event
     )
     assert warned is not None
+    assert waypoint.tunnels() == []
 
 
 def test_connections_around_a_bound_waypoint_are_counted_as_bypasses(
-    lab: LabState, waypoint: Any
+    lab: LabState, waypoint: LabWaypoint
 ) -> None:
     """Deep guide lab 2: echo's pods reached directly (pod-addressed HBONE from a mesh pod,
     plaintext from outside the mesh) never see the waypoint: each is counted where it lands."""
-    reload(lab, bind_to_waypoint)
 
     def bypasses(node: str, transport: str) -> float:
         return metric(lab, node, "ambient_waypoint_bypass_total", waypoint="default/waypoint",
@@ -521,6 +523,6 @@ def test_connections_around_a_bound_waypoint_are_counted_as_bypasses(
     hbone, plaintext = bypasses("node-1", "hbone"), bypasses("node-2", "plaintext")
     call(lab, ip_of(lab, "echo-a"), APP_PORT)  # a pod address: service waypoints skip it
     probes.talk(probes.pod(lab, "legacy").netns_path, ip_of(lab, "echo-b"), APP_PORT, "hi")
-    assert waypoint.tunnels == []
+    assert waypoint.tunnels() == []
     assert bypasses("node-1", "hbone") == hbone + 1
     assert bypasses("node-2", "plaintext") == plaintext + 1
