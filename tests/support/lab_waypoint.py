@@ -50,6 +50,21 @@ class LabWaypoint:
         return [Tunnel(line["authority"], line["peer"]) for line in lines]
 
 
+def write_identity(
+    ca: CertificateAuthority, identity: SpiffeId, directory: Path
+) -> WaypointIdentity:
+    """A certificate for `identity` from `ca`, written as the PEM files Envoy reads."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = WorkloadCertificate(
+        identity, key, [ca.issue(identity, key.public_key(), timedelta(hours=1)), ca.root]
+    )
+    files = {name: directory / f"{name}.pem" for name in ("chain", "key", "roots")}
+    files["chain"].write_bytes(cert.chain_pem())
+    files["key"].write_bytes(cert.key_pem())
+    files["roots"].write_bytes(ca.root_pem)
+    return WaypointIdentity(files["chain"], files["key"], files["roots"], identity.trust_domain)
+
+
 @contextlib.contextmanager
 def envoy_waypoint(state: LabState, pod_name: str, gateway: str) -> Iterator[LabWaypoint]:
     envoy = find_envoy()
@@ -63,22 +78,9 @@ def envoy_waypoint(state: LabState, pod_name: str, gateway: str) -> Iterator[Lab
     mesh = MeshState(workloads=config.workloads, services=config.services)
     identity = SpiffeId("cluster.local", pod.namespace, pod.service_account)
     ca = CertificateAuthority.load_or_create(base / "ca", identity.trust_domain)
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = WorkloadCertificate(
-        identity, key, [ca.issue(identity, key.public_key(), timedelta(hours=1)), ca.root]
-    )
-    files = {name: workdir / f"{name}.pem" for name in ("chain", "key", "roots")}
-    files["chain"].write_bytes(cert.chain_pem())
-    files["key"].write_bytes(cert.key_pem())
-    files["roots"].write_bytes(ca.root_pem)
     access_log = workdir / "access.log"
     access_log.unlink(missing_ok=True)
-    bootstrap = render(
-        mesh,
-        gateway,
-        WaypointIdentity(files["chain"], files["key"], files["roots"], identity.trust_domain),
-        access_log,
-    )
+    bootstrap = render(mesh, gateway, write_identity(ca, identity, workdir), access_log)
     bootstrap["admin"] = {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}}
     (workdir / "envoy.json").write_text(json.dumps(bootstrap, indent=1))
     argv = ["ip", "netns", "exec", pod.netns, str(envoy), "-c", str(workdir / "envoy.json"),

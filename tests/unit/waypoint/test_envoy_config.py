@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.identity.ca import CertificateAuthority
-from agent.identity.manager import WorkloadCertificate
 from agent.identity.spiffe import SpiffeId
 from agent.state.service import Service
 from agent.state.store import MeshState
@@ -21,6 +18,7 @@ from agent.state.waypoint import Waypoint
 from agent.state.workload import Protocol, Workload
 from agent.waypoint.envoy_config import ORIGINAL_DST, WaypointIdentity, render
 from tests.support.envoy import find_envoy
+from tests.support.lab_waypoint import write_identity
 
 WAYPOINT = Waypoint("10.96.0.50", 15008, "waypoint", "default")
 ECHO = Service("echo", "default", "echo.default.svc.cluster.local", ("10.96.0.20",),
@@ -45,18 +43,9 @@ STATE = MeshState(
 
 @pytest.fixture(scope="module")
 def identity(tmp_path_factory: pytest.TempPathFactory) -> WaypointIdentity:
-    directory = tmp_path_factory.mktemp("waypoint")
     ca = CertificateAuthority.create("cluster.local")
     spiffe = SpiffeId("cluster.local", "default", "waypoint")
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = WorkloadCertificate(
-        spiffe, key, [ca.issue(spiffe, key.public_key(), timedelta(hours=1)), ca.root]
-    )
-    paths = {name: directory / f"{name}.pem" for name in ("chain", "key", "roots")}
-    paths["chain"].write_bytes(cert.chain_pem())
-    paths["key"].write_bytes(cert.key_pem())
-    paths["roots"].write_bytes(ca.root_pem)
-    return WaypointIdentity(paths["chain"], paths["key"], paths["roots"], "cluster.local")
+    return write_identity(ca, spiffe, tmp_path_factory.mktemp("waypoint"))
 
 
 def clusters(config: dict[str, Any]) -> dict[str, Any]:
