@@ -23,7 +23,7 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from agent.state.service import Service
+from agent.state.service import Service, ServiceEndpoint
 from agent.state.store import MeshState
 from agent.state.waypoint import HBONE_PORT, Waypoint
 from agent.state.workload import Workload
@@ -86,28 +86,6 @@ class Refused:
         return f"{self.service.hostname} has no port {port}"
 
 
-@dataclass(frozen=True, slots=True)
-class ServiceEndpoint:
-    workload: Workload
-    ip: str
-    port: int  # the target port on this workload
-
-
-def ready_endpoints(state: MeshState, service: Service, port: int) -> list[ServiceEndpoint]:
-    """The service's healthy workloads with the target port for `port`, in a stable order
-    (by uid) so that round robin walks them evenly."""
-    endpoints = []
-    for workload in sorted(state.workloads_of_service(service), key=lambda w: w.uid):
-        if not workload.healthy or not workload.ips:
-            continue
-        # The workload's own map wins: a named targetPort resolves per pod, and a pod that
-        # does not name it does not serve the port (target_port is None for a name).
-        target = workload.services.get(service.key, {}).get(port) or service.target_port(port)
-        if target is not None:
-            endpoints.append(ServiceEndpoint(workload, workload.ips[0], target))
-    return endpoints
-
-
 class EndpointPicker:
     """Round robin over a service port's ready endpoints: every endpoint in turn, whatever
     joins or leaves between picks."""
@@ -158,7 +136,7 @@ def route(
             return Route(dst, via, service, True, waypoint=service.waypoint)
         if via is _NOT_READY:
             skipped = service.waypoint
-    endpoints = ready_endpoints(state, service, port)
+    endpoints = state.ready_endpoints(service, port)
     if not endpoints:
         return Refused(RefusalReason.NO_READY_ENDPOINT, service)
     chosen = picker.pick(service, port, endpoints)
@@ -173,17 +151,13 @@ def _waypoint_pod(
     (its traffic goes on direct, as it must); _NOT_READY when there is none to use."""
     if not waypoint.address:
         return _NOT_READY
+    if source is not None and any(w.uid == source.uid for w in state.waypoint_workloads(waypoint)):
+        return None
     waypoint_service = state.service_at_vip(waypoint.address)
     if waypoint_service is None:
         pod = state.workload_by_ip(waypoint.address)
-        if pod is not None and source is not None and pod.uid == source.uid:
-            return None
         return pod if pod is not None and pod.healthy else _NOT_READY
-    if source is not None and any(
-        w.uid == source.uid for w in state.workloads_of_service(waypoint_service)
-    ):
-        return None
-    endpoints = ready_endpoints(state, waypoint_service, waypoint.hbone_port)
+    endpoints = state.ready_endpoints(waypoint_service, waypoint.hbone_port)
     if not endpoints:
         return _NOT_READY
     return picker.pick(waypoint_service, waypoint.hbone_port, endpoints).workload

@@ -35,14 +35,7 @@ def guarding_waypoint(state: MeshState, destination: Workload) -> Waypoint | Non
 
 
 def waypoint_identities(state: MeshState, waypoint: Waypoint) -> set[SpiffeId]:
-    """The identities of the waypoint's pods: the Service at its address, or the pod."""
-    service = state.service_at_vip(waypoint.address) if waypoint.address else None
-    if service is not None:
-        pods: tuple[Workload, ...] = state.workloads_of_service(service)
-    else:
-        at_address = state.workload_by_ip(waypoint.address) if waypoint.address else None
-        pods = (at_address,) if at_address is not None else ()
-    return {identity_of(pod) for pod in pods}
+    return {identity_of(pod) for pod in state.waypoint_workloads(waypoint)}
 
 
 class WaypointBypasses:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from agent.state.waypoint import Waypoint
+from agent.state.workload import Workload
 
 NAMED_TARGET_PORT = 0  # no port's number: resolved per workload
 
@@ -45,3 +46,12 @@ class Service:
         such port or its target is a name (then only the workload's own map can say)."""
         target = self.ports.get(port)
         return None if target == NAMED_TARGET_PORT else target
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceEndpoint:
+    """A ready workload of a service, at the target port it serves one service port on."""
+
+    workload: Workload
+    ip: str
+    port: int

@@ -16,7 +16,8 @@ import structlog
 
 from agent.state.namespace import Namespace
 from agent.state.policy import Policy
-from agent.state.service import Service
+from agent.state.service import Service, ServiceEndpoint
+from agent.state.waypoint import Waypoint
 from agent.state.workload import Workload
 
 log = structlog.get_logger("agent.state")
@@ -61,6 +62,11 @@ class MeshState:
     _namespaces_by_name: Mapping[str, Namespace] = field(
         init=False, repr=False, compare=False, hash=False
     )
+    # ready_endpoints() per (service key, port), worked out at the first connection that
+    # asks and kept with the snapshot: connections to a service do not sort its pods again.
+    _ready: dict[tuple[str, int], tuple[ServiceEndpoint, ...]] = field(
+        init=False, repr=False, compare=False, hash=False
+    )
 
     def __post_init__(self) -> None:
         by_ip: dict[str, Workload] = {}
@@ -100,6 +106,7 @@ class MeshState:
         for namespace in self.namespaces:
             namespaces_by_name.setdefault(namespace.name, namespace)
         object.__setattr__(self, "_namespaces_by_name", namespaces_by_name)
+        object.__setattr__(self, "_ready", {})
 
     def namespace(self, name: str) -> Namespace | None:
         return self._namespaces_by_name.get(name)
@@ -128,6 +135,35 @@ class MeshState:
 
     def workloads_of_service(self, service: Service) -> tuple[Workload, ...]:
         return self._by_service_key.get(service.key, ())
+
+    def ready_endpoints(self, service: Service, port: int) -> tuple[ServiceEndpoint, ...]:
+        """The service's healthy workloads with their target port for `port`, in a stable
+        order (by uid) so that round robin walks them evenly."""
+        key = (service.key, port)
+        if (known := self._ready.get(key)) is not None:
+            return known
+        endpoints = []
+        for workload in sorted(self.workloads_of_service(service), key=lambda w: w.uid):
+            if not workload.healthy or not workload.ips:
+                continue
+            # The workload's own map wins: a named targetPort resolves per pod, and a pod
+            # that does not name it does not serve the port (target_port is None for a name).
+            own = workload.services.get(service.key, {}).get(port)
+            target = own or service.target_port(port)
+            if target is not None:
+                endpoints.append(ServiceEndpoint(workload, workload.ips[0], target))
+        self._ready[key] = found = tuple(endpoints)
+        return found
+
+    def waypoint_workloads(self, waypoint: Waypoint) -> tuple[Workload, ...]:
+        """The waypoint's pods, ready or not: the workloads of the Service at its address,
+        else the workload at it."""
+        if not waypoint.address:
+            return ()
+        if (service := self.service_at_vip(waypoint.address)) is not None:
+            return self.workloads_of_service(service)
+        pod = self.workload_by_ip(waypoint.address)
+        return (pod,) if pod is not None else ()
 
 
 class StateStore:

@@ -332,12 +332,7 @@ def render(
             continue
         for port, _ in sorted(service.ports.items()):
             name = service_cluster_name(service, port)
-            pods = []
-            for workload in sorted(state.workloads_of_service(service), key=lambda w: w.uid):
-                own = workload.services.get(service.key, {}).get(port)
-                target = own or service.target_port(port)
-                if workload.healthy and workload.ips and target is not None:
-                    pods.append((workload.ips[0], target))
+            pods = [(e.ip, e.port) for e in state.ready_endpoints(service, port)]
             clusters.append(_service_cluster(name, pods))
             chains.append(
                 {

@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +27,7 @@ import dns.message
 import dns.query
 import dns.rcode
 import dns.rdatatype
+import dns.rrset
 import pytest
 import yaml
 
@@ -350,6 +352,84 @@ def test_malformed_queries_get_formerr_or_are_dropped_and_counted(lab: LabState)
     # The agent is unharmed.
     reply = ask(lab, dns.message.make_query(ECHO_HOST, "A"))
     assert reply.rcode() == dns.rcode.NOERROR
+
+
+@contextlib.contextmanager
+def nameserver_in(lab: LabState, pod: str, answers: dict[str, str]) -> Iterator[None]:
+    """A small real nameserver (UDP and TCP, port 53) in an out-of-mesh pod: A records for
+    `answers`, REFUSED for the rest."""
+    worker = NetnsWorker(str(probes.pod(lab, pod).netns_path))
+    udp = worker.call(lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+    tcp = worker.call(lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+    stop = threading.Event()
+
+    def reply(wire: bytes) -> bytes:
+        query = dns.message.from_wire(wire)
+        response = dns.message.make_response(query)
+        name = query.question[0].name.to_text()
+        if name in answers:
+            response.answer.append(dns.rrset.from_text(name, 30, "IN", "A", answers[name]))
+        else:
+            response.set_rcode(dns.rcode.REFUSED)
+        return response.to_wire()
+
+    def serve_udp() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                wire, client = udp.recvfrom(65535)
+                udp.sendto(reply(wire), client)
+
+    def serve_tcp() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                conn, _ = tcp.accept()
+                with conn, conn.makefile("rb") as stream:
+                    length = int.from_bytes(stream.read(2), "big")
+                    answer = reply(stream.read(length))
+                    conn.sendall(len(answer).to_bytes(2, "big") + answer)
+
+    for sock in (udp, tcp):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("0.0.0.0", 53))
+        sock.settimeout(0.2)
+    tcp.listen(8)
+    threads = [threading.Thread(target=serve, daemon=True) for serve in (serve_udp, serve_tcp)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(5)
+        udp.close()
+        tcp.close()
+        worker.close()
+
+
+@pytest.mark.parametrize("tcp", [False, True], ids=["udp", "tcp"])
+def test_names_the_mesh_does_not_own_are_forwarded_to_the_nameserver_asked(
+    lab: LabState, tcp: bool
+) -> None:
+    """The query is captured like any other to port 53, and the agent asks the nameserver
+    the pod asked, from inside the pod, and hands back its answer."""
+    server = ip_of(lab, "legacy")
+    before = metric(lab, "node-1", "ambient_dns_requests_total", reason="forwarded")
+    with nameserver_in(lab, "legacy", {"app.example.test.": "192.0.2.7"}):
+
+        def inside() -> Any:
+            query = dns.message.make_query("app.example.test", "A")
+            send = dns.query.tcp if tcp else dns.query.udp
+            return send(query, server, timeout=3)
+
+        worker = NetnsWorker(str(probes.pod(lab, "client").netns_path))
+        try:
+            reply = worker.call(inside)
+        finally:
+            worker.close()
+    (rrset,) = reply.answer
+    assert [r.address for r in rrset] == ["192.0.2.7"]
+    assert metric(lab, "node-1", "ambient_dns_requests_total", reason="forwarded") == before + 1
 
 
 def test_dns_capture_off_leaves_the_pods_dns_alone(lab: LabState) -> None:

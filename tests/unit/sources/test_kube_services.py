@@ -34,7 +34,6 @@ from agent.proxy.destination import (
     RefusalReason,
     Refused,
     Route,
-    ready_endpoints,
     route,
 )
 from agent.sources.kube_source import KubeSource
@@ -237,7 +236,7 @@ def test_selectorless_service_routes_to_the_ready_slice_endpoints_on_the_slice_p
     # on the slice's "api" port (7443), not the Service's targetPort (7000).
     assert dict(pod_at(state, API_0).services) == {API_KEY: {7000: 7443}}
     assert dict(pod_at(state, API_1).services) == {}
-    assert [(e.ip, e.port) for e in ready_endpoints(state, api, 7000)] == [(API_0, 7443)]
+    assert [(e.ip, e.port) for e in state.ready_endpoints(api, 7000)] == [(API_0, 7443)]
     assert set(upstreams(state, (API_VIP, 7000), 4)) == {(API_0, 7443)}
     decided = routed(state, (API_VIP, 7000), EndpointPicker())
     assert (decided.workload, decided.service) == (pod_at(state, API_0), api)
