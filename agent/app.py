@@ -66,7 +66,7 @@ class NodeAgent:
         """Start every part, registering its undo; then wait for the stop. Returns how many
         pods failed to enroll."""
         cfg, status, undo = self.config, self.status, self.shutdown.defer
-        admin = AdminServer(status, status.not_ready, status.config_dump,
+        admin = AdminServer(AgentCollector(status), status.not_ready, status.config_dump,
                             AdminAddresses(admin=cfg.admin_address))  # fmt: skip
         try:
             await admin.start()

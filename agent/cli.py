@@ -69,6 +69,48 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--otlp-interval", type=float, default=10.0,
                      help="seconds between OTLP exports (default 10)")  # fmt: skip
 
+    waypoint = sub.add_parser("waypoint", help="run a waypoint: Envoy for one Gateway's L7")
+    waypoint.add_argument(
+        "--gateway",
+        required=True,
+        metavar="NAMESPACE/NAME",
+        help="the waypoint Gateway (gatewayClassName istio-waypoint)",
+    )
+    wp_source = waypoint.add_mutually_exclusive_group(required=True)
+    wp_source.add_argument("--config", type=Path, help="local config file (YAML)")
+    wp_source.add_argument(
+        "--kubernetes",
+        action="store_true",
+        help="follow the Kubernetes API (in-cluster, or --kubeconfig)",
+    )
+    waypoint.add_argument("--kubeconfig", type=Path, help="with --kubernetes: a kubeconfig file")
+    waypoint.add_argument(
+        "--run-dir",
+        type=Path,
+        help="Envoy's config, secrets and admin "
+        "socket (default /run/ambient-waypoint/<namespace>-<name>)",
+    )
+    waypoint.add_argument(
+        "--service-account",
+        default="",
+        help="the waypoint's identity (default: the Gateway's name)",
+    )
+    waypoint.add_argument("--ca-dir", type=Path, default=DEFAULT_CA_DIR)
+    waypoint.add_argument("--trust-domain", default=DEFAULT_TRUST_DOMAIN)
+    waypoint.add_argument(
+        "--cert-ttl",
+        type=float,
+        default=24 * 3600,
+        help="certificate lifetime in seconds (rotated at half)",
+    )
+    waypoint.add_argument("--concurrency", type=int, default=2, help="Envoy worker threads")
+    waypoint.add_argument(
+        "--admin-address",
+        default="127.0.0.1",
+        help="address of the config dump port 15000 (default loopback)",
+    )
+    waypoint.add_argument("--log-format", choices=("json", "console"), default="json")
+
     for command in _tool_commands():
         command.load()(sub)
     return parser
@@ -78,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "run":
         return _run(args)
+    if args.command == "waypoint":
+        return _waypoint(args)
     # A tool command (lab, demo, bench) registered itself with its handler.
     result: int = args.handler(args)
     return result
@@ -131,6 +175,39 @@ def _run(args: argparse.Namespace) -> int:
     try:
         return run_agent(config)
     except (DatapathError, ConfigError, CaError, OtlpError, KubeSourceError) as exc:
+        print(f"ambient-agent: {exc}", file=sys.stderr)
+        return 2
+
+
+def _waypoint(args: argparse.Namespace) -> int:
+    from agent import logs
+    from agent.identity.ca import CaError
+    from agent.sources.kube_source import KubeSourceError
+    from agent.sources.local_config import ConfigError
+    from agent.waypoint_app import WaypointConfig, WaypointError, parse_gateway, run_waypoint
+
+    if args.kubeconfig and not args.kubernetes:
+        print("ambient-agent: --kubeconfig needs --kubernetes", file=sys.stderr)
+        return 2
+    logs.configure(json_lines=args.log_format == "json")
+    try:
+        gateway = parse_gateway(args.gateway)
+        namespace, _, name = gateway.partition("/")
+        config = WaypointConfig(
+            gateway=gateway,
+            run_dir=args.run_dir or Path("/run/ambient-waypoint") / f"{namespace}-{name}",
+            config_file=args.config,
+            kubernetes=args.kubernetes,
+            kubeconfig=args.kubeconfig,
+            service_account=args.service_account,
+            ca_dir=args.ca_dir,
+            trust_domain=args.trust_domain,
+            certificate_ttl=timedelta(seconds=args.cert_ttl),
+            concurrency=args.concurrency,
+            admin_address=args.admin_address,
+        )
+        return run_waypoint(config)
+    except (WaypointError, ConfigError, CaError, KubeSourceError) as exc:
         print(f"ambient-agent: {exc}", file=sys.stderr)
         return 2
 

@@ -1,4 +1,4 @@
-"""aiohttp servers for the admin ports (Istio's numbers)."""
+"""aiohttp servers for the admin ports (Istio's numbers), of the node agent and the waypoint."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-
-from agent.admin.metrics import AgentCollector, AgentMetricsSource
+from prometheus_client.registry import Collector
 
 ADMIN_PORT = 15000
 STATS_PORT = 15020
@@ -29,14 +28,14 @@ class AdminAddresses:
 class AdminServer:
     def __init__(
         self,
-        source: AgentMetricsSource,
+        collector: Collector,
         not_ready: Callable[[], list[str]],
         config_dump: Callable[[], dict[str, Any]],
         addresses: AdminAddresses = AdminAddresses(),
         ports: tuple[int, int, int] = (ADMIN_PORT, STATS_PORT, READINESS_PORT),
     ) -> None:
         self._registry = CollectorRegistry(auto_describe=False)
-        self._registry.register(AgentCollector(source))
+        self._registry.register(collector)
         self._not_ready = not_ready
         self._config_dump = config_dump
         self._addresses = addresses

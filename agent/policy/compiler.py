@@ -287,7 +287,7 @@ def compile_workload(
     policies: Iterable[Policy],
     acceptance: IdentityAcceptance,
 ) -> WorkloadTables:
-    target = WorkloadSelectorTarget(workload.namespace, dict(labels))
+    target = WorkloadSelectorTarget(workload.namespace, dict(labels), workload.uid)
     applicable = sorted(
         (p for p in policies if applies_to(p, target)), key=lambda p: (p.namespace, p.name)
     )

@@ -80,7 +80,7 @@ class PolicyEngine:
             self._applied = inputs
             for workload, labels in targets:
                 # Deep guide, wrong-layer policy: an L7 rule on a workload without a waypoint.
-                target = WorkloadSelectorTarget(workload.namespace, labels)
+                target = WorkloadSelectorTarget(workload.namespace, labels, workload.uid)
                 for policy in policies:
                     if policy.wrong_layer and applies_to(policy, target):
                         log.warning(

@@ -10,6 +10,7 @@ keeps its pods and lets go of those whose sandbox is gone meanwhile.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Iterable
@@ -148,4 +149,4 @@ def with_cni_pods(state: MeshState, pods: Iterable[CniPod], node: str) -> MeshSt
         if declared is not None:
             workloads.pop(declared.uid, None)
         workloads[workload.uid] = workload
-    return MeshState(tuple(workloads.values()), state.services, state.policies, state.namespaces)
+    return dataclasses.replace(state, workloads=tuple(workloads.values()))

@@ -75,11 +75,16 @@ from typing import Any, TypeGuard
 import structlog
 
 from agent.sources.authorization_policy import DRY_RUN_ANNOTATION, PolicyError, parse_policies
+from agent.sources.http_route import RouteError, parse_http_route
+from agent.sources.waypoint_policy import attaches_to_waypoint, parse_waypoint_policy
 from agent.state.namespace import Namespace, ambient_enrolled
 from agent.state.policy import Policy
+from agent.state.route import HttpRoute
 from agent.state.service import NAMED_TARGET_PORT, Service
 from agent.state.store import MeshState
-from agent.state.waypoint import HBONE_PORT, Waypoint, WaypointFor
+from agent.state.waypoint import ALLOW_ONLY_WAYPOINT, HBONE_PORT, Waypoint, WaypointFor
+from agent.state.waypoint_only import allow_only_waypoint_policies
+from agent.state.waypoint_policy import WaypointPolicy
 from agent.state.workload import Protocol, Workload
 
 log = structlog.get_logger("agent.kubernetes")
@@ -97,6 +102,7 @@ MESH_CONTROLLER = "istio.io-mesh-controller"
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"  # on an EndpointSlice: whose it is
 POD_TEMPLATE_HASH_LABEL = "pod-template-hash"
 AUTHORIZATION_POLICY_API_VERSION = "security.istio.io/v1"
+HTTP_ROUTE_API_VERSION = "gateway.networking.k8s.io/v1"
 
 CANONICAL_NAME_LABELS = ("service.istio.io/canonical-name", "app.kubernetes.io/name", "app")
 CANONICAL_REVISION_LABELS = (
@@ -211,6 +217,7 @@ def mesh_state_from(
     cluster_id: str,
     trust_domain: str,
     policies_in_force: tuple[Policy, ...] = (),
+    waypoint_policies_in_force: tuple[WaypointPolicy, ...] = (),
 ) -> MeshState:
     """The mesh state the objects describe (the rules are in the module docstring). When an
     AuthorizationPolicy does not parse, the set stays `policies_in_force` as a whole: dropping
@@ -247,24 +254,55 @@ def mesh_state_from(
         _workload(pod, memberships[pod.key], namespace_by_name, waypoints, cluster_id, trust_domain)
         for pod in pods
     ) + tuple(_external_workload(e, cluster_id, trust_domain) for e in external.values())
+    documents = [
+        _authorization_policy(obj) for _, obj in sorted(objects.authorization_policies.items())
+    ]
     try:
-        policies = parse_policies(
-            document
-            for _, obj in sorted(objects.authorization_policies.items())
-            if (document := _authorization_policy(obj)) is not None
-        )
+        policies = parse_policies(d for d in documents if not attaches_to_waypoint(d))
     except PolicyError as exc:
         log.error("policies rejected, the previous set stays in force", error=str(exc))
         policies = policies_in_force
+    # Likewise for the waypoints' policies (attached by targetRefs).
+    try:
+        waypoint_policies = tuple(
+            parse_waypoint_policy(d) for d in documents if attaches_to_waypoint(d)
+        )
+    except PolicyError as exc:
+        log.error("waypoint policies rejected, the previous set stays in force", error=str(exc))
+        waypoint_policies = waypoint_policies_in_force
+    mesh_services = tuple(
+        _service(s, _service_waypoint(s, namespace_by_name.get(s.namespace), waypoints))
+        for s in services
+    )
     return MeshState(
         workloads=workloads,
-        services=tuple(
-            _service(s, _service_waypoint(s, namespace_by_name.get(s.namespace), waypoints))
-            for s in services
-        ),
-        policies=policies,
+        services=mesh_services,
+        policies=policies + allow_only_waypoint_policies(workloads, mesh_services),
         namespaces=namespaces,
+        routes=_http_routes(objects),
+        waypoint_policies=waypoint_policies,
     )
+
+
+def _http_routes(objects: KubeObjects) -> tuple[HttpRoute, ...]:
+    """Every HTTPRoute that parses; a broken one is left out (its traffic takes the Service's
+    default route, which no policy depends on) and logged."""
+    routes = []
+    for key, obj in sorted(objects.http_routes.items()):
+        metadata = _mapping(obj.get("metadata"))
+        document = {
+            "apiVersion": obj.get("apiVersion") or HTTP_ROUTE_API_VERSION,
+            "kind": obj.get("kind") or "HTTPRoute",
+            "metadata": {
+                k: metadata[k] for k in ("name", "namespace", "creationTimestamp") if k in metadata
+            },
+            "spec": copy.deepcopy(dict(_mapping(obj.get("spec")))),
+        }
+        try:
+            routes.append(parse_http_route(document))
+        except RouteError as exc:
+            log.error("HTTPRoute rejected: not applied", route=key, error=str(exc))
+    return tuple(routes)
 
 
 # --- pods ---------------------------------------------------------------------------------
@@ -435,7 +473,10 @@ class _Waypoints:
             waypoint_for = WaypointFor.SERVICE  # istiod's reading of a value it does not know
         if not takes(waypoint_for):
             return None
-        return Waypoint(self._address(gateway, f"{namespace}/{name}"), HBONE_PORT, name, namespace)
+        annotations = _string_map(_mapping(gateway.get("metadata")).get("annotations"))
+        allow_only = annotations.get(ALLOW_ONLY_WAYPOINT, "").lower() == "true"
+        address = self._address(gateway, f"{namespace}/{name}")
+        return Waypoint(address, HBONE_PORT, name, namespace, allow_only)
 
     def _address(self, gateway: KubeObject, key: str) -> str:
         """The Gateway's first status address that is an IP, else its Service's VIP; "" for
@@ -454,6 +495,7 @@ class _ServicePort:
     name: str
     port: int
     target: int | str  # a number, or the name of a container port
+    app_protocol: str = ""  # appProtocol, else what Istio reads from a name ("http-web")
 
 
 @dataclass(frozen=True, slots=True)
@@ -489,7 +531,9 @@ def _kube_service(obj: KubeObject) -> _KubeService | None:
         target: int | str = port  # Kubernetes' default: the service port
         if _is_port(written_target) or (isinstance(written_target, str) and written_target):
             target = written_target
-        ports.append(_ServicePort(_text(raw.get("name")), port, target))
+        name = _text(raw.get("name"))
+        protocol = _text(raw.get("appProtocol")).lower() or name.partition("-")[0].lower()
+        ports.append(_ServicePort(name, port, target, protocol))
     return _KubeService(
         name=_text(metadata.get("name")),
         namespace=_text(metadata.get("namespace")) or "default",
@@ -612,6 +656,7 @@ def _service(service: _KubeService, waypoint: Waypoint | None) -> Service:
         vips=service.vips,
         ports=ports,
         waypoint=waypoint,
+        app_protocols={p.port: p.app_protocol for p in service.ports if p.app_protocol},
     )
 
 
@@ -623,10 +668,8 @@ def _namespace(obj: KubeObject) -> Namespace:
     return Namespace(_text(metadata.get("name")), _string_map(metadata.get("labels")))
 
 
-def _authorization_policy(obj: KubeObject) -> dict[str, Any] | None:
+def _authorization_policy(obj: KubeObject) -> dict[str, Any]:
     spec = _mapping(obj.get("spec"))
-    if spec.get("targetRef") is not None or spec.get("targetRefs") is not None:
-        return None  # enforced by the waypoint or gateway it attaches to
     metadata = _mapping(obj.get("metadata"))
     kept_metadata: dict[str, Any] = {
         "name": metadata.get("name"),

@@ -514,8 +514,14 @@ class KubeSource:
     def _translate(self) -> MeshState:
         with self._objects_lock:
             objects = self._objects.snapshot()
-        in_force = self._published.policies if self._published is not None else ()
-        return mesh_state_from(objects, self.cluster_id, self.trust_domain, in_force)
+        published = self._published or MeshState()
+        return mesh_state_from(
+            objects,
+            self.cluster_id,
+            self.trust_domain,
+            published.policies,
+            published.waypoint_policies,
+        )
 
     def _publish(self, state: MeshState) -> bool:
         if state == self._published:

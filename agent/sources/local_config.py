@@ -1,7 +1,8 @@
-"""Load the local config file (ztunnel's LOCAL_XDS_PATH shape: workloads, services, policies).
+"""Load the local config file (ztunnel's LOCAL_XDS_PATH shape: workloads, services, policies;
+plus what waypoints carry out: Gateway API HTTPRoutes, and policies attached by targetRefs).
 
-Errors name the file, the line and the reason. Workloads and services are parsed here;
-policies are checked for shape only and interpreted by the policy layer.
+Errors name the file, the line and the reason. Every section is parsed here, so a broken
+entry refuses the whole file and the last good state stays.
 """
 
 from __future__ import annotations
@@ -16,11 +17,15 @@ import yaml
 
 from agent.identity.spiffe import SpiffeId
 from agent.sources.authorization_policy import PolicyError, parse_policy
+from agent.sources.http_route import RouteError, parse_http_route
+from agent.sources.waypoint_policy import attaches_to_waypoint, parse_waypoint_policy
 from agent.state.names import dns_label_error, dns_subdomain_error, interface_name_error
 from agent.state.namespace import Namespace
 from agent.state.policy import Policy
+from agent.state.route import HttpRoute
 from agent.state.service import Service
 from agent.state.waypoint import HBONE_PORT, Waypoint
+from agent.state.waypoint_policy import WaypointPolicy
 from agent.state.workload import DEFAULT_TRUST_DOMAIN, Protocol, Workload
 
 
@@ -41,6 +46,8 @@ class LocalConfig:
     services: tuple[Service, ...]
     policies: tuple[Policy, ...]
     namespaces: tuple[Namespace, ...] = ()
+    routes: tuple[HttpRoute, ...] = ()
+    waypoint_policies: tuple[WaypointPolicy, ...] = ()
 
 
 _WORKLOAD_KEYS = {
@@ -53,8 +60,9 @@ _WORKLOAD_KEYS = {
 # load; nothing here reads them yet.
 _SERVICE_KEYS = {
     "name", "namespace", "hostname", "vips", "ports",
-    "subjectAltNames", "waypoint", "loadBalancer", "ipFamilies",
+    "subjectAltNames", "waypoint", "loadBalancer", "ipFamilies", "appProtocols",
 }  # fmt: skip
+_SECTIONS = ("workloads", "services", "policies", "namespaces", "httpRoutes")
 
 _NULL_TAG = "tag:yaml.org,2002:null"
 
@@ -84,16 +92,12 @@ def parse_local_config(text: str, source: str) -> LocalConfig:
     if not isinstance(root, yaml.MappingNode):
         raise _error(source, root, "top level must be a mapping")
     if not root.value:
-        raise _error(source, root, "the config names no section (workloads, services, "
-                     "policies, namespaces)")  # fmt: skip
+        raise _error(source, root, f"the config names no section ({', '.join(_SECTIONS)})")
     sections: dict[str, yaml.Node] = {}
     for key_node, value_node in root.value:
         key = key_node.value
-        if key not in ("workloads", "services", "policies", "namespaces"):
-            raise _error(
-                source, key_node,
-                f"unknown key {key!r} (expected workloads, services, policies, namespaces)",
-            )  # fmt: skip
+        if key not in _SECTIONS:
+            raise _error(source, key_node, f"unknown key {key!r} (expected {', '.join(_SECTIONS)})")
         if not isinstance(value_node, yaml.SequenceNode):
             raise _error(source, value_node, f"{key} must be a list")
         sections[key] = value_node
@@ -122,16 +126,29 @@ def parse_local_config(text: str, source: str) -> LocalConfig:
 
     policy_nodes = _items(sections.get("policies"))
     checked = [_policy(node, source) for node in policy_nodes]
+    # One namespace/name, one policy, whichever proxy enforces it (as in Kubernetes).
     _require_unique(
         source,
         "policy",
         [(node, [policy.key]) for node, policy in zip(policy_nodes, checked, strict=True)],
     )
+    route_nodes = _items(sections.get("httpRoutes"))
+    routes = tuple(_route(node, source) for node in route_nodes)
+    _require_unique(
+        source, "HTTPRoute", [(node, [r.key]) for node, r in zip(route_nodes, routes, strict=True)]
+    )
     namespace_nodes = _items(sections.get("namespaces"))
     namespaces = tuple(_namespace(node, source) for node in namespace_nodes)
     named = zip(namespace_nodes, namespaces, strict=True)
     _require_unique(source, "namespace", [(node, [n.name]) for node, n in named])
-    return LocalConfig(workloads, services, tuple(checked), namespaces)
+    return LocalConfig(
+        workloads,
+        services,
+        tuple(p for p in checked if isinstance(p, Policy)),
+        namespaces,
+        routes,
+        tuple(p for p in checked if isinstance(p, WaypointPolicy)),
+    )
 
 
 def _namespace(node: yaml.Node, source: str) -> Namespace:
@@ -384,19 +401,40 @@ def _service(node: yaml.Node, source: str) -> Service:
         vips=_vips(source, _present(fields, "vips")),
         ports=_ports(source, _present(fields, "ports")),
         waypoint=_waypoint(source, _present(fields, "waypoint")),
+        app_protocols=_app_protocols(source, _present(fields, "appProtocols")),
     )
+
+
+def _app_protocols(source: str, node: yaml.Node | None) -> dict[int, str]:
+    """{service port: appProtocol}, as Kubernetes writes a port's appProtocol."""
+    if node is None:
+        return {}
+    if not isinstance(node, yaml.MappingNode):
+        raise _error(source, node, "appProtocols must be a mapping of service port to protocol")
+    protocols: dict[int, str] = {}
+    for port_node, protocol_node in node.value:
+        port, protocol = _construct(source, port_node), _construct(source, protocol_node)
+        if not _is_port(port):
+            raise _error(source, port_node, f"appProtocols port {port!r} must be 1..65535")
+        if not isinstance(protocol, str) or not protocol:
+            raise _error(source, protocol_node, f"appProtocol {protocol!r} must be a string")
+        protocols[port] = protocol.lower()
+    return protocols
 
 
 def _waypoint(source: str, node: yaml.Node | None) -> Waypoint | None:
     """ztunnel's GatewayAddress: {destination: "network/ip", hboneMtlsPort: 15008}, plus the
-    Gateway's name and namespace (ours, for logs and telemetry). An empty destination is a
+    Gateway's name and namespace (ours, for logs and telemetry) and its allow-only-waypoint
+    option (agent/state/waypoint_only.py). An empty destination is a
     bound waypoint that is not ready."""
     if node is None:
         return None
     if not isinstance(node, yaml.MappingNode):
         raise _error(source, node, "waypoint must be a mapping")
     fields = _fields(node)
-    unknown = sorted(set(fields) - {"destination", "hboneMtlsPort", "name", "namespace"})
+    unknown = sorted(
+        set(fields) - {"destination", "hboneMtlsPort", "name", "namespace", "allowOnlyWaypoint"}
+    )
     if unknown:
         raise _error(source, node, f"waypoint has unknown keys {unknown}")
     address = ""
@@ -416,7 +454,13 @@ def _waypoint(source: str, node: yaml.Node | None) -> Waypoint | None:
         for key in ("name", "namespace")
         if (value := _present(fields, key)) is not None
     }
-    return Waypoint(address, port, names.get("name", ""), names.get("namespace", ""))
+    allow_only = False
+    if (allow_node := _present(fields, "allowOnlyWaypoint")) is not None:
+        allow_only = _construct(source, allow_node)
+        if not isinstance(allow_only, bool):
+            problem = f"allowOnlyWaypoint {allow_only!r} must be true or false"
+            raise _error(source, allow_node, problem)
+    return Waypoint(address, port, names.get("name", ""), names.get("namespace", ""), allow_only)
 
 
 def _vips(source: str, node: yaml.Node | None) -> tuple[str, ...]:
@@ -462,13 +506,24 @@ def _is_port(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535
 
 
-def _policy(node: yaml.Node, source: str) -> Policy:
-    """Parsed here, once, in either shape (local or Kubernetes), so a broken policy refuses
-    the whole file with its line and the last good state stays."""
+def _policy(node: yaml.Node, source: str) -> Policy | WaypointPolicy:
+    """Parsed here, once, in either shape (local or Kubernetes); a policy with targetRefs is
+    a waypoint's (L7), any other the node agents' (L4)."""
     if not isinstance(node, yaml.MappingNode):
         raise _error(source, node, "a policy must be a mapping")
     policy: dict[str, Any] = _construct(source, node)
     try:
+        if attaches_to_waypoint(policy):
+            return parse_waypoint_policy(policy)
         return parse_policy(policy)
     except PolicyError as exc:
         raise _error(source, node, f"policy {exc}") from None
+
+
+def _route(node: yaml.Node, source: str) -> HttpRoute:
+    if not isinstance(node, yaml.MappingNode):
+        raise _error(source, node, "an HTTPRoute must be a mapping")
+    try:
+        return parse_http_route(_construct(source, node))
+    except RouteError as exc:
+        raise _error(source, node, f"HTTPRoute {exc}") from None

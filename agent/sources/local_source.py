@@ -18,6 +18,7 @@ import structlog
 from agent.drain import stopped_within
 from agent.sources.local_config import ConfigError, LocalConfig, parse_local_config
 from agent.state.store import MeshState, StateStore
+from agent.state.waypoint_only import allow_only_waypoint_policies
 
 log = structlog.get_logger("agent.state")
 
@@ -45,7 +46,15 @@ class _FileStamp:
 
 
 def mesh_state_of(config: LocalConfig) -> MeshState:
-    return MeshState(config.workloads, config.services, config.policies, config.namespaces)
+    guards = allow_only_waypoint_policies(config.workloads, config.services)
+    return MeshState(
+        config.workloads,
+        config.services,
+        config.policies + guards,
+        config.namespaces,
+        config.routes,
+        config.waypoint_policies,
+    )
 
 
 class LocalConfigSource:

@@ -99,6 +99,10 @@ class Policy:
     # Why (parts of) the policy cannot be enforced at L4, e.g. "rules[0].to[0].operation.paths:
     # L7 field; the ALLOW rule never matches at L4" (deep guide: wrong-layer policy).
     wrong_layer: tuple[str, ...] = ()
+    # When set, the policy governs these workloads only (by uid), whatever its scope: how
+    # the allow-only-waypoint option (agent/state/waypoint_only.py) names what a waypoint
+    # serves, which no label selector can.
+    workload_uids: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
@@ -143,6 +147,7 @@ class WorkloadSelectorTarget:
 
     namespace: str
     labels: dict[str, str] = field(default_factory=dict)
+    uid: str = ""
 
 
 ROOT_NAMESPACE = "istio-system"  # Istio's default root namespace: policies there are global
@@ -150,6 +155,8 @@ ROOT_NAMESPACE = "istio-system"  # Istio's default root namespace: policies ther
 
 def applies_to(policy: Policy, target: WorkloadSelectorTarget) -> bool:
     """Whether a policy governs connections to the workload (Istio's scope rules)."""
+    if policy.workload_uids:
+        return target.uid in policy.workload_uids
     if policy.scope is Scope.GLOBAL:
         return True
     if policy.scope is Scope.NAMESPACE:

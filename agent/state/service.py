@@ -5,14 +5,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
 from agent.state.waypoint import Waypoint
 from agent.state.workload import Workload
 
 NAMED_TARGET_PORT = 0  # no port's number: resolved per workload
+# appProtocol values (and port-name prefixes, Istio's convention) that mean HTTP.
+HTTP_PROTOCOLS = frozenset({"http", "http2", "grpc", "grpc-web", "kubernetes.io/h2c"})
 
 
-def _no_ports() -> Mapping[int, int]:
+def _no_ports() -> Mapping[int, Any]:
     return MappingProxyType({})
 
 
@@ -32,14 +35,22 @@ class Service:
     ports: Mapping[int, int] = field(default_factory=_no_ports, hash=False)
     # Where traffic addressed to the VIP goes first (a waypoint for services), if anywhere.
     waypoint: Waypoint | None = None
+    # Service port -> its declared application protocol (Kubernetes `appProtocol`, or what a
+    # port name like "http-web" says), lower case; a port not in it is undeclared.
+    app_protocols: Mapping[int, str] = field(default_factory=_no_ports, hash=False)
 
     def __post_init__(self) -> None:
         # Copy so that the caller's dict, if it keeps one, cannot change a published service.
         object.__setattr__(self, "ports", MappingProxyType(dict(self.ports)))
+        object.__setattr__(self, "app_protocols", MappingProxyType(dict(self.app_protocols)))
 
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.hostname}"
+
+    def declares_http(self, port: int) -> bool:
+        """Whether `port` is declared to speak HTTP (so a waypoint parses it)."""
+        return self.app_protocols.get(port, "") in HTTP_PROTOCOLS
 
     def target_port(self, port: int) -> int | None:
         """The number every backing workload serves `port` on; None when the service has no

@@ -16,8 +16,10 @@ import structlog
 
 from agent.state.namespace import Namespace
 from agent.state.policy import Policy
+from agent.state.route import HttpRoute
 from agent.state.service import Service, ServiceEndpoint
 from agent.state.waypoint import Waypoint
+from agent.state.waypoint_policy import WaypointPolicy
 from agent.state.workload import Workload
 
 log = structlog.get_logger("agent.state")
@@ -41,6 +43,10 @@ class MeshState:
     policies: tuple[Policy, ...] = ()
     # Namespaces with their labels: what decides whether a pod a CNI plugin announces joins.
     namespaces: tuple[Namespace, ...] = ()
+    # What waypoints carry out: Gateway API HTTPRoutes with Service parents, and the
+    # AuthorizationPolicies attached by targetRefs.
+    routes: tuple[HttpRoute, ...] = ()
+    waypoint_policies: tuple[WaypointPolicy, ...] = ()
 
     # Indexes, built once in __post_init__ so that every lookup on a snapshot is a dict get.
     # Where two entries claim the same key the first wins; the local config parser rejects
@@ -57,6 +63,9 @@ class MeshState:
         init=False, repr=False, compare=False, hash=False
     )
     _services_by_key: Mapping[str, Service] = field(
+        init=False, repr=False, compare=False, hash=False
+    )
+    _services_by_name: Mapping[str, Service] = field(
         init=False, repr=False, compare=False, hash=False
     )
     _namespaces_by_name: Mapping[str, Namespace] = field(
@@ -102,6 +111,10 @@ class MeshState:
         for service in self.services:
             services_by_key.setdefault(service.key, service)
         object.__setattr__(self, "_services_by_key", services_by_key)
+        services_by_name: dict[str, Service] = {}
+        for service in self.services:
+            services_by_name.setdefault(f"{service.namespace}/{service.name}", service)
+        object.__setattr__(self, "_services_by_name", services_by_name)
         namespaces_by_name: dict[str, Namespace] = {}
         for namespace in self.namespaces:
             namespaces_by_name.setdefault(namespace.name, namespace)
@@ -114,6 +127,11 @@ class MeshState:
     def service(self, key: str) -> Service | None:
         """The service whose key ("namespace/hostname") a workload's `services` names."""
         return self._services_by_key.get(key)
+
+    def service_by_name(self, key: str) -> Service | None:
+        """The service Kubernetes objects name ("namespace/name"): a route's parent or
+        backend, a policy's target."""
+        return self._services_by_name.get(key)
 
     def workload_by_ip(self, ip: str) -> Workload | None:
         canonical = _canonical_ip(ip)

@@ -6,6 +6,10 @@ import enum
 from dataclasses import dataclass
 
 HBONE_PORT = 15008
+# The waypoint Gateway's annotation (ours; Istio's nearest is istiod's
+# PILOT_AUTO_ALLOW_WAYPOINT_POLICY): "true" adds an L4 ALLOW for the waypoint's identity to
+# every workload it serves, so that traffic around the waypoint is denied in the kernel.
+ALLOW_ONLY_WAYPOINT = "ambient.istio.io/allow-only-waypoint"
 
 
 class WaypointFor(enum.StrEnum):
@@ -36,6 +40,8 @@ class Waypoint:
     hbone_port: int = HBONE_PORT
     name: str = ""
     namespace: str = ""
+    # The Gateway's ALLOW_ONLY_WAYPOINT: off by default, as in Istio.
+    allow_only: bool = False
 
     @property
     def key(self) -> str:

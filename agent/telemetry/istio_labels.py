@@ -32,11 +32,18 @@ TCP_LABELS = (
     *(f"destination_{name}" for name in PEER_LABELS),
     "request_protocol", "response_flags", "connection_security_policy", "dataplane_mode",
 )  # fmt: skip
+# Istio's request metrics: the same, with the response code after the protocol.
+REQUEST_LABELS = (
+    *TCP_LABELS[: TCP_LABELS.index("request_protocol") + 1],
+    "response_code",
+    *TCP_LABELS[TCP_LABELS.index("response_flags") :],
+)
 
 
 class Reporter(enum.StrEnum):
     SOURCE = "source"  # the agent of the client's node, for its outbound connection
     DESTINATION = "destination"  # the agent of the server's node, for its inbound connection
+    WAYPOINT = "waypoint"  # the waypoint, for the requests and connections it carried
 
 
 class SecurityPolicy(enum.StrEnum):

@@ -8,67 +8,114 @@ The shape is istiod's for waypoints (../shared/brief/waypoint.md), in three list
   address and the client's verified principal (`io.istio.peer_principal`) in filter state
   shared with the upstream, so L7 policy can match the original client.
 - `main_internal`: restores the authority as its local address (original_dst) and picks the
-  chain of the Service VIP:port it names. Each chain carries the connection (TCP for now;
-  HTTP routes and L7 policy come with the waypoint process, issue 13) to the service's
-  cluster, whose endpoints are internal addresses carrying the picked pod's IP:targetPort.
-  A pod bound to the waypoint itself gets a chain on its address that tunnels straight on
-  to the address asked (HBONE to its 15008, `:authority` podIP:port).
+  chain of the Service VIP:port it names. An HTTP port's chain parses requests: L7
+  authorization (agent/waypoint/rbac.py), the HTTPRoutes of the Service in Gateway API's
+  precedence, one JSON access log line per request; a TCP port's chain passes the bytes on,
+  with the L4 part of the policies. Service clusters have internal endpoints carrying the
+  picked pod's IP:targetPort. A pod bound to the waypoint itself gets a chain on its
+  address that tunnels straight on to the address asked (HBONE to its 15008).
 - `connect_originate`: restores that pod address (original_dst, from the endpoint's
   metadata) and tunnels to it over HBONE: `podIP:15008` with `:authority` podIP:targetPort,
   mTLS with the waypoint's own certificate.
+
+The listeners and clusters are xDS resources (`render`), served from files
+(agent/waypoint/xds_files.py); the certificates come by SDS from files too, so a rotation is
+a file swap, not a listener change. `static_bootstrap` puts the same resources in one static
+file, for `envoy --mode validate`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.state.route import (
+    BackendRef,
+    HeaderMatch,
+    HttpRoute,
+    PathMatchKind,
+    RankedRule,
+    RouteRule,
+    backend_error,
+    ranked_rules,
+)
 from agent.state.service import Service
 from agent.state.store import MeshState
 from agent.state.waypoint import HBONE_PORT
+from agent.state.waypoint_policy import WaypointAction, WaypointPolicy
+from agent.waypoint import rbac
 
 JsonObject = dict[str, Any]
 
 ORIGINAL_DST = "envoy.filters.listener.original_dst"
+PEER_PRINCIPAL = rbac.PEER_PRINCIPAL
 # Envoy's windows, as the brief found they must be (envoyproxy/envoy#28329).
 STREAM_WINDOW = 4 << 20
 CONNECTION_WINDOW = 16 << 20
+# SDS secret names (Istio's): the waypoint's certificate and the mesh roots.
+CERTIFICATE_SECRET = "default"
+ROOTS_SECRET = "ROOTCA"
+# Where Envoy writes access log lines: its stdout, which the waypoint process reads.
+STDOUT = Path("/dev/stdout")
 
 
 @dataclass(frozen=True, slots=True)
-class WaypointIdentity:
-    """The waypoint's certificate files (PEM) and the trust domain it accepts clients from."""
+class Secrets:
+    """Where Envoy reads the waypoint's certificate and the roots (SDS files, agent/waypoint/
+    xds_files.py writes them), and the trust domain whose clients it accepts."""
 
-    chain: Path
-    key: Path
-    roots: Path
+    directory: Path
     trust_domain: str
+
+    def path(self, name: str) -> Path:
+        return self.directory / f"{name}.json"
+
+
+@dataclass(frozen=True, slots=True)
+class Resources:
+    listeners: list[JsonObject]
+    clusters: list[JsonObject]
+    # Per HTTP chain, the ALLOW policies that apply: a request none of them allows is denied
+    # with no policy to name, and the log says which ones it missed.
+    allow_policies: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def _any(type_name: str, **fields: Any) -> JsonObject:
     return {"@type": f"type.googleapis.com/{type_name}", **fields}
 
 
-def _tls_context(identity: WaypointIdentity) -> JsonObject:
+def _sds(secrets: Secrets, name: str) -> JsonObject:
+    return {
+        "name": name,
+        "sds_config": {
+            "path_config_source": {
+                "path": str(secrets.path(name)),
+                "watched_directory": {"path": str(secrets.directory)},
+            },
+            "resource_api_version": "V3",
+        },
+    }
+
+
+def _tls_context(secrets: Secrets) -> JsonObject:
     return {
         "tls_params": {
             "tls_minimum_protocol_version": "TLSv1_3",
             "tls_maximum_protocol_version": "TLSv1_3",
         },
         "alpn_protocols": ["h2"],
-        "tls_certificates": [
-            {
-                "certificate_chain": {"filename": str(identity.chain)},
-                "private_key": {"filename": str(identity.key)},
-            }
-        ],
-        "validation_context": {
-            "trusted_ca": {"filename": str(identity.roots)},
-            "match_typed_subject_alt_names": [
-                {"san_type": "URI", "matcher": {"prefix": f"spiffe://{identity.trust_domain}/"}}
-            ],
+        "tls_certificate_sds_secret_configs": [_sds(secrets, CERTIFICATE_SECRET)],
+        "combined_validation_context": {
+            "default_validation_context": {
+                "match_typed_subject_alt_names": [
+                    {
+                        "san_type": "URI",
+                        "matcher": {"prefix": f"spiffe://{secrets.trust_domain}/"},
+                    }
+                ]
+            },
+            "validation_context_sds_secret_config": _sds(secrets, ROOTS_SECRET),
         },
     }
 
@@ -129,16 +176,50 @@ def _tcp_proxy(stat_prefix: str, cluster: str, **extra: Any) -> JsonObject:
     }
 
 
-def _access_log(path: Path) -> list[JsonObject]:
-    """One JSON line per tunnel: what it asked for and who asked, as Envoy saw them."""
-    fields = {
-        "authority": "%REQ(:AUTHORITY)%",
-        "peer": "%DOWNSTREAM_PEER_URI_SAN%",
-        "downstream": "%DOWNSTREAM_REMOTE_ADDRESS%",
-        "status": "%RESPONSE_CODE%",
-        "flags": "%RESPONSE_FLAGS%",
-        "start": "%START_TIME%",
-    }
+# What each access log line holds, by kind. The waypoint process reads these lines (Envoy's
+# stdout) for request telemetry and relays them as its own access log.
+_COMMON_FIELDS = {
+    "start": "%START_TIME%",
+    "client": "%DOWNSTREAM_REMOTE_ADDRESS%",  # the original client, restored
+    "destination": "%DOWNSTREAM_LOCAL_ADDRESS%",  # the VIP:port or pod ip:port asked for
+    "peer": f"%FILTER_STATE({PEER_PRINCIPAL}:PLAIN)%",  # the client's verified identity
+    "chain": "%FILTER_CHAIN_NAME%",
+    "upstream_cluster": "%UPSTREAM_CLUSTER%",
+    "upstream_pod": f"%UPSTREAM_METADATA({ORIGINAL_DST}:local)%",
+    "bytes_received": "%BYTES_RECEIVED%",
+    "bytes_sent": "%BYTES_SENT%",
+    "duration_ms": "%DURATION%",
+    "flags": "%RESPONSE_FLAGS%",
+}
+_HTTP_FIELDS = {
+    "kind": "http",
+    "method": "%REQ(:METHOD)%",
+    "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+    "authority": "%REQ(:AUTHORITY)%",
+    "protocol": "%PROTOCOL%",
+    "status": "%RESPONSE_CODE%",
+    "details": "%RESPONSE_CODE_DETAILS%",
+    "route": "%ROUTE_NAME%",
+    "request_id": "%REQ(X-REQUEST-ID)%",
+    "dry_run": f"%DYNAMIC_METADATA(envoy.filters.http.rbac:{rbac.DRY_RUN_PREFIX}"
+    "shadow_effective_policy_id)%",
+    "dry_run_result": f"%DYNAMIC_METADATA(envoy.filters.http.rbac:{rbac.DRY_RUN_PREFIX}"
+    "shadow_engine_result)%",
+    **_COMMON_FIELDS,
+}
+_TCP_FIELDS = {"kind": "tcp", "details": "%CONNECTION_TERMINATION_DETAILS%", **_COMMON_FIELDS}
+_TUNNEL_FIELDS = {
+    "kind": "tunnel",
+    "authority": "%REQ(:AUTHORITY)%",
+    "peer": "%DOWNSTREAM_PEER_URI_SAN%",
+    "client": "%DOWNSTREAM_REMOTE_ADDRESS%",
+    "status": "%RESPONSE_CODE%",
+    "flags": "%RESPONSE_FLAGS%",
+    "start": "%START_TIME%",
+}
+
+
+def _access_log(fields: dict[str, str], path: Path) -> list[JsonObject]:
     return [
         {
             "name": "envoy.access_loggers.file",
@@ -151,7 +232,14 @@ def _access_log(path: Path) -> list[JsonObject]:
     ]
 
 
-def _connect_terminate(identity: WaypointIdentity, access_log: Path | None) -> JsonObject:
+def _router() -> JsonObject:
+    return {
+        "name": "envoy.filters.http.router",
+        "typed_config": _any("envoy.extensions.filters.http.router.v3.Router"),
+    }
+
+
+def _connect_terminate(secrets: Secrets, access_log: Path) -> JsonObject:
     hcm = _any(
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         stat_prefix="connect_terminate",
@@ -185,23 +273,18 @@ def _connect_terminate(identity: WaypointIdentity, access_log: Path | None) -> J
                     on_request_headers=[
                         _shared_state(f"{ORIGINAL_DST}.local_ip", "%REQ(:AUTHORITY)%"),
                         _shared_state(f"{ORIGINAL_DST}.remote_ip", "%DOWNSTREAM_REMOTE_ADDRESS%"),
-                        _shared_state(
-                            "io.istio.peer_principal", "%DOWNSTREAM_PEER_URI_SAN%", "envoy.string"
-                        ),
+                        _shared_state(PEER_PRINCIPAL, "%DOWNSTREAM_PEER_URI_SAN%", "envoy.string"),
                     ],
                 ),
             },
-            {
-                "name": "envoy.filters.http.router",
-                "typed_config": _any("envoy.extensions.filters.http.router.v3.Router"),
-            },
+            _router(),
         ],
-        **({"access_log": _access_log(access_log)} if access_log is not None else {}),
+        access_log=_access_log(_TUNNEL_FIELDS, access_log),
     )
     downstream_tls = _any(
         "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
         require_client_certificate=True,
-        common_tls_context=_tls_context(identity),
+        common_tls_context=_tls_context(secrets),
     )
     return {
         "name": "connect_terminate",
@@ -221,7 +304,7 @@ def _connect_terminate(identity: WaypointIdentity, access_log: Path | None) -> J
 
 
 def service_cluster_name(service: Service, port: int) -> str:
-    return f"inbound-vip|{port}|tcp|{service.hostname}"
+    return f"outbound|{port}||{service.hostname}"
 
 
 def _main_internal(chains: list[JsonObject]) -> JsonObject:
@@ -254,7 +337,7 @@ def _connect_originate() -> JsonObject:
     }
 
 
-def _connect_originate_cluster(identity: WaypointIdentity) -> JsonObject:
+def _connect_originate_cluster(secrets: Secrets) -> JsonObject:
     return {
         "name": "connect_originate",
         "type": "ORIGINAL_DST",
@@ -271,23 +354,24 @@ def _connect_originate_cluster(identity: WaypointIdentity) -> JsonObject:
             "name": "envoy.transport_sockets.tls",
             "typed_config": _any(
                 "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-                common_tls_context=_tls_context(identity),
+                common_tls_context=_tls_context(secrets),
             ),
         },
     }
 
 
-def _service_cluster(name: str, pods: Iterable[tuple[str, int]]) -> JsonObject:
+def _service_cluster(state: MeshState, service: Service, port: int) -> JsonObject:
     """Endpoints are internal addresses of connect_originate, each with the pod address the
-    original_dst there restores."""
+    original_dst there restores: ready pods only, each on its own target port."""
+    name = service_cluster_name(service, port)
     endpoints = [
         {
             "endpoint": {"address": _internal_address("connect_originate")},
             "metadata": {
-                "filter_metadata": {ORIGINAL_DST: {"local": f"{ip}:{port}"}},
+                "filter_metadata": {ORIGINAL_DST: {"local": f"{e.ip}:{e.port}"}},
             },
         }
-        for ip, port in pods
+        for e in state.ready_endpoints(service, port)
     ]
     return {
         "name": name,
@@ -298,18 +382,244 @@ def _service_cluster(name: str, pods: Iterable[tuple[str, int]]) -> JsonObject:
     }
 
 
-def render(
+def _prefix_ranges(addresses: tuple[str, ...]) -> list[JsonObject]:
+    return [{"address_prefix": ip, "prefix_len": 128 if ":" in ip else 32} for ip in addresses]
+
+
+# --- HTTP chains --------------------------------------------------------------------------
+
+
+def _header_matcher(match: HeaderMatch) -> JsonObject:
+    string_match = {"safe_regex": {"regex": match.value}} if match.regex else {"exact": match.value}
+    return {"name": match.name, "string_match": string_match}
+
+
+def _route_match(ranked: RankedRule) -> JsonObject:
+    match = ranked.match
+    out: JsonObject = {}
+    path = match.path
+    if path is None:
+        out["prefix"] = "/"
+    elif path.kind is PathMatchKind.EXACT:
+        out["path"] = path.value
+    elif path.kind is PathMatchKind.PREFIX:
+        # Gateway API's prefix matches whole segments: "/v2" is "/v2" and "/v2/...", not
+        # "/v2x" (Envoy's path_separated_prefix; it wants no trailing slash).
+        trimmed = path.value.rstrip("/")
+        out.update({"path_separated_prefix": trimmed} if trimmed else {"prefix": "/"})
+    else:
+        out["safe_regex"] = {"regex": path.value}
+    headers = [_header_matcher(h) for h in match.headers]
+    if match.method is not None:
+        headers.append({"name": ":method", "string_match": {"exact": match.method}})
+    if headers:
+        out["headers"] = headers
+    if match.query_params:
+        out["query_parameters"] = [
+            {
+                "name": q.name,
+                "string_match": {"safe_regex": {"regex": q.value}}
+                if q.regex
+                else {"exact": q.value},
+            }
+            for q in match.query_params
+        ]
+    return out
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.3f}s"
+
+
+def _backend_cluster(
+    state: MeshState, backend: BackendRef, port: int, clusters: dict[str, JsonObject]
+) -> str:
+    service = state.service_by_name(f"{backend.namespace}/{backend.name}")
+    assert service is not None  # checked by backend_error
+    backend_port = backend.port or port
+    name = service_cluster_name(service, backend_port)
+    clusters.setdefault(name, _service_cluster(state, service, backend_port))
+    return name
+
+
+def _route_action(
     state: MeshState,
-    gateway: str,
-    identity: WaypointIdentity,
-    access_log: Path | None = None,
+    service: Service,
+    port: int,
+    rule: RouteRule,
+    clusters: dict[str, JsonObject],
 ) -> JsonObject:
-    """The bootstrap (static resources, no admin) for the waypoint `gateway` ("ns/name"):
-    a chain and a cluster per port of every Service bound to it, and a chain per workload
-    bound to it (pod-addressed traffic, tunnelled on to the address it asked for)."""
+    """The route of one rule: where to (one cluster or weighted ones), header changes,
+    timeouts and retries; a rule whose backends do not resolve answers 500 (Gateway API)."""
+    find = state.service_by_name
+    if any(backend_error(b, find) is not None for b in rule.backends):
+        return {"direct_response": {"status": 500}}
+    backends = [b for b in rule.backends if b.weight > 0]
+    if rule.backends and not backends:
+        return {"direct_response": {"status": 500}}  # every weight 0: nothing to send to
+    action: JsonObject = {"timeout": _seconds(rule.timeout_seconds or 0)}
+    if not backends:  # GAMMA: a rule without backendRefs sends to the parent Service
+        action["cluster"] = _backend_cluster(
+            state, BackendRef(service.name, service.namespace, port), port, clusters
+        )
+    elif len(backends) == 1:
+        action["cluster"] = _backend_cluster(state, backends[0], port, clusters)
+    else:
+        action["weighted_clusters"] = {
+            "clusters": [
+                {"name": _backend_cluster(state, b, port, clusters), "weight": b.weight}
+                for b in backends
+            ]
+        }
+    retry = rule.retry
+    if retry is not None or rule.backend_timeout_seconds:
+        policy: JsonObject = {"num_retries": retry.attempts if retry else 0}
+        if retry is not None and retry.codes:
+            policy["retry_on"] = "retriable-status-codes,connect-failure,refused-stream"
+            policy["retriable_status_codes"] = list(retry.codes)
+        else:
+            policy["retry_on"] = "5xx,connect-failure,refused-stream"
+        if retry is not None and retry.backoff_seconds:
+            policy["retry_back_off"] = {"base_interval": _seconds(retry.backoff_seconds)}
+        if rule.backend_timeout_seconds:
+            policy["per_try_timeout"] = _seconds(rule.backend_timeout_seconds)
+        action["retry_policy"] = policy
+    return {"route": action}
+
+
+def _header_changes(rule: RouteRule) -> JsonObject:
+    modifier = rule.request_headers
+    if modifier is None:
+        return {}
+    add = [
+        {"header": {"key": k, "value": v}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+        for k, v in modifier.set
+    ] + [
+        {"header": {"key": k, "value": v}, "append_action": "APPEND_IF_EXISTS_OR_ADD"}
+        for k, v in modifier.add
+    ]
+    out: JsonObject = {}
+    if add:
+        out["request_headers_to_add"] = add
+    if modifier.remove:
+        out["request_headers_to_remove"] = list(modifier.remove)
+    return out
+
+
+def routes_for(state: MeshState, service: Service, port: int) -> list[HttpRoute]:
+    """The HTTPRoutes attached to this Service port."""
+    return [
+        route
+        for route in state.routes
+        if any(
+            p.kind == "Service"
+            and p.group == ""
+            and p.namespace == service.namespace
+            and p.name == service.name
+            and p.port in (None, port)
+            for p in route.parents
+        )
+    ]
+
+
+def _http_routes(
+    state: MeshState, service: Service, port: int, clusters: dict[str, JsonObject]
+) -> list[JsonObject]:
+    routes = []
+    for ranked in ranked_rules(routes_for(state, service, port)):
+        rule = ranked.route.rules[ranked.rule_index]
+        routes.append(
+            {
+                "name": f"{ranked.route.key}#{ranked.rule_index}",
+                "match": _route_match(ranked),
+                **_route_action(state, service, port, rule, clusters),
+                **_header_changes(rule),
+            }
+        )
+    if not any(r["match"] == {"prefix": "/"} for r in routes):
+        # Whatever no route matched goes to the Service itself, as without routes.
+        default = RouteRule()
+        routes.append(
+            {
+                "name": "default",
+                "match": {"prefix": "/"},
+                **_route_action(state, service, port, default, clusters),
+            }
+        )
+    return routes
+
+
+def _http_filters(name: str, policies: list[WaypointPolicy]) -> list[JsonObject]:
+    filters = []
+    for action in (WaypointAction.DENY, WaypointAction.ALLOW, WaypointAction.AUDIT):
+        config = rbac.http_filter(name, action, [p for p in policies if p.action is action])
+        if config is not None:
+            filters.append(config)
+    return [*filters, _router()]
+
+
+def _http_chain(
+    name: str,
+    routes: list[JsonObject],
+    policies: list[WaypointPolicy],
+    access_log: Path,
+) -> list[JsonObject]:
+    hcm = _any(
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        stat_prefix=name,
+        codec_type="AUTO",
+        http2_protocol_options=_http2_options(),
+        # The client (restored by original_dst) is the peer; never trust its XFF for that.
+        use_remote_address=True,
+        route_config={
+            "name": name,
+            "virtual_hosts": [{"name": name, "domains": ["*"], "routes": routes}],
+            "validate_clusters": False,
+        },
+        http_filters=_http_filters(name, policies),
+        access_log=_access_log(_HTTP_FIELDS, access_log),
+    )
+    return [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]
+
+
+def _tcp_chain(
+    name: str, cluster: str, policies: list[WaypointPolicy], access_log: Path
+) -> list[JsonObject]:
+    filters = []
+    for action in (WaypointAction.DENY, WaypointAction.ALLOW, WaypointAction.AUDIT):
+        config = rbac.network_filter(name, action, [p for p in policies if p.action is action])
+        if config is not None:
+            filters.append(config)
+    proxy = _tcp_proxy(name, cluster)
+    proxy["typed_config"]["access_log"] = _access_log(_TCP_FIELDS, access_log)
+    return [*filters, proxy]
+
+
+def policies_for(state: MeshState, gateway: str, service: Service) -> list[WaypointPolicy]:
+    """The L7 policies the waypoint applies to traffic for `service`: those targeting the
+    Service, and those targeting the waypoint Gateway itself."""
+    return [
+        p
+        for p in state.waypoint_policies
+        if p.targets_service(service.namespace, service.name) or p.targets_gateway(gateway)
+    ]
+
+
+def speaks_http(state: MeshState, service: Service, port: int) -> bool:
+    """A port is parsed as HTTP when it says so (appProtocol, port name), or when an
+    HTTPRoute attaches to it; anything else passes through as TCP."""
+    return service.declares_http(port) or bool(routes_for(state, service, port))
+
+
+def render(
+    state: MeshState, gateway: str, secrets: Secrets, access_log: Path = STDOUT
+) -> Resources:
+    """The listeners and clusters of the waypoint `gateway` ("ns/name"): a chain per port
+    of every Service bound to it, and a chain per workload bound to it (pod-addressed
+    traffic, tunnelled on to the address it asked for)."""
     chains: list[JsonObject] = []
-    clusters: list[JsonObject] = [
-        {
+    clusters: dict[str, JsonObject] = {
+        "main_internal": {
             "name": "main_internal",
             "type": "STATIC",
             "connect_timeout": "10s",
@@ -325,26 +635,34 @@ def render(
             },
             "transport_socket": _internal_upstream(),
         },
-        _connect_originate_cluster(identity),
-    ]
+        "connect_originate": _connect_originate_cluster(secrets),
+    }
+    allow_policies: dict[str, tuple[str, ...]] = {}
     for service in sorted(state.services, key=lambda s: s.key):
         if service.waypoint is None or service.waypoint.key != gateway:
             continue
+        policies = policies_for(state, gateway, service)
         for port, _ in sorted(service.ports.items()):
-            name = service_cluster_name(service, port)
-            pods = [(e.ip, e.port) for e in state.ready_endpoints(service, port)]
-            clusters.append(_service_cluster(name, pods))
+            http = speaks_http(state, service, port)
+            name = f"inbound-vip|{port}|{'http' if http else 'tcp'}|{service.hostname}"
+            cluster = service_cluster_name(service, port)
+            clusters.setdefault(cluster, _service_cluster(state, service, port))
+            if http:
+                routes = _http_routes(state, service, port, clusters)
+                filters = _http_chain(name, routes, policies, access_log)
+                allow_policies[name] = tuple(
+                    p.key for p in policies if p.action is WaypointAction.ALLOW and not p.dry_run
+                )
+            else:
+                filters = _tcp_chain(name, cluster, policies, access_log)
             chains.append(
                 {
                     "name": name,
                     "filter_chain_match": {
                         "destination_port": port,
-                        "prefix_ranges": [
-                            {"address_prefix": vip, "prefix_len": 128 if ":" in vip else 32}
-                            for vip in service.vips
-                        ],
+                        "prefix_ranges": _prefix_ranges(service.vips),
                     },
-                    "filters": [_tcp_proxy(name, name)],
+                    "filters": filters,
                 }
             )
     for workload in sorted(state.workloads, key=lambda w: w.uid):
@@ -353,12 +671,7 @@ def render(
         chains.append(
             {
                 "name": f"direct-tcp|{workload.key}",
-                "filter_chain_match": {
-                    "prefix_ranges": [
-                        {"address_prefix": ip, "prefix_len": 128 if ":" in ip else 32}
-                        for ip in workload.ips
-                    ]
-                },
+                "filter_chain_match": {"prefix_ranges": _prefix_ranges(workload.ips)},
                 # The local address main_internal restored is the pod's own ip:port: the
                 # original_dst cluster dials its 15008 with that as the authority.
                 "filters": [
@@ -366,11 +679,47 @@ def render(
                         "direct-tcp",
                         "connect_originate",
                         tunneling_config={"hostname": "%DOWNSTREAM_LOCAL_ADDRESS%"},
+                        access_log=_access_log(_TCP_FIELDS, access_log),
                     )
                 ],
             }
         )
+    listeners = [
+        _connect_terminate(secrets, access_log),
+        _main_internal(chains),
+        _connect_originate(),
+    ]
+    return Resources(listeners, list(clusters.values()), allow_policies)
+
+
+# Runtime every waypoint Envoy runs with.
+RUNTIME = {
+    # A close on the internal side reaches the client as END_STREAM, not as a reset after
+    # the data (the brief's Envoy 1.40 findings).
+    "envoy.reloadable_features.enable_send_rst_on_user_space_socket": False
+}
+
+
+# Downstream connections Envoy holds at most (its overload manager refuses more): a client
+# opening connections without end must not take the waypoint's memory.
+MAX_DOWNSTREAM_CONNECTIONS = 50_000
+
+
+def _common_bootstrap(node: str) -> JsonObject:
     return {
+        "node": {"id": node, "cluster": node.partition("~")[0]},
+        "overload_manager": {
+            "resource_monitors": [
+                {
+                    "name": "envoy.resource_monitors.global_downstream_max_connections",
+                    "typed_config": _any(
+                        "envoy.extensions.resource_monitors.downstream_connections.v3."
+                        "DownstreamConnectionsConfig",
+                        max_active_downstream_connections=MAX_DOWNSTREAM_CONNECTIONS,
+                    ),
+                }
+            ]
+        },
         "bootstrap_extensions": [
             {
                 "name": "envoy.bootstrap.internal_listener",
@@ -379,24 +728,34 @@ def render(
                 ),
             }
         ],
-        "static_resources": {
-            "listeners": [
-                _connect_terminate(identity, access_log),
-                _main_internal(chains),
-                _connect_originate(),
-            ],
-            "clusters": clusters,
-        },
-        "layered_runtime": {
-            "layers": [
-                {
-                    "name": "waypoint",
-                    "static_layer": {
-                        # A close on the internal side reaches the client as END_STREAM, not
-                        # as a reset after the data (the brief's Envoy 1.40 findings).
-                        "envoy.reloadable_features.enable_send_rst_on_user_space_socket": False
-                    },
-                }
-            ]
-        },
+        "layered_runtime": {"layers": [{"name": "waypoint", "static_layer": RUNTIME}]},
+    }
+
+
+def dynamic_bootstrap(node: str, listeners: Path, clusters: Path, admin: Path) -> JsonObject:
+    """Envoy's bootstrap for the waypoint process: listeners and clusters from the xDS files
+    (reloaded when a file is moved into their directory), admin on a unix socket only the
+    process reaches."""
+
+    def source(path: Path) -> JsonObject:
+        return {
+            "path_config_source": {
+                "path": str(path),
+                "watched_directory": {"path": str(path.parent)},
+            },
+            "resource_api_version": "V3",
+        }
+
+    return {
+        **_common_bootstrap(node),
+        "admin": {"address": {"pipe": {"path": str(admin), "mode": 0o600}}},
+        "dynamic_resources": {"lds_config": source(listeners), "cds_config": source(clusters)},
+    }
+
+
+def static_bootstrap(node: str, resources: Resources) -> JsonObject:
+    """The same resources in one static file: what `envoy --mode validate` checks."""
+    return {
+        **_common_bootstrap(node),
+        "static_resources": {"listeners": resources.listeners, "clusters": resources.clusters},
     }

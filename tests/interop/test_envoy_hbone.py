@@ -28,7 +28,8 @@ from agent.identity.ca import CertificateAuthority
 from agent.identity.manager import WorkloadCertificate
 from agent.identity.spiffe import SpiffeId
 from agent.proxy.relay import SocketStream, relay
-from tests.support.envoy import Envoy, JsonObject, find_envoy, free_port, socket_address
+from agent.waypoint.envoy_process import find_envoy
+from tests.support.envoy import Envoy, JsonObject, free_port, socket_address
 
 if find_envoy() is None:
     pytest.skip(

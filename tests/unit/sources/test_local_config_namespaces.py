@@ -98,7 +98,7 @@ def test_errors_in_a_file_name_the_file(tmp_path: Path) -> None:
         pytest.param(
             "namespace: []\n",
             "mesh.yaml:1: unknown key 'namespace' (expected workloads, services, policies, "
-            "namespaces)",
+            "namespaces, httpRoutes)",
             id="misspelt-section",
         ),
         pytest.param(
