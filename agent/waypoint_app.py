@@ -122,6 +122,9 @@ class Waypoint:
         # a restarted Envoy to start with.
         self.good: tuple[str, Resources] | None = None
         self.in_force = {"listeners": "", "clusters": ""}
+        # Listeners Envoy is still warming: a version is in force only once none are, since
+        # connections go to the old listener until the new one is warm.
+        self.warming = 0
         self.envoy_live = False
         self.rejections: list[dict[str, str]] = []
         self.restarts = 0
@@ -142,6 +145,8 @@ class Waypoint:
             missing.append("envoy is not live")
         if self.in_force["listeners"] not in self.written:
             missing.append("envoy has accepted no config yet")
+        elif self.warming:
+            missing.append(f"envoy is warming {self.warming} listener(s)")
         if self.certificate is None:
             missing.append("no certificate")
         return missing
@@ -201,6 +206,7 @@ class Waypoint:
                 "restarts": self.restarts,
                 "latest_version": self.latest,
                 "in_force": self.in_force,
+                "warming": self.warming,
                 "rejections": self.rejections[-5:],
             },
             "services": services,
@@ -308,8 +314,9 @@ class Waypoint:
         tasks.spawn(self._follow_state(), name="render")
         tasks.spawn(self._supervise(self.envoy), name="envoy")
         tasks.spawn(self._watch_envoy(self.envoy), name="envoy status")
-        undo("envoy", self.envoy.stop)
         undo("state source, render and envoy tasks", lambda: tasks.close(DRAIN_GRACE))
+        # Undone first: the supervisor task then sees Envoy gone while stopping, and ends.
+        undo("envoy", self.envoy.stop)
         log.info(
             "waypoint started",
             gateway=cfg.gateway,
@@ -412,11 +419,13 @@ class Waypoint:
                     "server.state",
                     "listener_manager.lds.version_text",
                     "cluster_manager.cds.version_text",
+                    "listener_manager.total_listeners_warming",
                 )
             except EnvoyError:
                 self.envoy_live = False
                 continue
             self.envoy_live = stats.get("server.state") == "0"  # LIVE
+            self.warming = int(stats.get("listener_manager.total_listeners_warming", "0"))
             in_force = {
                 "listeners": stats.get("listener_manager.lds.version_text", ""),
                 "clusters": stats.get("cluster_manager.cds.version_text", ""),
@@ -425,7 +434,7 @@ class Waypoint:
                 log.info("config in force", **in_force, latest=self.latest)
             self.in_force = in_force
             taken = in_force["listeners"] == in_force["clusters"] == self.latest
-            if taken and self._latest_resources is not None:
+            if taken and not self.warming and self._latest_resources is not None:
                 self.good = (self.latest, self._latest_resources)
 
 

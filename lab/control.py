@@ -1,4 +1,5 @@
-"""The lab as users drive it: the network (network.py) plus a node agent per node."""
+"""The lab as users drive it: the network (network.py) plus a node agent per node and a
+waypoint process per waypoint of the topology."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ def up(
     if agents_too:
         try:
             agents.start_agents(state, agent_args)
+            agents.start_waypoints(state)
         except BaseException:
             down(name)
             raise
@@ -33,8 +35,10 @@ def up(
 
 def down(name: str) -> None:
     """Idempotent, and works after a crash: agents are found by their pins' directory,
-    namespaces by their name prefix."""
+    waypoints by their run directory, namespaces by their name prefix."""
     check_lab_name(name)
+    # Waypoints first: they are the pods' processes, and they keep their netns alive.
+    agents.stop_waypoints(name)
     agents.stop_agents(name)
     LabNetwork(name).down()
     with contextlib.suppress(FileNotFoundError):
@@ -47,6 +51,9 @@ def status(name: str) -> dict[str, Any]:
     running = set(agents.lab_agent_pids(name))
     for info in report["agents"].values():
         info["running"] = info.get("pid") in running
+    running_waypoints = set(agents.lab_waypoint_pids(name))
+    for info in report["waypoints"].values():
+        info["running"] = info.get("pid") in running_waypoints
     return report
 
 
@@ -76,4 +83,10 @@ def describe(report: dict[str, Any]) -> str:
                     f"    pod {pod['namespace']}/{pod['name']:<12} {pod['ip']:<15} "
                     f"netns {pod['netns']:<18} {mesh}"
                 )
+    for key, waypoint in report.get("waypoints", {}).items():
+        running = "running" if waypoint.get("running") else "not running"
+        lines.append(
+            f"  waypoint {key:<20} pod {waypoint.get('pod', '-'):<20} "
+            f"{running} (pid {waypoint.get('pid', '-')})"
+        )
     return "\n".join(lines)

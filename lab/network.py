@@ -82,7 +82,8 @@ class PodState:
 
 @dataclass(slots=True)
 class LabState:
-    """What ``up`` built. ``agents`` (node name -> free-form info) is for the agent runner."""
+    """What ``up`` built. ``agents`` (node name -> free-form info) and ``waypoints``
+    ("namespace/name" -> free-form info) are for the agent runner."""
 
     name: str
     topology: str
@@ -91,6 +92,8 @@ class LabState:
     nodes: list[NodeState]
     pods: list[PodState]
     agents: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Absent from state files written before waypoints: the default reads them.
+    waypoints: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps({"version": STATE_VERSION, **asdict(self)}, indent=2) + "\n"
@@ -247,6 +250,7 @@ class LabNetwork:
             "nodes": [_node_status(node) for node in state.nodes] if state is not None else [],
             "pods": [_pod_status(pod) for pod in state.pods] if state is not None else [],
             "agents": state.agents if state is not None else {},
+            "waypoints": state.waypoints if state is not None else {},
             "missing": missing,
             "leftovers": [netns for netns in present if netns not in expected],
         }

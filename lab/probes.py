@@ -13,7 +13,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.netns import NetnsWorker
-from lab.network import LabState, PodState
+from lab.network import STATE_ROOT, LabState, PodState
 
 
 @dataclass(frozen=True)
@@ -136,6 +136,17 @@ def wait_for_event(
         time.sleep(0.05)
 
 
+def edit_config(state: LabState, edit: Callable[[dict[str, Any]], None]) -> None:
+    """Change the lab's config as a user edits the file: read, `edit`, written atomically
+    (the agents and waypoints follow it)."""
+    config = STATE_ROOT / state.name / "mesh.yaml"
+    document = yaml.safe_load(config.read_text())
+    edit(document)
+    partial = config.with_suffix(".partial")
+    partial.write_text(yaml.safe_dump(document, sort_keys=False))
+    partial.replace(config)
+
+
 def apply_policies(
     state: LabState, documents: list[dict[str, Any]], nodes: tuple[str, ...], timeout: float = 10
 ) -> None:
@@ -197,6 +208,51 @@ class Sample:
     value: float
 
 
+def http_request(
+    netns_path: Path,
+    url: str,
+    method: str = "GET",
+    headers: dict[str, str] | None = None,
+    timeout: float = 5.0,
+) -> tuple[int, str]:
+    """(status, body) of one HTTP request from inside a netns, never through a proxy the
+    environment names; an HTTP error status is returned, not raised."""
+
+    def inside() -> tuple[int, str]:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        request = urllib.request.Request(url, method=method, headers=headers or {})
+        try:
+            with opener.open(request, timeout=timeout) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode()
+
+    worker = NetnsWorker(str(netns_path))
+    try:
+        return worker.call(inside)
+    finally:
+        worker.close()
+
+
+def parse_metrics(text: str) -> list[Sample]:
+    return [
+        Sample(sample.name, dict(sample.labels), sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    ]
+
+
+def scrape_waypoint(state: LabState, gateway: str) -> list[Sample]:
+    """A lab waypoint's /stats/prometheus, fetched from inside its pod."""
+    pod_name = state.waypoints[gateway]["pod"].partition("/")[2]  # "namespace/name"
+    target = pod(state, pod_name)
+    url = f"http://{target.ip}:15020/stats/prometheus"
+    status, text = http_request(target.netns_path, url)
+    if status != 200:
+        raise RuntimeError(f"{url} of waypoint {gateway} answered {status}: {text[:200]}")
+    return parse_metrics(text)
+
+
 def admin_get(state: LabState, node: str, url: str) -> tuple[int, str]:
     """(status, body) of a GET from inside the node's netns (the agent's admin ports are
     there, on loopback); an HTTP error status is returned, not raised."""
@@ -231,11 +287,7 @@ def scrape(state: LabState, node: str, port: int = 15020) -> list[Sample]:
     status, text = admin_get(state, node, f"http://127.0.0.1:{port}/metrics")
     if status != 200:
         raise RuntimeError(f"/metrics of {node}'s agent answered {status}: {text[:200]}")
-    return [
-        Sample(sample.name, dict(sample.labels), sample.value)
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    ]
+    return parse_metrics(text)
 
 
 def exchange(

@@ -1,17 +1,20 @@
-"""Lab topology: the nodes and pods of a local cluster, read from YAML and validated.
+"""Lab topology: the nodes, pods, services and waypoints of a local cluster, read from YAML
+and validated. It also carries the Kubernetes documents the mesh config passes on as they are
+(Gateway API HTTPRoutes, Istio AuthorizationPolicies): the agent validates those.
 
-Files hold no addresses. They follow from the order of nodes and pods, so a topology always
-gives the same addresses:
+Files hold no addresses. They follow from the order of nodes, pods, services and waypoints, so
+a topology always gives the same addresses:
 
 - node i (0-based, file order) is ``node_network[10 + i]``;
 - a node's gateway, seen by its pods, is ``pod_cidr[1]``;
 - the pods of a node, in file order, are ``pod_cidr[2]``, ``pod_cidr[3]``, ...
 - the cluster DNS address (the pods' nameserver, answered by the agents) is
   ``service_network[10]``; a service without a ``vip`` takes the next free address from
-  ``service_network[20]`` on, in file order.
+  ``service_network[20]`` on, in file order, and then each waypoint's Service, in file order.
 
 ``Topology.node_ip``, ``Topology.gateway``, ``Topology.pod_ip``, ``Topology.dns_ip`` and
-``Topology.service_vip`` compute them. The format is described in docs/lab.md.
+``Topology.service_vip`` (``Topology.waypoint_vip``) compute them. The format is described
+in docs/lab.md.
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ from __future__ import annotations
 import difflib
 import re
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import KW_ONLY, dataclass, field
 from importlib import resources
 from ipaddress import AddressValueError, IPv4Address, IPv4Network, NetmaskValueError
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import yaml
 
@@ -40,6 +44,13 @@ DNS_HOST = 10
 FIRST_VIP_HOST = 20
 """Services without a written VIP take addresses from service_network[FIRST_VIP_HOST] on."""
 
+WAYPOINT_FOR = ("service", "workload", "all", "none")
+"""The values of a waypoint's ``for`` (Istio's istio.io/waypoint-for); ``service`` is the
+default."""
+
+WAYPOINT_PORT = 15008
+"""The HBONE port of a waypoint, and the only port of its Service."""
+
 DEFAULT_TOPOLOGY_FILE = "default-topology.yaml"
 DEFAULT_NAMESPACE = "default"
 DEFAULT_SERVICE_NETWORK = IPv4Network("10.96.0.0/16")
@@ -53,6 +64,8 @@ _STR_TAG = "tag:yaml.org,2002:str"
 _BOOL_TAG = "tag:yaml.org,2002:bool"
 _NULL_TAG = "tag:yaml.org,2002:null"
 _INT_TAG = "tag:yaml.org,2002:int"
+
+_T = TypeVar("_T")
 
 Location = tuple[str | int, ...]
 """Where a value sits in the document, e.g. ("pods", 3, "node"): used to find its line."""
@@ -125,6 +138,7 @@ class PodSpec:
 class ServicePortSpec:
     port: int
     target_port: int
+    app_protocol: str = ""  # Kubernetes' appProtocol (http, kubernetes.io/h2c, ...); "": none
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,9 +150,12 @@ class ServiceSpec:
     ports: tuple[ServicePortSpec, ...]
     selector: tuple[tuple[str, str], ...]
     vip: IPv4Address | None = None  # None: allocated (see the module docstring)
+    labels: tuple[tuple[str, str], ...] = ()
+    """The Service's own labels (istio.io/use-waypoint), sorted pairs as PodSpec.labels."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "selector", tuple(sorted(self.selector)))
+        object.__setattr__(self, "labels", tuple(sorted(self.labels)))
 
     @property
     def key(self) -> str:
@@ -148,6 +165,10 @@ class ServiceSpec:
     def hostname(self) -> str:
         return f"{self.name}.{self.namespace}.svc.{CLUSTER_DOMAIN}"
 
+    @property
+    def label_map(self) -> dict[str, str]:
+        return dict(self.labels)
+
     def selects(self, pod: PodSpec) -> bool:
         labels = pod.label_map
         return (
@@ -155,6 +176,48 @@ class ServiceSpec:
             and pod.namespace == self.namespace
             and all(labels.get(key) == value for key, value in self.selector)
         )
+
+
+@dataclass(frozen=True, slots=True)
+class WaypointSpec:
+    """A waypoint Gateway (gatewayClassName istio-waypoint) run by one pod of its namespace.
+
+    Its Service, ``<name>.<namespace>.svc.cluster.local`` port 15008 backed by that pod, takes
+    a VIP after the services'. Everything but ``name`` is keyword-only.
+    """
+
+    name: str
+    _: KW_ONLY
+    pod: str
+    """The pod, in the same namespace, that runs the waypoint; it must be out of the mesh."""
+    namespace: str = DEFAULT_NAMESPACE
+    for_: str = "service"
+    """Which traffic it takes (topology key ``for``): one of WAYPOINT_FOR."""
+    annotations: tuple[tuple[str, str], ...] = ()
+    """The Gateway's annotations, sorted pairs, passed on to the waypoint."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "annotations", tuple(sorted(self.annotations)))
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def hostname(self) -> str:
+        return f"{self.name}.{self.namespace}.svc.{CLUSTER_DOMAIN}"
+
+    @property
+    def annotation_map(self) -> dict[str, str]:
+        return dict(self.annotations)
+
+    @property
+    def takes_services(self) -> bool:
+        return self.for_ in ("service", "all")
+
+    @property
+    def takes_workloads(self) -> bool:
+        return self.for_ in ("workload", "all")
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +230,11 @@ class Topology:
     pods: tuple[PodSpec, ...]
     services: tuple[ServiceSpec, ...] = ()
     service_network: IPv4Network = DEFAULT_SERVICE_NETWORK
+    waypoints: tuple[WaypointSpec, ...] = ()
+    # Kubernetes documents, as written: checked by the agent when it loads the mesh config.
+    # Not hashed (dicts are not hashable); compared like every other field.
+    http_routes: tuple[dict[str, Any], ...] = field(default=(), hash=False)
+    policies: tuple[dict[str, Any], ...] = field(default=(), hash=False)
 
     def __post_init__(self) -> None:
         _check_topology(self)
@@ -176,17 +244,35 @@ class Topology:
         return self.service_network[DNS_HOST]
 
     def service_vips(self) -> dict[str, IPv4Address]:
-        """Every service's VIP by key: written ones, then allocated ones in file order."""
+        """Every service's VIP by key: written ones, then allocated ones in file order, then
+        each waypoint's Service's (keyed by the waypoint's namespace/name) in file order."""
         taken = {s.vip for s in self.services if s.vip is not None}
         candidates = (
             self.service_network[i]
             for i in range(FIRST_VIP_HOST, self.service_network.num_addresses - 1)
         )
         free = (address for address in candidates if address not in taken)
-        return {s.key: s.vip if s.vip is not None else next(free) for s in self.services}
+        vips = {s.key: s.vip if s.vip is not None else next(free) for s in self.services}
+        vips.update((w.key, next(free)) for w in self.waypoints)
+        return vips
 
     def service_vip(self, namespace: str, name: str) -> IPv4Address:
         return self.service_vips()[f"{namespace}/{name}"]
+
+    def waypoint_vip(self, namespace: str, name: str) -> IPv4Address:
+        """The VIP of the waypoint's Service."""
+        self.waypoint(namespace, name)  # a KeyError that says "no waypoint"
+        return self.service_vips()[f"{namespace}/{name}"]
+
+    def waypoint(self, namespace: str, name: str) -> WaypointSpec:
+        for waypoint in self.waypoints:
+            if (waypoint.namespace, waypoint.name) == (namespace, name):
+                return waypoint
+        raise KeyError(f"no waypoint {namespace}/{name} in topology {self.name!r}")
+
+    def waypoint_of_pod(self, namespace: str, name: str) -> WaypointSpec | None:
+        """The waypoint the pod runs, if any."""
+        return next((w for w in self.waypoints if (w.namespace, w.pod) == (namespace, name)), None)
 
     def node(self, name: str) -> NodeSpec:
         return self.nodes[self.node_index(name)]
@@ -226,6 +312,9 @@ class Topology:
             "pods": [_pod_document(pod) for pod in self.pods],
             "serviceNetwork": str(self.service_network),
             "services": [_service_document(service) for service in self.services],
+            "waypoints": [_waypoint_document(waypoint) for waypoint in self.waypoints],
+            "httpRoutes": list(self.http_routes),
+            "policies": list(self.policies),
         }
         return yaml.safe_dump(document, sort_keys=False, default_flow_style=False)
 
@@ -234,11 +323,32 @@ def _service_document(service: ServiceSpec) -> dict[str, object]:
     document: dict[str, object] = {
         "name": service.name,
         "namespace": service.namespace,
-        "ports": [{"port": p.port, "targetPort": p.target_port} for p in service.ports],
+        "ports": [_port_document(port) for port in service.ports],
         "selector": dict(service.selector),
     }
     if service.vip is not None:
         document["vip"] = str(service.vip)
+    if service.labels:
+        document["labels"] = service.label_map
+    return document
+
+
+def _port_document(port: ServicePortSpec) -> dict[str, object]:
+    document: dict[str, object] = {"port": port.port, "targetPort": port.target_port}
+    if port.app_protocol:
+        document["appProtocol"] = port.app_protocol
+    return document
+
+
+def _waypoint_document(waypoint: WaypointSpec) -> dict[str, object]:
+    document: dict[str, object] = {
+        "name": waypoint.name,
+        "namespace": waypoint.namespace,
+        "pod": waypoint.pod,
+        "for": waypoint.for_,
+    }
+    if waypoint.annotations:
+        document["annotations"] = waypoint.annotation_map
     return document
 
 
@@ -304,39 +414,45 @@ class _Reader:
         self.source = source
 
     def topology(self, root: yaml.Node) -> Topology:
-        optional = {"name", "pods", "services", "serviceNetwork"}
+        optional = {
+            "name", "pods", "services", "serviceNetwork", "waypoints", "httpRoutes", "policies",
+        }  # fmt: skip
         fields = self.mapping(root, "the document", {"nodeNetwork", "nodes"}, optional)
         name = self.string(fields["name"], "name") if "name" in fields else None
-        node_items = self.sequence(fields["nodes"], "nodes")
-        pod_items = self.sequence(fields["pods"], "pods") if "pods" in fields else []
-        service_items = (
-            self.sequence(fields["services"], "services") if "services" in fields else []
-        )
+
+        def each(key: str, parse: Callable[[yaml.Node, str], _T]) -> tuple[_T, ...]:
+            found = self.sequence(fields[key], key) if key in fields else []
+            return tuple(parse(item, f"{key}[{i}]") for i, item in enumerate(found))
+
         service_network = DEFAULT_SERVICE_NETWORK
         if "serviceNetwork" in fields:
             service_network = self.network(fields["serviceNetwork"], "serviceNetwork")
         return Topology(
             name=name if name is not None else _default_name(self.source),
             node_network=self.network(fields["nodeNetwork"], "nodeNetwork"),
-            nodes=tuple(self.node(item, f"nodes[{i}]") for i, item in enumerate(node_items)),
-            pods=tuple(self.pod(item, f"pods[{i}]") for i, item in enumerate(pod_items)),
-            services=tuple(
-                self.service(item, f"services[{i}]") for i, item in enumerate(service_items)
-            ),
+            nodes=each("nodes", self.node),
+            pods=each("pods", self.pod),
+            services=each("services", self.service),
             service_network=service_network,
+            waypoints=each("waypoints", self.waypoint),
+            http_routes=each("httpRoutes", self.document),
+            policies=each("policies", self.document),
         )
 
     def service(self, item: yaml.Node, what: str) -> ServiceSpec:
-        fields = self.mapping(item, what, {"name", "ports", "selector"}, {"namespace", "vip"})
+        optional = {"namespace", "vip", "labels"}
+        fields = self.mapping(item, what, {"name", "ports", "selector"}, optional)
         ports = []
         for i, port_item in enumerate(self.sequence(fields["ports"], f"{what}.ports")):
             where = f"{what}.ports[{i}]"
-            port_fields = self.mapping(port_item, where, {"port"}, {"targetPort"})
+            port_fields = self.mapping(port_item, where, {"port"}, {"targetPort", "appProtocol"})
             port = self.port(port_fields["port"], f"{where}.port")
             target = port_fields.get("targetPort")
             ports.append(
                 ServicePortSpec(
-                    port, port if target is None else self.port(target, f"{where}.targetPort")
+                    port,
+                    port if target is None else self.port(target, f"{where}.targetPort"),
+                    self.optional_string(port_fields, "appProtocol", where, ""),
                 )
             )
         vip = None
@@ -352,7 +468,56 @@ class _Reader:
             ports=tuple(ports),
             selector=self.labels(fields["selector"], f"{what}.selector"),
             vip=vip,
+            labels=self.labels(fields["labels"], f"{what}.labels") if "labels" in fields else (),
         )
+
+    def waypoint(self, item: yaml.Node, what: str) -> WaypointSpec:
+        fields = self.mapping(item, what, {"name", "pod"}, {"namespace", "for", "annotations"})
+        annotations = fields.get("annotations")
+        return WaypointSpec(
+            self.string(fields["name"], f"{what}.name"),
+            pod=self.string(fields["pod"], f"{what}.pod"),
+            namespace=self.optional_string(fields, "namespace", what, DEFAULT_NAMESPACE),
+            for_=self.optional_string(fields, "for", what, "service"),
+            annotations=(
+                () if annotations is None else self.labels(annotations, f"{what}.annotations")
+            ),
+        )
+
+    def document(self, node: yaml.Node, what: str) -> dict[str, Any]:
+        """A Kubernetes document kept as written; only its shape (a mapping without duplicate
+        keys) is checked here."""
+        if not isinstance(node, yaml.MappingNode):
+            self.fail(node, f"{what} must be a mapping, not {_kind(node)}")
+        self.no_duplicate_keys(node, what, set())
+        try:
+            value = yaml.SafeLoader("").construct_document(node)
+        except (yaml.YAMLError, ValueError) as exc:
+            mark = getattr(exc, "problem_mark", None) or node.start_mark
+            problem = getattr(exc, "problem", None) or str(exc)
+            line = mark.line + 1
+            raise TopologyError(f"{what}: {problem}", source=self.source, line=line) from exc
+        assert isinstance(value, dict)
+        return value
+
+    def no_duplicate_keys(self, node: yaml.Node, what: str, visited: set[int]) -> None:
+        # YAML would keep the last value of a repeated key, silently. `visited`: an alias
+        # repeats a node, and may even point back at its ancestor.
+        if id(node) in visited:
+            return
+        visited.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            for child in node.value:
+                self.no_duplicate_keys(child, what, visited)
+        elif isinstance(node, yaml.MappingNode):
+            seen: set[tuple[str, str]] = set()
+            for key_node, value_node in node.value:
+                if isinstance(key_node, yaml.ScalarNode):
+                    if (key_node.tag, key_node.value) in seen:
+                        self.fail(key_node, f"{what}: duplicate key {key_node.value!r}")
+                    seen.add((key_node.tag, key_node.value))
+                self.no_duplicate_keys(key_node, what, visited)
+                self.no_duplicate_keys(value_node, what, visited)
 
     def port(self, node: yaml.Node, what: str) -> int:
         # Decimal only: YAML 1.1 also reads 0x50, 0b1010000 and 1:20 as ints, and 010 as 8.
@@ -519,6 +684,7 @@ def _check_topology(topology: Topology) -> None:
     _check_nodes(topology)
     _check_pods(topology)
     _check_services(topology)
+    _check_waypoints(topology)
 
 
 def _check_nodes(topology: Topology) -> None:
@@ -575,7 +741,7 @@ def _check_pods(topology: Topology) -> None:
         _check_dns_label(pod.name, f"{what}: pod name", ("pods", index, "name"))
         _check_dns_label(pod.namespace, f"{what}: namespace", ("pods", index, "namespace"))
         _check_service_account(pod, what, ("pods", index, "serviceAccount"))
-        _check_labels(pod, what, ("pods", index, "labels"))
+        _check_labels(pod.labels, what, ("pods", index, "labels"))
         if (pod.namespace, pod.name) in seen:
             raise TopologyError(
                 f"{what}: duplicate pod (also pods[{seen[pod.namespace, pod.name]}])",
@@ -607,11 +773,16 @@ def _check_service_account(pod: PodSpec, what: str, path: Location) -> None:
         )
 
 
-def _check_labels(pod: PodSpec, what: str, path: Location) -> None:
-    for key, value in pod.labels:
-        prefix, _, name = key.rpartition("/")
-        bad_prefix = bool(prefix) and (len(prefix) > 253 or not _DNS_SUBDOMAIN.fullmatch(prefix))
-        if bad_prefix or len(name) > 63 or not _LABEL_NAME.fullmatch(name):
+def _is_qualified_name(text: str) -> bool:
+    """A Kubernetes qualified name: [DNS-subdomain prefix/]name, as label keys are."""
+    prefix, _, name = text.rpartition("/")
+    bad_prefix = bool(prefix) and (len(prefix) > 253 or not _DNS_SUBDOMAIN.fullmatch(prefix))
+    return not bad_prefix and len(name) <= 63 and _LABEL_NAME.fullmatch(name) is not None
+
+
+def _check_labels(labels: tuple[tuple[str, str], ...], what: str, path: Location) -> None:
+    for key, value in labels:
+        if not _is_qualified_name(key):
             raise TopologyError(f"{what}: invalid label key {key!r}", path=(*path, key))
         if len(value) > 63 or (value and not _LABEL_NAME.fullmatch(value)):
             raise TopologyError(
@@ -630,9 +801,14 @@ def _check_services(topology: Topology) -> None:
             raise TopologyError(
                 f"serviceNetwork {network} overlaps {what} {other}", path=("serviceNetwork",)
             )
-    if network.num_addresses < FIRST_VIP_HOST + len(topology.services) + 1:
+    if (
+        network.num_addresses
+        < FIRST_VIP_HOST + len(topology.services) + len(topology.waypoints) + 1
+    ):
+        waypoints = f" and {len(topology.waypoints)} waypoint(s)" if topology.waypoints else ""
         raise TopologyError(
-            f"serviceNetwork {network} is too small for {len(topology.services)} service(s)",
+            f"serviceNetwork {network} is too small for {len(topology.services)} service(s)"
+            f"{waypoints}",
             path=("serviceNetwork",),
         )
     seen: dict[str, int] = {}
@@ -654,6 +830,14 @@ def _check_services(topology: Topology) -> None:
         ports = [p.port for p in service.ports]
         if len(set(ports)) != len(ports):
             raise TopologyError(f"{what}: duplicate port", path=("services", index, "ports"))
+        _check_labels(service.labels, what, ("services", index, "labels"))
+        for port_index, port in enumerate(service.ports):
+            if port.app_protocol and not _is_qualified_name(port.app_protocol):
+                raise TopologyError(
+                    f"{what}: appProtocol {port.app_protocol!r} of port {port.port} is not a "
+                    "protocol name (such as http, or a prefixed one: kubernetes.io/h2c)",
+                    path=("services", index, "ports", port_index, "appProtocol"),
+                )
         if service.vip is None:
             continue
         path: Location = ("services", index, "vip")
@@ -672,3 +856,64 @@ def _check_services(topology: Topology) -> None:
                 f"{what}: vip {service.vip} is also services[{vips[service.vip]}]'s", path=path
             )
         vips[service.vip] = index
+
+
+def _check_waypoints(topology: Topology) -> None:
+    services = {service.key: index for index, service in enumerate(topology.services)}
+    seen: dict[str, int] = {}
+    pods: dict[tuple[str, str], int] = {}
+    for index, waypoint in enumerate(topology.waypoints):
+        what = f"waypoints[{index}] ({waypoint.key})"
+        path: Location = ("waypoints", index)
+        _check_dns_label(waypoint.name, f"{what}: waypoint name", (*path, "name"))
+        _check_dns_label(waypoint.namespace, f"{what}: namespace", (*path, "namespace"))
+        if waypoint.key in seen:
+            raise TopologyError(
+                f"{what}: duplicate waypoint (also waypoints[{seen[waypoint.key]}])",
+                path=(*path, "name"),
+            )
+        seen[waypoint.key] = index
+        if waypoint.key in services:
+            raise TopologyError(
+                f"{what}: services[{services[waypoint.key]}] has the same namespace and name: "
+                "the waypoint's own Service takes that name",
+                path=(*path, "name"),
+            )
+        if waypoint.for_ not in WAYPOINT_FOR:
+            raise TopologyError(
+                f"{what}: for {waypoint.for_!r} must be one of {', '.join(WAYPOINT_FOR)}",
+                path=(*path, "for"),
+            )
+        for key, _ in waypoint.annotations:
+            if not _is_qualified_name(key):
+                raise TopologyError(
+                    f"{what}: invalid annotation key {key!r}", path=(*path, "annotations", key)
+                )
+        _check_waypoint_pod(topology, index, pods)
+
+
+def _check_waypoint_pod(topology: Topology, index: int, pods: dict[tuple[str, str], int]) -> None:
+    waypoint = topology.waypoints[index]
+    what = f"waypoints[{index}] ({waypoint.key})"
+    path: Location = ("waypoints", index, "pod")
+    try:
+        pod = topology.pod(waypoint.namespace, waypoint.pod)
+    except KeyError:
+        there = [p.name for p in topology.pods if p.namespace == waypoint.namespace]
+        raise TopologyError(
+            f"{what}: unknown pod {waypoint.pod!r} in namespace {waypoint.namespace} (a "
+            f"waypoint runs in a pod of its own namespace); pods there: "
+            f"{', '.join(there) or 'none'}",
+            path=path,
+        ) from None
+    if pod.ambient:
+        raise TopologyError(
+            f"{what}: pod {pod.key}: a waypoint's pod is never captured: set ambient: false",
+            path=path,
+        )
+    if (pod.namespace, pod.name) in pods:
+        raise TopologyError(
+            f"{what}: pod {pod.key} already runs waypoints[{pods[pod.namespace, pod.name]}]",
+            path=path,
+        )
+    pods[pod.namespace, pod.name] = index

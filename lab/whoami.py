@@ -1,7 +1,8 @@
 """A small TCP server for lab pods: answers each line with the address it saw the client
 come from, so a demo or test can prove which source address reached the app. A connection
 that starts with an HTTP/1 request line gets one HTTP response with that text as its body
-(so `curl` works too), and is closed."""
+(so `curl` works too), followed by the request's `x-` headers (what a waypoint route
+added shows there), and is closed."""
 
 from __future__ import annotations
 
@@ -22,8 +23,13 @@ async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
                 f"echo={line.decode(errors='replace').strip()}\n".encode()
             )
             if _REQUEST_LINE.fullmatch(line):
-                while (await reader.readline()).strip():
-                    pass  # the request's headers
+                headers = []
+                while header := (await reader.readline()).strip():
+                    name, _, value = header.decode(errors="replace").partition(":")
+                    if name.lower().startswith("x-") and not name.lower().startswith("x-envoy"):
+                        headers.append(f"{name.lower()}:{value.strip()}")
+                if headers:
+                    text = text.rstrip(b"\n") + f" headers={','.join(sorted(headers))}\n".encode()
                 head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(text)}\r\nConnection: close"
                 writer.write(f"{head}\r\nContent-Type: text/plain\r\n\r\n".encode() + text)
                 await writer.drain()

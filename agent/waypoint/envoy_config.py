@@ -307,13 +307,25 @@ def service_cluster_name(service: Service, port: int) -> str:
     return f"outbound|{port}||{service.hostname}"
 
 
-def _main_internal(chains: list[JsonObject]) -> JsonObject:
+# Where main_internal sends what no chain serves: a cluster without endpoints, so the
+# connection is closed (flag UH) and logged, never passed anywhere.
+NO_CHAIN = "no-chain"
+
+
+def _main_internal(chains: list[JsonObject], access_log: Path) -> JsonObject:
     return {
         "name": "main_internal",
         "internal_listener": {},
         "listener_filters": [_original_dst_filter()],
         "use_original_dst": True,
         "filter_chains": chains,
+        # Envoy refuses a listener without chains: a waypoint nothing is bound to yet has one.
+        "default_filter_chain": {
+            "name": NO_CHAIN,
+            "filters": [
+                _tcp_proxy(NO_CHAIN, NO_CHAIN, access_log=_access_log(_TCP_FIELDS, access_log))
+            ],
+        },
     }
 
 
@@ -636,6 +648,7 @@ def render(
             "transport_socket": _internal_upstream(),
         },
         "connect_originate": _connect_originate_cluster(secrets),
+        NO_CHAIN: {"name": NO_CHAIN, "type": "STATIC", "connect_timeout": "1s"},
     }
     allow_policies: dict[str, tuple[str, ...]] = {}
     for service in sorted(state.services, key=lambda s: s.key):
@@ -686,7 +699,7 @@ def render(
         )
     listeners = [
         _connect_terminate(secrets, access_log),
-        _main_internal(chains),
+        _main_internal(chains, access_log),
         _connect_originate(),
     ]
     return Resources(listeners, list(clusters.values()), allow_policies)

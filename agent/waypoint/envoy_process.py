@@ -187,8 +187,10 @@ class EnvoyProcess:
             parsed = _LOG_LINE.match(text)
             if parsed is not None:
                 level, logger, message = parsed.groups()
-            else:  # a continuation of a multi-line message
+            elif text.strip():  # a continuation of a multi-line message
                 logger, message = "", text
+            else:
+                continue
             self.tail.append(text)
             if (rejected := _REJECTED.search(message)) is not None:
                 self._on_rejected(rejected.group(1))

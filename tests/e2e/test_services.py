@@ -36,7 +36,7 @@ from agent.netns import NetnsWorker
 from lab import agents, control, probes
 from lab.network import LabState
 from lab.topology import load_topology
-from tests.support.lab_waypoint import LabWaypoint, envoy_waypoint
+from tests.support.lab_waypoint import LabWaypoint
 
 pytestmark = pytest.mark.kernel
 
@@ -498,37 +498,37 @@ def test_plaintext_from_a_mesh_workloads_address_is_not_its_principal(lab: LabSt
         probes.apply_policies(lab, [], ("node-1", "node-2"))
 
 
-# ---- waypoints: how the node agents route to one (a real Envoy with the waypoint's config,
-# until issue 13's waypoint process runs it) ----------------------------------------------
-
-WAYPOINT_VIP = "10.96.0.50"
-WAYPOINT_HOST = "waypoint.default.svc.cluster.local"
+# ---- waypoints: how the node agents route to one (the lab's waypoint process, which
+# follows the config as the agents do) ------------------------------------------------------
 
 
 def bind_to_waypoint(document: dict[str, Any]) -> None:
-    """The waypoint's Service (VIP WAYPOINT_VIP, port 15008, its pod behind it); echo bound
-    to it (for services) and echo-b too (for workloads)."""
-    waypoint = {"destination": WAYPOINT_VIP, "name": "waypoint", "namespace": "default"}
-    document["services"].append({"name": "waypoint", "namespace": "default",
-                                 "hostname": WAYPOINT_HOST, "vips": [WAYPOINT_VIP],
-                                 "ports": {15008: 15008}})  # fmt: skip
+    """echo bound to the lab's waypoint (for services) and echo-b too (for workloads)."""
+    vip = str(load_topology(TOPOLOGY).waypoint_vip("default", "waypoint"))
+    waypoint = {"destination": vip, "name": "waypoint", "namespace": "default"}
     for service in document["services"]:
         if service["name"] == "echo":
             service["waypoint"] = waypoint
     for workload in document["workloads"]:
-        if workload["name"] == "waypoint":
-            workload["services"] = {f"default/{WAYPOINT_HOST}": {15008: 15008}}
         if workload["name"] == "echo-b":
             workload["waypoint"] = waypoint
 
 
+def serves_echo(dump: dict[str, Any]) -> bool:
+    return [s["service"] for s in dump["services"]] == [f"default/{ECHO_HOST}"] and dump[
+        "workloads"
+    ] == ["default/echo-b"]
+
+
 @pytest.fixture
 def waypoint(lab: LabState) -> Iterator[LabWaypoint]:
-    """The bindings in the lab's config and Envoy in the waypoint pod, both undone after."""
+    """The bindings in the lab's config, taken by the agents and the waypoint (without a
+    restart), undone after."""
     with restored_config(lab):
+        envoy = LabWaypoint(lab, "default/waypoint")
         reload(lab, bind_to_waypoint)
-        with envoy_waypoint(lab, "waypoint", "default/waypoint") as envoy:
-            yield envoy
+        envoy.wait_in_force(serves_echo)
+        yield envoy
 
 
 def through_envoy(waypoint: LabWaypoint, count: int) -> list[tuple[str, str]]:

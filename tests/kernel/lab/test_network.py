@@ -57,6 +57,7 @@ def test_plan_names_netns_and_interfaces() -> None:
         ("server-b", "demo-server-b", "10.240.2.2", "vp2"),
         ("client-b", "demo-client-b", "10.240.2.3", "vp3"),
         ("outsider", "demo-outsider", "10.240.2.4", "vp4"),
+        ("waypoint", "demo-waypoint", "10.240.1.4", "vp5"),
     ]
     assert {p.interface for p in state.pods} == {"eth0"}
     assert state.pods[4].ambient is False
@@ -80,6 +81,7 @@ def test_state_json_round_trip_keeps_agents() -> None:
         "nodes",
         "pods",
         "agents",
+        "waypoints",
     }
     assert data["agents"]["node-1"]["pid"] == 1234
 

