@@ -125,6 +125,8 @@ class Waypoint:
         # Listeners Envoy is still warming: a version is in force only once none are, since
         # connections go to the old listener until the new one is warm.
         self.warming = 0
+        # Serial numbers of the certificates Envoy holds (its /certs): what it presents.
+        self.envoy_serials: list[str] = []
         self.envoy_live = False
         self.rejections: list[dict[str, str]] = []
         self.restarts = 0
@@ -200,6 +202,9 @@ class Waypoint:
             "gateway": gateway,
             "identity": self.config.identity.uri,
             "certificate_expires": self.certificate.not_after if self.certificate else None,
+            "certificate_serial": f"{self.certificate.leaf.serial_number:x}".lstrip("0")
+            if self.certificate
+            else None,
             "envoy": {
                 "pid": self.envoy.pid if self.envoy else None,
                 "live": self.envoy_live,
@@ -207,6 +212,7 @@ class Waypoint:
                 "latest_version": self.latest,
                 "in_force": self.in_force,
                 "warming": self.warming,
+                "certificate_serials": self.envoy_serials,
                 "rejections": self.rejections[-5:],
             },
             "services": services,
@@ -421,9 +427,17 @@ class Waypoint:
                     "cluster_manager.cds.version_text",
                     "listener_manager.total_listeners_warming",
                 )
-            except EnvoyError:
+                certs = json.loads(await envoy.admin("/certs"))
+            except (EnvoyError, ValueError):
                 self.envoy_live = False
                 continue
+            self.envoy_serials = sorted(
+                {
+                    str(c.get("serial_number", "")).lower().lstrip("0")
+                    for entry in certs.get("certificates", [])
+                    for c in entry.get("cert_chain", [])
+                }
+            )
             self.envoy_live = stats.get("server.state") == "0"  # LIVE
             self.warming = int(stats.get("listener_manager.total_listeners_warming", "0"))
             in_force = {

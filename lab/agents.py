@@ -323,9 +323,13 @@ def waypoint_log(name: str, waypoint: WaypointSpec) -> Path:
 
 
 def waypoint_argv(
-    state: LabState, gateway_key: str, command: tuple[str, ...] = AGENT_COMMAND
+    state: LabState,
+    gateway_key: str,
+    command: tuple[str, ...] = AGENT_COMMAND,
+    extra_args: tuple[str, ...] = (),
 ) -> list[str]:
-    """The command that runs the waypoint `gateway_key` ("namespace/name") in its pod."""
+    """The command that runs the waypoint `gateway_key` ("namespace/name") in its pod, with
+    `extra_args` added to `ambient-agent waypoint`."""
     waypoint, pod = _waypoint_and_pod(state, gateway_key)
     base = lab_dir(state.name)
     return [
@@ -335,6 +339,7 @@ def waypoint_argv(
         "--run-dir", str(waypoint_run_dir(state.name, waypoint)),
         "--ca-dir", str(base / "ca"),
         "--service-account", pod.service_account,
+        *extra_args,
     ]  # fmt: skip
 
 
@@ -352,11 +357,14 @@ def start_waypoints(state: LabState, command: tuple[str, ...] = AGENT_COMMAND) -
 
 
 def start_waypoint(
-    state: LabState, gateway_key: str, command: tuple[str, ...] = AGENT_COMMAND
+    state: LabState,
+    gateway_key: str,
+    command: tuple[str, ...] = AGENT_COMMAND,
+    extra_args: tuple[str, ...] = (),
 ) -> subprocess.Popen[bytes]:
     """Start the waypoint `gateway_key` again (the earlier one has exited or was stopped)
     with the lab's config as it is now; returns once it is ready."""
-    proc = _spawn_waypoint(state, gateway_key, command)
+    proc = _spawn_waypoint(state, gateway_key, command, extra_args)
     state.save()
     _wait_waypoint_ready(state, gateway_key, proc, time.monotonic() + WAYPOINT_READY_TIMEOUT)
     return proc
@@ -412,7 +420,7 @@ def _waypoint_and_pod(state: LabState, gateway_key: str) -> tuple[WaypointSpec, 
 
 
 def _spawn_waypoint(
-    state: LabState, gateway_key: str, command: tuple[str, ...]
+    state: LabState, gateway_key: str, command: tuple[str, ...], extra_args: tuple[str, ...] = ()
 ) -> subprocess.Popen[bytes]:
     waypoint, pod = _waypoint_and_pod(state, gateway_key)
     config = lab_dir(state.name) / "mesh.yaml"
@@ -423,7 +431,7 @@ def _spawn_waypoint(
     log_path = waypoint_log(state.name, waypoint)
     with open(log_path, "ab") as log:  # appended: a restarted waypoint's log follows the first's
         proc = subprocess.Popen(
-            waypoint_argv(state, gateway_key, command),
+            waypoint_argv(state, gateway_key, command, extra_args),
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,
         )  # fmt: skip

@@ -1,5 +1,6 @@
 """`ambient-agent demo`: bring the lab up, send traffic along the mesh's three paths, call a
-Service by name, tear down.
+Service by name, take HTTP through the waypoint (the deep guide's labs 1 and 2: routes, L7
+policy, request metrics, a bypass and its closing; lab/demo_waypoint.py), tear down.
 
 Each step says what the kernel and the agent did, with the evidence: the agent's own log of
 the captured connection (original destination), the address the server saw, and the kernel's
@@ -13,32 +14,20 @@ import json
 import signal
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from types import FrameType
 from typing import Any
 
 from agent.ctl import read_pods, read_policy_decisions, read_verdicts
 from agent.datapath import abi
 from agent.identity.spiffe import DEFAULT_TRUST_DOMAIN
-from lab import agents, control, probes
+from lab import agents, control, demo_waypoint, probes
+from lab.demo_step import Step
 from lab.network import LabState, PodState
 
 APP_PORT = 8080
 SERVICE = ("default", "echo")  # namespace, name: the default topology's Service
 SERVICE_CONNECTIONS = 4  # enough for the round robin to reach each of its two endpoints twice
-
-
-@dataclass
-class Step:
-    title: str
-    client: str
-    server: str
-    checks: dict[str, bool] = field(default_factory=dict)
-    facts: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return bool(self.checks) and all(self.checks.values())
 
 
 def _identity(pod: PodState) -> str:
@@ -334,6 +323,9 @@ def _print(steps: list[Step], kernel: dict[str, Any], metrics: list[dict[str, An
     for number, step in enumerate(steps, 1):
         f = step.facts
         print(f"\n[{number}] {step.title}")
+        if step.kind == "waypoint":
+            demo_waypoint.print_step(step)
+            continue
         if "policy" in f:
             print(f"    path:                 {f['path']}")
             print(f"    client saw:           {f['client_saw']}  (client socket {f['client']})")
@@ -420,6 +412,10 @@ def run_demo(name: str, json_output: bool = False) -> int:
                             "outsider", "server-b", "passthrough"),
                 _service(state, "pod -> Service by name (agent DNS, VIP balanced over both "
                          "endpoints, HBONE)", "client-a"),
+                demo_waypoint.routing(state),
+                demo_waypoint.policy(state),
+                demo_waypoint.metrics(state),
+                *demo_waypoint.bypass(state),
             ]  # fmt: skip
             print("applying two DENY policies (deny-outsider, deny-client-a)...", file=log)
             probes.apply_policies(state, _deny_policies(probes.pod(state, "outsider")),

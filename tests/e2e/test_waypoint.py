@@ -244,6 +244,19 @@ def test_request_metrics_at_the_waypoint_and_tcp_series_at_the_source(lab: LabSt
     assert labels["source_principal"] == "spiffe://cluster.local/ns/default/sa/client-a"
     assert labels["connection_security_policy"] == "mutual_tls"
     assert waypoint_metric(lab, "istio_request_duration_milliseconds_count", **web_requests) >= 3
+    # The endpoint's node agent took the tunnel from the waypoint, and says so.
+    assert (
+        agent_metric(
+            lab,
+            "node-1",
+            "istio_tcp_connections_opened_total",
+            reporter="destination",
+            source_workload="waypoint",
+            destination_workload="server-a",
+            source_principal="spiffe://cluster.local/ns/default/sa/waypoint",
+        )
+        >= 1
+    )
     # The client's node agent names the waypoint as destination, the service as intended.
     assert (
         agent_metric(
@@ -382,3 +395,29 @@ def _answers(lab: LabState, client: str, ip: str) -> bool:
         return bool(probes.talk(probes.pod(lab, client).netns_path, ip, APP_PORT, "hi", 2.0).reply)
     except OSError:
         return False
+
+
+def test_the_certificate_rotates_under_a_running_envoy(
+    lab: LabState, waypoint: LabWaypoint
+) -> None:
+    # 70 s from a notBefore a minute back (clock skew): refreshed about 5 s after issue.
+    agents.stop_waypoint(lab, GATEWAY)
+    agents.start_waypoint(lab, GATEWAY, extra_args=("--cert-ttl", "70"))
+    try:
+        first = waypoint.dump()
+        rotated = wait_for(
+            lambda: (
+                (d := waypoint.dump())["certificate_expires"] != first["certificate_expires"] and d
+            ),
+            timeout=20,
+        )
+        assert rotated["envoy"]["pid"] == first["envoy"]["pid"]  # a file swap, no restart
+        # Envoy took the new certificate from the SDS file (its /certs), and new HBONE
+        # connections from clients verify it.
+        serial = rotated["certificate_serial"]
+        assert serial != first["certificate_serial"]
+        wait_for(lambda: serial in waypoint.dump()["envoy"]["certificate_serials"])
+        assert get(lab, "/", "client-b")[0] == 200
+    finally:
+        agents.stop_waypoint(lab, GATEWAY)
+        agents.start_waypoint(lab, GATEWAY)

@@ -809,3 +809,48 @@ def test_a_not_ready_endpoint_backs_no_selectorless_service() -> None:
     state = state_of(pods=[pod()], services=[legacy], endpointslices=[slice_])
     (workload,) = state.workloads
     assert "shop/legacy.shop.svc.cluster.local" not in workload.services
+
+
+# --- what waypoints carry out: routes, targetRefs policies, protocols, allow-only ----------
+
+
+def test_http_routes_targetref_policies_protocols_and_allow_only_waypoint() -> None:
+    bound = service(ports=({"name": "http-web", "port": 9080, "targetPort": 9080},
+                           {"name": "grpc", "port": 9090, "appProtocol": "kubernetes.io/h2c"},
+                           {"name": "db", "port": 5432}))  # fmt: skip
+    bound["metadata"]["labels"] = {USE: "waypoint"}
+    closed = gateway()
+    closed["metadata"]["annotations"] = {"ambient.istio.io/allow-only-waypoint": "true"}
+    route = {
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": "reviews", "namespace": "shop", "uid": "r1",
+                     "creationTimestamp": "2025-05-12T09:14:03Z"},
+        "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "reviews"}],
+                 "rules": [{"backendRefs": [{"name": "reviews", "port": 9080}]}]},
+    }  # fmt: skip
+    broken = {**route, "metadata": {"name": "broken", "namespace": "shop"},
+              "spec": {"parentRefs": [{"name": "reviews", "kind": "Service", "group": ""}],
+                       "rules": [{"filters": [{"type": "URLRewrite"}]}]}}  # fmt: skip
+    l7 = {
+        "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "no-admin", "namespace": "shop"},
+        "spec": {"targetRefs": [{"group": "", "kind": "Service", "name": "reviews"}],
+                 "action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/admin"]}}]}]},
+    }  # fmt: skip
+    state = state_of(
+        pods=[pod(ports={"http": 9080})],
+        services=[bound],
+        gateways=[closed],
+        httproutes=[route, broken],
+        authorizationpolicies=[l7],
+    )
+    # The broken route is left out (logged); the good one is there, with its age.
+    assert [(r.key, r.created) for r in state.routes] == [("shop/reviews", "2025-05-12T09:14:03Z")]
+    assert [p.key for p in state.waypoint_policies] == ["shop/no-admin"]
+    reviews = state.service(REVIEWS_KEY)
+    assert reviews is not None
+    assert [reviews.declares_http(port) for port in (9080, 9090, 5432)] == [True, True, False]
+    assert reviews.waypoint is not None and reviews.waypoint.allow_only
+    # The option's L4 ALLOW guards exactly the pod behind the bound Service.
+    (guard,) = state.policies
+    assert guard.workload_uids == ("uid-reviews-1",)
