@@ -194,23 +194,18 @@ def _targets(args: argparse.Namespace) -> list[Path]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    # --pin-dir and --json before or after the command (`ambientctl --json pods` as before):
-    # the subcommands' copies leave the value alone unless given.
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--pin-dir", type=Path, default=argparse.SUPPRESS, help="one agent's pin directory"
-    )
-    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
     parser = argparse.ArgumentParser(
         prog="ambientctl",
         description="Inspect the ambient agent's kernel state; make and inspect waypoints.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        parents=[common],
+        parents=[_common_options(None, False)],
     )
-    parser.set_defaults(pin_dir=None, json=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, text in KERNEL_COMMANDS.items():
+        # Before or after the command (`ambientctl --json pods` as before): the command's
+        # copies leave the value alone unless given.
+        common = _common_options(argparse.SUPPRESS, argparse.SUPPRESS)
         sub.add_parser(name, help=text, description=text, parents=[common])
 
     waypoint = sub.add_parser("waypoint", help="generate, apply or inspect a waypoint")
@@ -279,6 +274,14 @@ def _parser() -> argparse.ArgumentParser:
         help="print the config dump as it is",
     )
     return parser
+
+
+def _common_options(pin_dir: Any, json_default: Any) -> argparse.ArgumentParser:
+    """--pin-dir and --json, each time anew: parents share their actions, defaults included."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--pin-dir", type=Path, default=pin_dir, help="one agent's pin directory")
+    common.add_argument("--json", action="store_true", default=json_default)
+    return common
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -436,6 +439,7 @@ def _apply_call(api: Any, obj: Manifest) -> Callable[..., Any]:
 
     kind, name = obj["kind"], obj["metadata"]["name"]
     namespace = obj["metadata"].get("namespace", "")
+    group, _, version = obj["apiVersion"].rpartition("/")
     core = kubernetes.client.CoreV1Api(api)
     rbac = kubernetes.client.RbacAuthorizationV1Api(api)
     apps = kubernetes.client.AppsV1Api(api)
@@ -449,7 +453,7 @@ def _apply_call(api: Any, obj: Manifest) -> Callable[..., Any]:
         "Deployment": lambda **kw: apps.patch_namespaced_deployment(name, namespace, obj, **kw),
         "Service": lambda **kw: core.patch_namespaced_service(name, namespace, obj, **kw),
         "Gateway": lambda **kw: custom.patch_namespaced_custom_object(
-            *obj["apiVersion"].split("/"), namespace, "gateways", name, obj, **kw
+            group, version, namespace, "gateways", name, obj, **kw
         ),
     }
     if kind not in calls:
@@ -522,9 +526,11 @@ def format_status(dump: dict[str, Any]) -> str:
     add(f"identity     {dump.get('identity', '-')}")
     add(f"certificate  expires {dump.get('certificate_expires') or '- (none yet)'}")
     pid = envoy.get("pid")
+    warming = envoy.get("warming") or 0
     add(
         f"envoy        {'pid ' + str(pid) if pid else 'not running'}, "
         f"{'live' if envoy.get('live') else 'not live'}, {envoy.get('restarts', 0)} restarts"
+        + (f", {warming} listener(s) warming" if warming else "")
     )
     listeners, clusters = in_force.get("listeners") or "-", in_force.get("clusters") or "-"
     if latest and listeners == clusters == latest:

@@ -354,6 +354,7 @@ class Waypoint:
         if version == self.latest:
             return
         self.xds.write_resources(version, resources)
+        self.telemetry.allow_policies = resources.allow_policies
         self.written[version] = time.monotonic()
         self.latest, self._latest_resources = version, resources
         log.info(

@@ -14,9 +14,11 @@ The shape is istiod's for waypoints (../shared/brief/waypoint.md), in three list
   with the L4 part of the policies. Service clusters have internal endpoints carrying the
   picked pod's IP:targetPort. A pod bound to the waypoint itself gets a chain on its
   address that tunnels straight on to the address asked (HBONE to its 15008).
-- `connect_originate`: restores that pod address (original_dst, from the endpoint's
-  metadata) and tunnels to it over HBONE: `podIP:15008` with `:authority` podIP:targetPort,
-  mTLS with the waypoint's own certificate.
+- `connect_originate|<identity>`, one per identity of the pods the waypoint sends to:
+  restores that pod address (original_dst, from the endpoint's metadata) and tunnels to it
+  over HBONE: `podIP:15008` with `:authority` podIP:targetPort, mTLS with the waypoint's own
+  certificate, and the pod's own SPIFFE identity required of the peer (istiod's check: a
+  pod whose address was taken over by another workload is refused, not trusted).
 
 The listeners and clusters are xDS resources (`render`), served from files
 (agent/waypoint/xds_files.py); the certificates come by SDS from files too, so a rotation is
@@ -30,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.identity.spiffe import SpiffeId
 from agent.state.route import (
     BackendRef,
     HeaderMatch,
@@ -44,6 +47,7 @@ from agent.state.service import Service
 from agent.state.store import MeshState
 from agent.state.waypoint import HBONE_PORT
 from agent.state.waypoint_policy import WaypointAction, WaypointPolicy
+from agent.state.workload import Workload
 from agent.waypoint import rbac
 
 JsonObject = dict[str, Any]
@@ -98,7 +102,10 @@ def _sds(secrets: Secrets, name: str) -> JsonObject:
     }
 
 
-def _tls_context(secrets: Secrets) -> JsonObject:
+def _tls_context(secrets: Secrets, peer: str | None = None) -> JsonObject:
+    """TLS 1.3, h2, the waypoint's certificate; the peer must be `peer` (a SPIFFE URI), or
+    any identity of the trust domain when None (clients, on connect_terminate)."""
+    matcher = {"exact": peer} if peer else {"prefix": f"spiffe://{secrets.trust_domain}/"}
     return {
         "tls_params": {
             "tls_minimum_protocol_version": "TLSv1_3",
@@ -108,12 +115,7 @@ def _tls_context(secrets: Secrets) -> JsonObject:
         "tls_certificate_sds_secret_configs": [_sds(secrets, CERTIFICATE_SECRET)],
         "combined_validation_context": {
             "default_validation_context": {
-                "match_typed_subject_alt_names": [
-                    {
-                        "san_type": "URI",
-                        "matcher": {"prefix": f"spiffe://{secrets.trust_domain}/"},
-                    }
-                ]
+                "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": matcher}]
             },
             "validation_context_sds_secret_config": _sds(secrets, ROOTS_SECRET),
         },
@@ -329,9 +331,18 @@ def _main_internal(chains: list[JsonObject], access_log: Path) -> JsonObject:
     }
 
 
-def _connect_originate() -> JsonObject:
+def originate_name(workload: Workload) -> str:
+    """The connect_originate listener and cluster that tunnel to `workload`'s pods."""
+    return f"connect_originate|{_identity(workload)}"
+
+
+def _identity(workload: Workload) -> str:
+    return SpiffeId(workload.trust_domain, workload.namespace, workload.service_account).uri
+
+
+def _connect_originate(name: str) -> JsonObject:
     return {
-        "name": "connect_originate",
+        "name": name,
         "internal_listener": {},
         "listener_filters": [_original_dst_filter()],
         "use_original_dst": True,
@@ -340,7 +351,7 @@ def _connect_originate() -> JsonObject:
                 "filters": [
                     _tcp_proxy(
                         "connect_originate",
-                        "connect_originate",
+                        name,
                         tunneling_config={"hostname": "%DOWNSTREAM_LOCAL_ADDRESS%"},
                     )
                 ]
@@ -349,9 +360,9 @@ def _connect_originate() -> JsonObject:
     }
 
 
-def _connect_originate_cluster(secrets: Secrets) -> JsonObject:
+def _connect_originate_cluster(secrets: Secrets, name: str, peer: str) -> JsonObject:
     return {
-        "name": "connect_originate",
+        "name": name,
         "type": "ORIGINAL_DST",
         "lb_policy": "CLUSTER_PROVIDED",
         "connect_timeout": "10s",
@@ -366,19 +377,19 @@ def _connect_originate_cluster(secrets: Secrets) -> JsonObject:
             "name": "envoy.transport_sockets.tls",
             "typed_config": _any(
                 "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-                common_tls_context=_tls_context(secrets),
+                common_tls_context=_tls_context(secrets, peer),
             ),
         },
     }
 
 
 def _service_cluster(state: MeshState, service: Service, port: int) -> JsonObject:
-    """Endpoints are internal addresses of connect_originate, each with the pod address the
-    original_dst there restores: ready pods only, each on its own target port."""
+    """Endpoints are internal addresses of the pod's connect_originate, each with the pod
+    address the original_dst there restores: ready pods only, each on its own target port."""
     name = service_cluster_name(service, port)
     endpoints = [
         {
-            "endpoint": {"address": _internal_address("connect_originate")},
+            "endpoint": {"address": _internal_address(originate_name(e.workload))},
             "metadata": {
                 "filter_metadata": {ORIGINAL_DST: {"local": f"{e.ip}:{e.port}"}},
             },
@@ -392,6 +403,29 @@ def _service_cluster(state: MeshState, service: Service, port: int) -> JsonObjec
         "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": endpoints}]},
         "transport_socket": _internal_upstream(),
     }
+
+
+class _Clusters:
+    """The clusters being rendered, by name, and the identities their endpoints have: one
+    connect_originate each is rendered at the end."""
+
+    def __init__(self, state: MeshState) -> None:
+        self.state = state
+        self.by_name: dict[str, JsonObject] = {}
+        self.peers: dict[str, str] = {}  # connect_originate name -> the identity required
+
+    def service(self, service: Service, port: int) -> str:
+        name = service_cluster_name(service, port)
+        if name not in self.by_name:
+            self.by_name[name] = _service_cluster(self.state, service, port)
+            for endpoint in self.state.ready_endpoints(service, port):
+                self.tunnel_to(endpoint.workload)
+        return name
+
+    def tunnel_to(self, workload: Workload) -> str:
+        name = originate_name(workload)
+        self.peers[name] = _identity(workload)
+        return name
 
 
 def _prefix_ranges(addresses: tuple[str, ...]) -> list[JsonObject]:
@@ -443,15 +477,10 @@ def _seconds(value: float) -> str:
     return f"{value:.3f}s"
 
 
-def _backend_cluster(
-    state: MeshState, backend: BackendRef, port: int, clusters: dict[str, JsonObject]
-) -> str:
-    service = state.service_by_name(f"{backend.namespace}/{backend.name}")
+def _backend_cluster(backend: BackendRef, port: int, clusters: _Clusters) -> str:
+    service = clusters.state.service_by_name(f"{backend.namespace}/{backend.name}")
     assert service is not None  # checked by backend_error
-    backend_port = backend.port or port
-    name = service_cluster_name(service, backend_port)
-    clusters.setdefault(name, _service_cluster(state, service, backend_port))
-    return name
+    return clusters.service(service, backend.port or port)
 
 
 def _route_action(
@@ -459,7 +488,7 @@ def _route_action(
     service: Service,
     port: int,
     rule: RouteRule,
-    clusters: dict[str, JsonObject],
+    clusters: _Clusters,
 ) -> JsonObject:
     """The route of one rule: where to (one cluster or weighted ones), header changes,
     timeouts and retries; a rule whose backends do not resolve answers 500 (Gateway API)."""
@@ -472,15 +501,14 @@ def _route_action(
     action: JsonObject = {"timeout": _seconds(rule.timeout_seconds or 0)}
     if not backends:  # GAMMA: a rule without backendRefs sends to the parent Service
         action["cluster"] = _backend_cluster(
-            state, BackendRef(service.name, service.namespace, port), port, clusters
+            BackendRef(service.name, service.namespace, port), port, clusters
         )
     elif len(backends) == 1:
-        action["cluster"] = _backend_cluster(state, backends[0], port, clusters)
+        action["cluster"] = _backend_cluster(backends[0], port, clusters)
     else:
         action["weighted_clusters"] = {
             "clusters": [
-                {"name": _backend_cluster(state, b, port, clusters), "weight": b.weight}
-                for b in backends
+                {"name": _backend_cluster(b, port, clusters), "weight": b.weight} for b in backends
             ]
         }
     retry = rule.retry
@@ -535,7 +563,7 @@ def routes_for(state: MeshState, service: Service, port: int) -> list[HttpRoute]
 
 
 def _http_routes(
-    state: MeshState, service: Service, port: int, clusters: dict[str, JsonObject]
+    state: MeshState, service: Service, port: int, clusters: _Clusters
 ) -> list[JsonObject]:
     routes = []
     for ranked in ranked_rules(routes_for(state, service, port)):
@@ -630,7 +658,8 @@ def render(
     of every Service bound to it, and a chain per workload bound to it (pod-addressed
     traffic, tunnelled on to the address it asked for)."""
     chains: list[JsonObject] = []
-    clusters: dict[str, JsonObject] = {
+    clusters = _Clusters(state)
+    clusters.by_name |= {
         "main_internal": {
             "name": "main_internal",
             "type": "STATIC",
@@ -647,7 +676,6 @@ def render(
             },
             "transport_socket": _internal_upstream(),
         },
-        "connect_originate": _connect_originate_cluster(secrets),
         NO_CHAIN: {"name": NO_CHAIN, "type": "STATIC", "connect_timeout": "1s"},
     }
     allow_policies: dict[str, tuple[str, ...]] = {}
@@ -658,8 +686,7 @@ def render(
         for port, _ in sorted(service.ports.items()):
             http = speaks_http(state, service, port)
             name = f"inbound-vip|{port}|{'http' if http else 'tcp'}|{service.hostname}"
-            cluster = service_cluster_name(service, port)
-            clusters.setdefault(cluster, _service_cluster(state, service, port))
+            cluster = clusters.service(service, port)
             if http:
                 routes = _http_routes(state, service, port, clusters)
                 filters = _http_chain(name, routes, policies, access_log)
@@ -690,19 +717,19 @@ def render(
                 "filters": [
                     _tcp_proxy(
                         "direct-tcp",
-                        "connect_originate",
+                        clusters.tunnel_to(workload),
                         tunneling_config={"hostname": "%DOWNSTREAM_LOCAL_ADDRESS%"},
                         access_log=_access_log(_TCP_FIELDS, access_log),
                     )
                 ],
             }
         )
-    listeners = [
-        _connect_terminate(secrets, access_log),
-        _main_internal(chains, access_log),
-        _connect_originate(),
-    ]
-    return Resources(listeners, list(clusters.values()), allow_policies)
+    # One connect_originate per identity the waypoint tunnels to.
+    listeners = [_connect_terminate(secrets, access_log), _main_internal(chains, access_log)]
+    for name, peer in sorted(clusters.peers.items()):
+        listeners.append(_connect_originate(name))
+        clusters.by_name[name] = _connect_originate_cluster(secrets, name, peer)
+    return Resources(listeners, list(clusters.by_name.values()), allow_policies)
 
 
 # Runtime every waypoint Envoy runs with.

@@ -134,6 +134,9 @@ class RequestTelemetry:
         self._tcp: dict[tuple[str, ...], _TcpSeries] = {}
         self.dropped_series = 0
         self.lines = 0
+        # Per HTTP chain, the ALLOW policies in force (envoy_config.Resources): a request none
+        # of them allowed is denied with no policy to name; the log names the ones it missed.
+        self.allow_policies: dict[str, tuple[str, ...]] = {}
 
     def record(self, line: dict[str, Any]) -> None:
         """One access log line: counted, and relayed as the waypoint's access log."""
@@ -167,8 +170,11 @@ class RequestTelemetry:
         }
         if kind == "http":
             denied_by = denying_policy(str(line.get("details") or ""))
+            if denied_by == "":
+                missed = ", ".join(self.allow_policies.get(str(line.get("chain")), ()))
+                denied_by = "no ALLOW policy matched" + (f" ({missed})" if missed else "")
             if denied_by is not None:
-                names["denied_by"] = denied_by or "no ALLOW policy matched"
+                names["denied_by"] = denied_by
             status = str(line.get("status") or "0")
             # Istio's request labels: the TCP ones with the protocol "http" and the status.
             values = (

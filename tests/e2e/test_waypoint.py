@@ -204,7 +204,7 @@ def test_an_allow_on_the_original_clients_principal(lab: LabState, waypoint: Lab
                 status=403, peer="spiffe://cluster.local/ns/default/sa/client-a"
             )
         )
-        assert refused[-1]["denied_by"] == "no ALLOW policy matched"
+        assert refused[-1]["denied_by"] == "no ALLOW policy matched (default/only-client-b)"
     assert get(lab, "/", "client-a")[0] == 200
 
 

@@ -5,6 +5,10 @@ strict mode (an unknown field fails), and the facts the install depends on are a
 least-privilege RBAC, the probes, the mounts, the init container and the agent agreeing on
 the CNI socket, the agent's arguments accepted by its real parser, the config loading, and
 the image's recipe. The image's entrypoint (kernel headers) runs on temporary directories.
+
+The waypoint (manifests/waypoint/) is checked the same way, and is exactly what
+agent/waypoint/manifests.py generates; its Gateway, a custom resource that kubernetes-validate
+has no schema for, is checked against the Gateway API's own CRD schema for the fields it uses.
 """
 
 from __future__ import annotations
@@ -20,17 +24,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jsonschema  # type: ignore[import-untyped]
 import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 
 from agent import cli
+from agent.waypoint import manifests as waypoint_manifests
 from cni import install as cni_install
 
 ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = ROOT / "manifests"
 CONTAINERFILE = MANIFESTS / "image" / "Containerfile"
 ENTRYPOINT = MANIFESTS / "image" / "entrypoint.sh"
+WAYPOINT = MANIFESTS / "waypoint"
 # The newest Kubernetes the installed kubernetes-validate has schemas for (1.37.0).
 KUBERNETES_VERSION = "1.37"
 NAMESPACE = "ambient-system"
@@ -302,6 +309,201 @@ def test_init_container_installs_the_plugin_for_the_agents_socket() -> None:
     assert _host_path_of(agent, str(parsed.cni_bin_dir)) == "/opt/cni/bin"
     assert _host_path_of(agent, str(parsed.cni_conf_dir)) == "/etc/cni/net.d"
     assert init["image"] == _container("agent")["image"]
+
+
+# --- the waypoint (manifests/waypoint/) ------------------------------------------------------
+
+# The Gateway API's v1 Gateway, as its CRD's openAPIV3Schema has it (gateway-api
+# config/crd/standard/gateway.networking.k8s.io_gateways.yaml, standard channel), for what a
+# waypoint's Gateway writes; the rest of spec is only allowed, and, as kubernetes-validate's
+# strict mode, a field the CRD does not have fails. The CEL rule on listener names is checked
+# by hand below.
+_DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+_LISTENER: dict[str, Any] = {
+    "type": "object",
+    "required": ["name", "port", "protocol"],
+    "additionalProperties": False,
+    "properties": {
+        "allowedRoutes": {"type": "object"},
+        "hostname": {
+            "type": "string", "minLength": 1, "maxLength": 253,
+            "pattern": r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
+        },
+        "name": {"type": "string", "minLength": 1, "maxLength": 253, "pattern": _DNS_SUBDOMAIN},
+        "port": {"type": "integer", "minimum": 1, "maximum": 65535},
+        "protocol": {
+            "type": "string", "minLength": 1, "maxLength": 255,
+            "pattern": r"^[a-zA-Z0-9]([-a-zA-Z0-9]*[a-zA-Z0-9])?$|[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+            r"(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*\/[A-Za-z0-9]+$",
+        },
+        "tls": {"type": "object"},
+    },
+}  # fmt: skip
+GATEWAY_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "gateway.networking.k8s.io/v1"},
+        "kind": {"const": "Gateway"},
+        "metadata": {"type": "object"},
+        "spec": {
+            "type": "object",
+            "required": ["gatewayClassName", "listeners"],
+            "additionalProperties": False,
+            "properties": {
+                "addresses": {"type": "array", "maxItems": 16},
+                "allowedListeners": {"type": "object"},
+                "gatewayClassName": {"type": "string", "minLength": 1, "maxLength": 253},
+                "infrastructure": {"type": "object"},
+                "listeners": {"type": "array", "minItems": 1, "maxItems": 64, "items": _LISTENER},
+                "tls": {"type": "object"},
+            },
+        },
+        "status": {"type": "object"},
+    },
+}
+GENERATED_FROM = ["--namespace", "default"]  # what manifests/waypoint/ is generated with
+
+
+def _waypoint_files() -> list[str]:
+    kustomization = yaml.safe_load((WAYPOINT / "kustomization.yaml").read_text())
+    resources: list[str] = kustomization["resources"]
+    return resources
+
+
+def _waypoint_documents() -> list[Manifest]:
+    return [
+        document
+        for name in _waypoint_files()
+        for document in yaml.safe_load_all((WAYPOINT / name).read_text())
+        if document is not None
+    ]
+
+
+def _validate_gateway(gateway: Manifest) -> None:
+    jsonschema.validate(gateway, GATEWAY_SCHEMA)
+    names = [listener["name"] for listener in gateway["spec"]["listeners"]]
+    assert len(names) == len(set(names)), "Listener name must be unique within the Gateway"
+    # ObjectMeta as any object's: through kubernetes-validate, strict, on a ConfigMap.
+    carrier = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": gateway["metadata"]}
+    kubernetes_validate.validate(carrier, KUBERNETES_VERSION, strict=True)
+
+
+def test_waypoint_kustomization_lists_every_manifest() -> None:
+    resources = _waypoint_files()
+    assert len(resources) == len(set(resources))
+    on_disk = {path.name for path in WAYPOINT.glob("*.y*ml")} - {"kustomization.yaml"}
+    assert set(resources) == on_disk
+    # Not part of the node agents' install: a waypoint is per namespace.
+    assert "waypoint" not in " ".join(_kustomization()["resources"])
+
+
+def test_waypoint_manifests_are_what_the_generator_makes() -> None:
+    """Everything below the leading comments is `ambientctl waypoint generate --namespace
+    default`, byte for byte: regenerate rather than edit."""
+    (name,) = _waypoint_files()
+    lines = (WAYPOINT / name).read_text().splitlines(keepends=True)
+    header = 0
+    while lines[header].startswith("#"):
+        header += 1
+    assert header > 0, "the file says where it comes from"
+    assert " ".join(GENERATED_FROM) in "".join(lines[:header])
+    objects = waypoint_manifests.waypoint_objects("default")
+    assert "".join(lines[header:]) == waypoint_manifests.to_yaml(objects)
+    assert _waypoint_documents() == objects
+
+
+def test_waypoint_manifests_are_the_expected_objects() -> None:
+    assert [(doc["kind"], doc["metadata"]["name"]) for doc in _waypoint_documents()] == [
+        ("ServiceAccount", "waypoint"),
+        ("ClusterRole", "ambient-waypoint:default:waypoint"),
+        ("ClusterRoleBinding", "ambient-waypoint:default:waypoint"),
+        ("Deployment", "waypoint"),
+        ("Service", "waypoint"),
+        ("Gateway", "waypoint"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "document",
+    [doc for doc in _waypoint_documents() if doc["kind"] != "Gateway"],
+    ids=lambda doc: str(doc["kind"]),
+)
+def test_waypoint_manifest_is_valid_kubernetes_strict(document: Manifest) -> None:
+    assert kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True) == (
+        KUBERNETES_VERSION
+    )
+
+
+def test_waypoint_gateway_is_valid_against_the_gateway_api_schema() -> None:
+    (gateway,) = [doc for doc in _waypoint_documents() if doc["kind"] == "Gateway"]
+    _validate_gateway(gateway)
+    # The options too (allow-only-waypoint's annotation, other values of waypoint-for).
+    for objects in (
+        waypoint_manifests.waypoint_objects("shop", "wp", "all", allow_only_waypoint=True),
+        waypoint_manifests.waypoint_objects("shop", "wp", "none"),
+    ):
+        _validate_gateway(objects[-1])
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (lambda gw: gw["spec"].update(listner=[]), "listner"),
+        (lambda gw: gw["spec"]["listeners"][0].update(portt=1), "portt"),
+        (lambda gw: gw["spec"]["listeners"][0].update(protocol="HBONE!"), "HBONE!"),
+        (lambda gw: gw["spec"]["listeners"][0].update(port=0), "0"),
+        (lambda gw: gw["spec"].pop("gatewayClassName"), "gatewayClassName"),
+    ],
+)
+def test_gateway_schema_refuses_what_the_crd_refuses(change: Any, field: str) -> None:
+    (gateway,) = [doc for doc in _waypoint_documents() if doc["kind"] == "Gateway"]
+    gateway = copy.deepcopy(gateway)
+    change(gateway)
+    with pytest.raises(jsonschema.ValidationError, match=re.escape(field)):
+        _validate_gateway(gateway)
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_kubectl_kustomize_builds_the_waypoint() -> None:
+    built = subprocess.run(
+        ["kubectl", "kustomize", str(WAYPOINT)],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    objects = [doc for doc in yaml.safe_load_all(built) if doc is not None]
+    assert sorted(objects, key=repr) == sorted(_waypoint_documents(), key=repr)
+
+
+def test_waypoint_is_trusted_by_the_node_agents() -> None:
+    """The node agents' image, CA directory and trust domain: a waypoint's certificate is
+    issued by the CA they load (the Secret of docs/install.md, the same files) for the trust
+    domain they check."""
+    (deployment,) = [doc for doc in _waypoint_documents() if doc["kind"] == "Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["image"] == _container("agent")["image"]
+    waypoint = cli._parser().parse_args(container["args"])
+    agent = cli._parser().parse_args(_agent_args()[1:])
+    assert waypoint.ca_dir == agent.ca_dir
+    assert waypoint.trust_domain == agent.trust_domain
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == str(waypoint.ca_dir)]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"]["secretName"] == "ambient-agent-ca"  # as docs/install.md names it
+    assert mount["readOnly"] is True
+
+
+def test_waypoint_arguments_match_waypoint_help() -> None:
+    help_text = subprocess.run(
+        [sys.executable, "-m", "agent", "waypoint", "--help"],
+        capture_output=True, text=True, check=True, cwd=ROOT, timeout=60,
+    ).stdout  # fmt: skip
+    accepted = set(re.findall(r"--[a-z][a-z-]*", help_text))
+    (deployment,) = [doc for doc in _waypoint_documents() if doc["kind"] == "Deployment"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["ambient-agent"]
+    used = {arg for arg in container["args"] if arg.startswith("--")}
+    assert used <= accepted
 
 
 # --- the image ------------------------------------------------------------------------------

@@ -89,6 +89,6 @@ def test_allow_only_waypoint_admits_the_waypoint_identity_at_the_pods_it_serves(
 )
 def test_a_broken_waypoint_entry_refuses_the_file(change: tuple[str, str], message: str) -> None:
     text = (CONFIG % "true").replace(*change)
-    with pytest.raises(ConfigError, match="mesh.yaml:") as caught:
+    with pytest.raises(ConfigError, match=r"mesh\.yaml:") as caught:
         parse_local_config(text, "mesh.yaml")
     assert message in str(caught.value)

@@ -180,7 +180,20 @@ def typed(filters: list[dict[str, Any]], name: str) -> dict[str, Any]:
 
 def test_a_chain_per_port_http_where_declared_or_routed_tcp_elsewhere() -> None:
     resources = render(STATE, "default/waypoint", SECRETS)
-    assert list(listeners(resources)) == ["connect_terminate", "main_internal", "connect_originate"]
+    # One connect_originate per identity tunnelled to, which the pod there must present.
+    assert list(listeners(resources)) == [
+        "connect_terminate",
+        "main_internal",
+        "connect_originate|spiffe://cluster.local/ns/default/sa/a",
+        "connect_originate|spiffe://cluster.local/ns/default/sa/b",
+    ]
+    originate = clusters(resources)["connect_originate|spiffe://cluster.local/ns/default/sa/b"]
+    tls = originate["transport_socket"]["typed_config"]["common_tls_context"]
+    assert tls["combined_validation_context"]["default_validation_context"] == {
+        "match_typed_subject_alt_names": [
+            {"san_type": "URI", "matcher": {"exact": "spiffe://cluster.local/ns/default/sa/b"}}
+        ]
+    }
     assert {name: c["filter_chain_match"] for name, c in chains(resources).items()} == {
         "inbound-vip|80|http|echo.default.svc.cluster.local": {  # an HTTPRoute attaches
             "destination_port": 80,

@@ -97,9 +97,9 @@ def test_no_two_waypoints_share_a_cluster_role() -> None:
 @pytest.mark.parametrize("waypoint_for", [w.value for w in WaypointFor])
 @pytest.mark.parametrize("allow_only", [False, True])
 def test_gateway(waypoint_for: str, allow_only: bool) -> None:
-    gateway = _by_kind(waypoint_objects("shop", "wp", waypoint_for, allow_only_waypoint=allow_only))[
-        "Gateway"
-    ]
+    gateway = _by_kind(
+        waypoint_objects("shop", "wp", waypoint_for, allow_only_waypoint=allow_only)
+    )["Gateway"]
     assert gateway["apiVersion"] == "gateway.networking.k8s.io/v1"
     assert gateway["spec"] == {
         "gatewayClassName": "istio-waypoint",
@@ -166,7 +166,7 @@ def test_container_arguments_parse_as_a_waypoint_of_its_gateway(tmp_path: Path) 
     config = WaypointConfig(gateway=parsed.gateway, run_dir=tmp_path)
     assert config.identity.uri == "spiffe://cluster.local/ns/shop/sa/wp"
     pod = _by_kind(objects)["Deployment"]["spec"]["template"]["spec"]
-    assert pod["serviceAccountName"] == config.service_account or config.name
+    assert pod["serviceAccountName"] == (config.service_account or config.name)
     # The CA the node agents share, read-only from the Secret; the run dir writable.
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
@@ -276,7 +276,11 @@ def test_node_agents_bind_a_labelled_service_to_it(
         waypoint_objects("shop", "wp", waypoint_for, allow_only_waypoint=allow_only), "10.244.1.9"
     )
     echo = {
-        "metadata": {"name": "echo", "namespace": "shop", "labels": {"istio.io/use-waypoint": "wp"}},
+        "metadata": {
+            "name": "echo",
+            "namespace": "shop",
+            "labels": {"istio.io/use-waypoint": "wp"},
+        },
         "spec": {
             "type": "ClusterIP",
             "clusterIP": "10.96.0.20",
@@ -451,12 +455,18 @@ def _real_dump(tmp_path: Path) -> dict[str, Any]:
         waypoint,
         {80: "http"},
     )
-    v1 = Service("echo-v1", "default", "echo-v1.default.svc.cluster.local", ("10.96.0.31",), {80: 80})
+    v1 = Service(
+        "echo-v1", "default", "echo-v1.default.svc.cluster.local", ("10.96.0.31",), {80: 80}
+    )
     route = HttpRoute(
         "split",
         "default",
         (ParentRef("echo", "default", 80),),
-        (RouteRule((), (BackendRef("echo-v1", "default", 80), BackendRef("nowhere", "default", 80))),),
+        (
+            RouteRule(
+                (), (BackendRef("echo-v1", "default", 80), BackendRef("nowhere", "default", 80))
+            ),
+        ),
     )
     process = WaypointProcess(WaypointConfig("default/waypoint", tmp_path / "run"))
     process.store.replace(MeshState(services=(echo, v1), routes=(route,)))
@@ -519,11 +529,12 @@ def test_status_of_an_up_to_date_waypoint() -> None:
             "restarts": 1,
             "latest_version": "cccc",
             "in_force": {"listeners": "cccc", "clusters": "cccc"},
+            "warming": 1,
             "rejections": [],
         },
     }
     lines = ctl.format_status(dump).splitlines()
-    assert "envoy        pid 42, live, 1 restarts" in lines
+    assert "envoy        pid 42, live, 1 restarts, 1 listener(s) warming" in lines
     assert "config       latest cccc; in force: listeners cccc, clusters cccc (up to date)" in lines
     assert "rejections   none" in lines
     assert "services     0 bound" in lines
