@@ -36,7 +36,7 @@ from agent.sources.kube_source import KubeSource, api_client_from
 from agent.sources.local_source import LocalConfigSource
 from agent.sources.waypoint_policy import to_document as policy_document
 from agent.state.route import route_status
-from agent.state.store import StateStore
+from agent.state.store import MeshState, StateStore
 from agent.waypoint.envoy_config import (
     Resources,
     dynamic_bootstrap,
@@ -118,6 +118,7 @@ class Waypoint:
         self.written: dict[str, float] = {}  # version -> when written
         self.latest = ""
         self._latest_resources: Resources | None = None
+        self.rendered = MeshState()  # the state the latest version was rendered from
         # The last version Envoy took, kept so that a rejected one never stays on disk for
         # a restarted Envoy to start with.
         self.good: tuple[str, Resources] | None = None
@@ -154,7 +155,8 @@ class Waypoint:
         return missing
 
     def config_dump(self) -> dict[str, Any]:
-        state = self.store.current
+        # The state last rendered, not the newest: what the versions below describe.
+        state = self.rendered
         gateway = self.config.gateway
         services = []
         for service in sorted(state.services, key=lambda s: s.key):
@@ -349,7 +351,9 @@ class Waypoint:
         return ca.root_pem
 
     def _render(self) -> None:
-        resources = render(self.store.current, self.config.gateway, self.xds.secrets)
+        state = self.store.current
+        resources = render(state, self.config.gateway, self.xds.secrets)
+        self.rendered = state
         version = _version(resources)
         if version == self.latest:
             return

@@ -23,6 +23,14 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from agent.sources.document import Doc as _Doc
+from agent.sources.document import DocumentError, doc_for
+from agent.sources.document import at as _at
+from agent.sources.document import check_keys as _check_keys
+from agent.sources.document import items as _items
+from agent.sources.document import mapping as _mapping
+from agent.sources.document import string as _string
+from agent.sources.document import type_name as _type
 from agent.state.policy import (
     ROOT_NAMESPACE,
     Action,
@@ -45,15 +53,12 @@ _SPIFFE_SCHEME = "spiffe://"
 _DIGITS = re.compile(r"[0-9]+")
 
 
-class PolicyError(ValueError):
+class PolicyError(DocumentError):
     """A policy the agent refuses: which one ("namespace/name"), which field, and why."""
 
-    def __init__(self, policy: str, path: str, reason: str) -> None:
-        self.policy = policy
-        self.path = path
-        self.reason = reason
-        where = f"{policy}: {path}" if path else policy
-        super().__init__(f"{where}: {reason}")
+    @property
+    def policy(self) -> str:
+        return self.key
 
 
 def parse_policy(document: Mapping[str, object]) -> Policy:
@@ -87,78 +92,8 @@ def parse_policies(documents: Iterable[Mapping[str, object]]) -> tuple[Policy, .
 # --- shared helpers ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class _Doc:
-    """The policy being parsed, so that every error can name it."""
-
-    key: str
-
-    def error(self, path: str, reason: str) -> PolicyError:
-        return PolicyError(self.key, path, reason)
-
-
 def _doc_for(namespace: object, name: object) -> _Doc:
-    # Known before anything is validated, so that even "name is missing" says which policy.
-    def part(value: object) -> str:
-        return value if isinstance(value, str) and value else "?"
-
-    return _Doc(f"{part(namespace)}/{part(name)}")
-
-
-def _at(path: str, field: str) -> str:
-    return f"{path}.{field}" if path else field
-
-
-def _type(value: object) -> str:
-    return "null" if value is None else type(value).__name__
-
-
-def _mapping(doc: _Doc, value: object, path: str) -> Mapping[str, object]:
-    """A mapping; null counts as an empty one (YAML writes `spec:` with nothing as null)."""
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise doc.error(path, f"must be a mapping, not {_type(value)}")
-    return value
-
-
-def _check_keys(
-    doc: _Doc, mapping: Mapping[str, object], allowed: Iterable[str], path: str
-) -> None:
-    allowed = tuple(allowed)
-    for key in mapping:
-        if key not in allowed:
-            raise doc.error(
-                _at(path, str(key)), f"unknown field (expected one of: {', '.join(allowed)})"
-            )
-
-
-def _list(doc: _Doc, value: object, path: str) -> Sequence[object]:
-    if value is None:
-        return ()
-    # A bare string would otherwise be iterated as characters.
-    if not isinstance(value, list | tuple):
-        raise doc.error(path, f"must be a list, not {_type(value)}")
-    return value
-
-
-def _string(doc: _Doc, value: object, path: str) -> str:
-    if value is None:
-        raise doc.error(path, "is required")
-    if not isinstance(value, str) or not value:
-        raise doc.error(path, f"must be a non-empty string, not {value!r}")
-    return value
-
-
-def _items(
-    doc: _Doc, mapping: Mapping[str, object], key: str, path: str
-) -> list[tuple[str, object]]:
-    """The list under `key` as (path of the item, item)."""
-    field_path = _at(path, key)
-    return [
-        (f"{field_path}[{i}]", item)
-        for i, item in enumerate(_list(doc, mapping.get(key), field_path))
-    ]
+    return doc_for(namespace, name, PolicyError)
 
 
 def _strings(

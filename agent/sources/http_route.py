@@ -18,11 +18,20 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from agent.sources.document import Doc as _Doc
+from agent.sources.document import DocumentError, doc_for
+from agent.sources.document import at as _at
+from agent.sources.document import check_keys as _check_keys
+from agent.sources.document import items as _items
+from agent.sources.document import list_of as _list
+from agent.sources.document import mapping as _mapping
+from agent.sources.document import string as _string
+from agent.sources.document import type_name as _type
 from agent.state.route import (
     DEFAULT_WEIGHT,
     BackendRef,
@@ -113,15 +122,12 @@ _NAME_MAX = 253
 _RETRY_CODES_MAX = 200  # as many as there are codes in 400..599
 
 
-class RouteError(ValueError):
+class RouteError(DocumentError):
     """A route the agent refuses: which one ("namespace/name"), which field, and why."""
 
-    def __init__(self, route: str, path: str, reason: str) -> None:
-        self.route = route
-        self.path = path
-        self.reason = reason
-        where = f"{route}: {path}" if path else route
-        super().__init__(f"{where}: {reason}")
+    @property
+    def route(self) -> str:
+        return self.key
 
 
 def parse_http_route(document: Mapping[str, object]) -> HttpRoute:
@@ -182,81 +188,8 @@ def parse_http_routes(documents: Iterable[Mapping[str, object]]) -> tuple[HttpRo
 # --- helpers ----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class _Doc:
-    """The route being parsed, so that every error can name it."""
-
-    key: str
-
-    def error(self, path: str, reason: str) -> RouteError:
-        return RouteError(self.key, path, reason)
-
-
 def _doc_for(namespace: object, name: object) -> _Doc:
-    # Known before anything is validated, so that even "name is missing" says which route.
-    def part(value: object) -> str:
-        return value if isinstance(value, str) and value else "?"
-
-    return _Doc(f"{part(namespace)}/{part(name)}")
-
-
-def _at(path: str, field: str) -> str:
-    return f"{path}.{field}" if path else field
-
-
-def _type(value: object) -> str:
-    return "null" if value is None else type(value).__name__
-
-
-def _mapping(doc: _Doc, value: object, path: str) -> Mapping[str, object]:
-    """A mapping; null counts as an empty one (YAML writes `spec:` with nothing as null)."""
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise doc.error(path, f"must be a mapping, not {_type(value)}")
-    return value
-
-
-def _check_keys(
-    doc: _Doc, mapping: Mapping[str, object], allowed: Sequence[str], path: str
-) -> None:
-    for key in mapping:
-        if key not in allowed:
-            raise doc.error(
-                _at(path, str(key)), f"unknown field (expected one of: {', '.join(allowed)})"
-            )
-
-
-def _list(doc: _Doc, value: object, path: str, *, most: int) -> Sequence[object]:
-    if value is None:
-        return ()
-    # A bare string would otherwise be iterated as characters.
-    if not isinstance(value, list | tuple):
-        raise doc.error(path, f"must be a list, not {_type(value)}")
-    if len(value) > most:
-        raise doc.error(path, f"has {len(value)} entries; at most {most} are allowed")
-    return value
-
-
-def _items(
-    doc: _Doc, mapping: Mapping[str, object], key: str, path: str, *, most: int
-) -> list[tuple[str, object]]:
-    """The list under `key` as (path of the item, item)."""
-    field_path = _at(path, key)
-    return [
-        (f"{field_path}[{i}]", item)
-        for i, item in enumerate(_list(doc, mapping.get(key), field_path, most=most))
-    ]
-
-
-def _string(doc: _Doc, value: object, path: str, *, most: int) -> str:
-    if value is None:
-        raise doc.error(path, "is required")
-    if not isinstance(value, str) or not value:
-        raise doc.error(path, f"must be a non-empty string, not {value!r}")
-    if len(value) > most:
-        raise doc.error(path, f"is {len(value)} characters long; at most {most} are allowed")
-    return value
+    return doc_for(namespace, name, RouteError)
 
 
 def _patterned(doc: _Doc, value: object, path: str, pattern: re.Pattern[str], what: str) -> str:

@@ -24,20 +24,20 @@ from agent.sources.authorization_policy import (
     DRY_RUN_ANNOTATION,
     KIND,
     PolicyError,
-    _at,
-    _check_keys,
-    _Doc,
     _doc_for,
     _dry_run,
     _glob,
-    _items,
     _k8s_service_account,
-    _mapping,
     _network,
     _port,
-    _string,
     _strings,
 )
+from agent.sources.document import Doc as _Doc
+from agent.sources.document import at as _at
+from agent.sources.document import check_keys as _check_keys
+from agent.sources.document import items as _items
+from agent.sources.document import mapping as _mapping
+from agent.sources.document import string as _string
 from agent.state.policy import ServiceAccountMatch, StringMatch, StringMatchKind
 from agent.state.waypoint_policy import (
     HeaderCondition,

@@ -58,7 +58,8 @@ def test_demo_shows_the_three_paths_and_a_service_with_verified_identities_and_c
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["ok"] is True
-    cross, same, plaintext, service, denied_plaintext, denied_hbone = result["steps"]
+    (cross, same, plaintext, service, routing, l7_policy, requests, around, closed,
+     denied_plaintext, denied_hbone) = result["steps"]  # fmt: skip
     for step in (cross, same):
         assert step["facts"]["source_identity_verified_by_server"] == (
             "spiffe://cluster.local/ns/default/sa/client-a"
@@ -84,6 +85,13 @@ def test_demo_shows_the_three_paths_and_a_service_with_verified_identities_and_c
         assert call["destination_identity_verified_by_client"].endswith(f"/sa/{call['endpoint']}")
         assert call["app_local_address"] == call["original_destination"]
     assert all(all(step["checks"].values()) for step in result["steps"])
+    # The deep guide's labs 1 and 2, through the lab's waypoint.
+    assert routing["facts"]["apps_saw_peer"] == ["10.240.1.4"]
+    assert l7_policy["facts"]["waypoint_access_log"]["denied_by"] == "default/web-no-admin"
+    codes = {row["response_code"] for row in requests["facts"]["istio_requests_total"]}
+    assert {"200", "403"} <= codes and requests["facts"]["reporter"] == "waypoint"
+    assert around["facts"]["bypasses_counted"] == 1
+    assert closed["facts"]["client_saw"] == "timeout"
     assert denied_plaintext["facts"]["client_saw"] == "timeout"
     assert denied_plaintext["facts"]["agent_access_log"] is None  # never reached userspace
     assert denied_hbone["facts"]["agent_access_log"] == (
