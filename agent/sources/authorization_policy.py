@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.sources.document import Doc as _Doc
-from agent.sources.document import DocumentError, doc_for
+from agent.sources.document import DocumentError, doc_for, opened
 from agent.sources.document import at as _at
 from agent.sources.document import check_keys as _check_keys
 from agent.sources.document import items as _items
@@ -379,19 +379,14 @@ _CONDITION_KEYS = ("key", "values", "notValues")
 
 
 def _parse_k8s(document: Mapping[str, object]) -> Policy:
-    metadata = document.get("metadata")
-    meta = metadata if isinstance(metadata, Mapping) else {}
-    doc = _doc_for(meta.get("namespace"), meta.get("name"))
-    _check_keys(doc, document, _K8S_KEYS, "")
-
-    api_version = document.get("apiVersion")
-    if api_version not in API_VERSIONS:
-        raise doc.error("apiVersion", f"{api_version!r} must be one of: {', '.join(API_VERSIONS)}")
-    if document.get("kind") != KIND:
-        raise doc.error("kind", f"{document.get('kind')!r} must be {KIND}")
-
-    meta = _mapping(doc, metadata, "metadata")
-    _check_keys(doc, meta, _METADATA_KEYS, "metadata")
+    doc, meta = opened(
+        document,
+        PolicyError,
+        api_versions=API_VERSIONS,
+        kind=KIND,
+        top_keys=_K8S_KEYS,
+        metadata_keys=_METADATA_KEYS,
+    )
     name = _string(doc, meta.get("name"), "metadata.name")
     # Required although kubectl would default it: the namespace decides the policy's scope.
     namespace = _string(doc, meta.get("namespace"), "metadata.namespace")

@@ -98,3 +98,29 @@ def items(
         (f"{field_path}[{i}]", item)
         for i, item in enumerate(list_of(doc, value.get(key), field_path, most=most))
     ]
+
+
+def opened(
+    document: Mapping[str, object],
+    error_type: type[DocumentError],
+    *,
+    api_versions: Sequence[str],
+    kind: str,
+    top_keys: Sequence[str],
+    metadata_keys: Sequence[str],
+) -> tuple[Doc, Mapping[str, object]]:
+    """The object's Doc (named by its metadata, read before anything is checked, so that
+    every error says which object) and its metadata, once apiVersion, kind and the keys of
+    both levels are checked."""
+    metadata = document.get("metadata")
+    named = metadata if isinstance(metadata, Mapping) else {}
+    doc = doc_for(named.get("namespace"), named.get("name"), error_type)
+    check_keys(doc, document, top_keys, "")
+    api_version = document.get("apiVersion")
+    if api_version not in api_versions:
+        raise doc.error("apiVersion", f"{api_version!r} must be one of: {', '.join(api_versions)}")
+    if document.get("kind") != kind:
+        raise doc.error("kind", f"{document.get('kind')!r} must be {kind}")
+    checked = mapping(doc, metadata, "metadata")
+    check_keys(doc, checked, metadata_keys, "metadata")
+    return doc, checked

@@ -18,13 +18,13 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from agent.sources.document import Doc as _Doc
-from agent.sources.document import DocumentError, doc_for
+from agent.sources.document import DocumentError, doc_for, opened
 from agent.sources.document import at as _at
 from agent.sources.document import check_keys as _check_keys
 from agent.sources.document import items as _items
@@ -83,14 +83,27 @@ _PATH_KINDS = {kind.value: kind for kind in PathMatchKind}
 _TOP_KEYS = ("apiVersion", "kind", "metadata", "spec", "status")
 # The last five are set by the API server; accepted so that `kubectl get -o yaml` output loads.
 _METADATA_KEYS = (
-    "name", "namespace", "annotations", "labels",
-    "uid", "resourceVersion", "generation", "creationTimestamp", "managedFields",
-)  # fmt: skip
+    "name",
+    "namespace",
+    "annotations",
+    "labels",
+    "uid",
+    "resourceVersion",
+    "generation",
+    "creationTimestamp",
+    "managedFields",
+)
 _SPEC_KEYS = ("parentRefs", "hostnames", "rules")
 _PARENT_KEYS = ("group", "kind", "name", "namespace", "port", "sectionName")
 _RULE_KEYS = (
-    "name", "matches", "filters", "backendRefs", "timeouts", "retry", "sessionPersistence",
-)  # fmt: skip
+    "name",
+    "matches",
+    "filters",
+    "backendRefs",
+    "timeouts",
+    "retry",
+    "sessionPersistence",
+)
 _MATCH_KEYS = ("path", "headers", "queryParams", "method")
 _PATH_KEYS = ("type", "value")
 _HEADER_MATCH_KEYS = ("type", "name", "value")
@@ -134,19 +147,14 @@ def parse_http_route(document: Mapping[str, object]) -> HttpRoute:
     """One HTTPRoute, as `kubectl get -o json` prints it (or as written for kubectl apply)."""
     if not isinstance(document, Mapping):
         raise RouteError("?/?", "", f"an HTTPRoute must be a mapping, not {_type(document)}")
-    metadata = document.get("metadata")
-    meta = metadata if isinstance(metadata, Mapping) else {}
-    doc = _doc_for(meta.get("namespace"), meta.get("name"))
-    _check_keys(doc, document, _TOP_KEYS, "")
-
-    api_version = document.get("apiVersion")
-    if api_version not in API_VERSIONS:
-        raise doc.error("apiVersion", f"{api_version!r} must be one of: {', '.join(API_VERSIONS)}")
-    if document.get("kind") != KIND:
-        raise doc.error("kind", f"{document.get('kind')!r} must be {KIND}")
-
-    meta = _mapping(doc, metadata, "metadata")
-    _check_keys(doc, meta, _METADATA_KEYS, "metadata")
+    doc, meta = opened(
+        document,
+        RouteError,
+        api_versions=API_VERSIONS,
+        kind=KIND,
+        top_keys=_TOP_KEYS,
+        metadata_keys=_METADATA_KEYS,
+    )
     name = _name(doc, meta.get("name"), "metadata.name")
     # Required although kubectl would default it: it is the default of every reference's.
     namespace = _namespace(doc, meta.get("namespace"), "metadata.namespace")
@@ -165,24 +173,6 @@ def parse_http_route(document: Mapping[str, object]) -> HttpRoute:
         rules=_rules(doc, spec, namespace),
         created=created,
     )
-
-
-def parse_http_routes(documents: Iterable[Mapping[str, object]]) -> tuple[HttpRoute, ...]:
-    """Every route of a list; two with one namespace/name are an error, since one would
-    silently replace the other."""
-    first_index: dict[str, int] = {}
-    routes: list[HttpRoute] = []
-    for index, document in enumerate(documents):
-        route = parse_http_route(document)
-        if route.key in first_index:
-            raise RouteError(
-                route.key,
-                "",
-                f"defined twice (routes[{first_index[route.key]}] and routes[{index}])",
-            )
-        first_index[route.key] = index
-        routes.append(route)
-    return tuple(routes)
 
 
 # --- helpers ----------------------------------------------------------------------------------

@@ -24,7 +24,6 @@ from agent.sources.authorization_policy import (
     DRY_RUN_ANNOTATION,
     KIND,
     PolicyError,
-    _doc_for,
     _dry_run,
     _glob,
     _k8s_service_account,
@@ -37,6 +36,7 @@ from agent.sources.document import at as _at
 from agent.sources.document import check_keys as _check_keys
 from agent.sources.document import items as _items
 from agent.sources.document import mapping as _mapping
+from agent.sources.document import opened
 from agent.sources.document import string as _string
 from agent.state.policy import ServiceAccountMatch, StringMatch, StringMatchKind
 from agent.state.waypoint_policy import (
@@ -179,19 +179,14 @@ def parse_waypoint_policy(document: Mapping[str, object]) -> WaypointPolicy:
     """One waypoint policy; a `PolicyError` (policy, field path, reason) for anything wrong."""
     if not isinstance(document, Mapping):
         raise PolicyError("?/?", "", f"a policy must be a mapping, not {type(document).__name__}")
-    metadata = document.get("metadata")
-    meta = metadata if isinstance(metadata, Mapping) else {}
-    doc = _doc_for(meta.get("namespace"), meta.get("name"))
-    _check_keys(doc, document, _K8S_KEYS, "")
-
-    api_version = document.get("apiVersion")
-    if api_version not in API_VERSIONS:
-        raise doc.error("apiVersion", f"{api_version!r} must be one of: {', '.join(API_VERSIONS)}")
-    if document.get("kind") != KIND:
-        raise doc.error("kind", f"{document.get('kind')!r} must be {KIND}")
-
-    meta = _mapping(doc, metadata, "metadata")
-    _check_keys(doc, meta, _METADATA_KEYS, "metadata")
+    doc, meta = opened(
+        document,
+        PolicyError,
+        api_versions=API_VERSIONS,
+        kind=KIND,
+        top_keys=_K8S_KEYS,
+        metadata_keys=_METADATA_KEYS,
+    )
     name = _string(doc, meta.get("name"), "metadata.name")
     # Required although kubectl would default it: the targets are looked up in it.
     namespace = _string(doc, meta.get("namespace"), "metadata.namespace")

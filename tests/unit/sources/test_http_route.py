@@ -13,7 +13,6 @@ from agent.sources.http_route import (
     RouteError,
     format_duration,
     parse_http_route,
-    parse_http_routes,
     to_document,
 )
 from agent.state.route import (
@@ -461,27 +460,6 @@ def test_to_document_writes_every_default() -> None:
             ]
         }
     ]
-
-
-# --- several routes -----------------------------------------------------------------------------
-
-
-def test_parse_http_routes() -> None:
-    routes = parse_http_routes([route_doc(name="a"), route_doc(name="b")])
-    assert [route.key for route in routes] == ["default/a", "default/b"]
-
-
-def test_same_route_twice_names_both_indexes() -> None:
-    with pytest.raises(RouteError) as caught:
-        parse_http_routes([route_doc(name="a"), route_doc(name="b"), route_doc(name="a")])
-    assert caught.value.route == "default/a"
-    assert "routes[0]" in caught.value.reason
-    assert "routes[2]" in caught.value.reason
-
-
-def test_same_name_in_two_namespaces_is_two_routes() -> None:
-    routes = parse_http_routes([route_doc(namespace="a"), route_doc(namespace="b")])
-    assert len(routes) == 2
 
 
 # --- refusals -----------------------------------------------------------------------------------

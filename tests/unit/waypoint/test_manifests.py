@@ -469,7 +469,7 @@ def _real_dump(tmp_path: Path) -> dict[str, Any]:
         ),
     )
     process = WaypointProcess(WaypointConfig("default/waypoint", tmp_path / "run"))
-    process.store.replace(MeshState(services=(echo, v1), routes=(route,)))
+    process.rendered = MeshState(services=(echo, v1), routes=(route,))  # as last rendered
     process.latest = "bbbb"
     process.in_force = {"listeners": "aaaa", "clusters": "aaaa"}
     process.rejections = [{"version": "bbbb", "reason": "Unknown field in: {...}"}]
