@@ -2,13 +2,15 @@
 come from, so a demo or test can prove which source address reached the app. A connection
 that starts with an HTTP/1 request line gets one HTTP response with that text as its body
 (so `curl` works too), followed by the request's `x-` headers (what a waypoint route
-added shows there), and is closed."""
+added shows there), and is closed. A query `delay=MS` answers that late and `status=CODE`
+with that status: a slow or failing backend, for timeouts and retries."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import re
+import urllib.parse
 
 _REQUEST_LINE = re.compile(rb"[A-Z]+ \S+ HTTP/1\.[01]\r?\n")
 
@@ -30,7 +32,12 @@ async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
                         headers.append(f"{name.lower()}:{value.strip()}")
                 if headers:
                     text = text.rstrip(b"\n") + f" headers={','.join(sorted(headers))}\n".encode()
-                head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(text)}\r\nConnection: close"
+                target = line.split(b" ")[1].decode(errors="replace")
+                query = urllib.parse.parse_qs(urllib.parse.urlsplit(target).query)
+                if delay := query.get("delay"):
+                    await asyncio.sleep(int(delay[0]) / 1000)
+                status = int(query.get("status", ["200"])[0])
+                head = f"HTTP/1.1 {status} X\r\nContent-Length: {len(text)}\r\nConnection: close"
                 writer.write(f"{head}\r\nContent-Type: text/plain\r\n\r\n".encode() + text)
                 await writer.drain()
                 break

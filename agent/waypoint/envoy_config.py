@@ -202,6 +202,8 @@ _HTTP_FIELDS = {
     "status": "%RESPONSE_CODE%",
     "details": "%RESPONSE_CODE_DETAILS%",
     "route": "%ROUTE_NAME%",
+    "attempts": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%",
+    "audit": "%DYNAMIC_METADATA(envoy.common:access_log_hint)%",
     "request_id": "%REQ(X-REQUEST-ID)%",
     "dry_run": f"%DYNAMIC_METADATA(envoy.filters.http.rbac:{rbac.DRY_RUN_PREFIX}"
     "shadow_effective_policy_id)%",
@@ -383,25 +385,51 @@ def _connect_originate_cluster(secrets: Secrets, name: str, peer: str) -> JsonOb
     }
 
 
+# Endpoint metadata that picks the transport of a service cluster's endpoint.
+TRANSPORT_MATCH = "envoy.transport_socket_match"
+
+
 def _service_cluster(state: MeshState, service: Service, port: int) -> JsonObject:
-    """Endpoints are internal addresses of the pod's connect_originate, each with the pod
-    address the original_dst there restores: ready pods only, each on its own target port."""
+    """Ready pods only, each on its own target port. A mesh pod's endpoint is an internal
+    address of its connect_originate, with the pod address the original_dst there restores
+    (HBONE on); a pod outside the mesh is dialled as it is, plain TCP, as ztunnel does."""
     name = service_cluster_name(service, port)
-    endpoints = [
-        {
-            "endpoint": {"address": _internal_address(originate_name(e.workload))},
-            "metadata": {
-                "filter_metadata": {ORIGINAL_DST: {"local": f"{e.ip}:{e.port}"}},
-            },
-        }
-        for e in state.ready_endpoints(service, port)
-    ]
+    endpoints = []
+    for e in state.ready_endpoints(service, port):
+        pod = f"{e.ip}:{e.port}"
+        if e.workload.captured:
+            address = _internal_address(originate_name(e.workload))
+            tunnel = "hbone"
+        else:
+            address = {"socket_address": {"address": e.ip, "port_value": e.port}}
+            tunnel = "none"
+        endpoints.append(
+            {
+                "endpoint": {"address": address},
+                "metadata": {
+                    "filter_metadata": {
+                        ORIGINAL_DST: {"local": pod},
+                        TRANSPORT_MATCH: {"tunnel": tunnel},
+                    }
+                },
+            }
+        )
     return {
         "name": name,
         "type": "STATIC",
         "connect_timeout": "10s",
         "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": endpoints}]},
-        "transport_socket": _internal_upstream(),
+        "transport_socket_matches": [
+            {
+                "name": "hbone",
+                "match": {"tunnel": "hbone"},
+                "transport_socket": _internal_upstream(),
+            }
+        ],
+        "transport_socket": {
+            "name": "envoy.transport_sockets.raw_buffer",
+            "typed_config": _any("envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"),
+        },
     }
 
 
@@ -419,7 +447,8 @@ class _Clusters:
         if name not in self.by_name:
             self.by_name[name] = _service_cluster(self.state, service, port)
             for endpoint in self.state.ready_endpoints(service, port):
-                self.tunnel_to(endpoint.workload)
+                if endpoint.workload.captured:
+                    self.tunnel_to(endpoint.workload)
         return name
 
     def tunnel_to(self, workload: Workload) -> str:

@@ -57,14 +57,17 @@ _DENIED = re.compile(r"rbac_access_denied_matched_policy\[(.*)\]")
 _POLICY_NAME = re.compile(r"ns\[([^\]]*)\]-policy\[([^\]]*)\]-rule\[\d+\]")
 
 
+def policy_key(envoy_name: str) -> str:
+    """ "ns/name" of an Envoy policy named by envoy_policy_name, else ""."""
+    named = _POLICY_NAME.fullmatch(envoy_name)
+    return f"{named.group(1)}/{named.group(2)}" if named else ""
+
+
 def denying_policy(details: str) -> str | None:
     """From a response's details: "ns/name" of the DENY policy that matched, "" when
     ALLOW policies applied and none matched, None when RBAC did not deny."""
     denied = _DENIED.search(details)
-    if denied is None:
-        return None
-    named = _POLICY_NAME.fullmatch(denied.group(1))
-    return f"{named.group(1)}/{named.group(2)}" if named else ""
+    return None if denied is None else policy_key(denied.group(1))
 
 
 def _string(match: StringMatch, prefix: str = "", ignore_case: bool = False) -> JsonObject:

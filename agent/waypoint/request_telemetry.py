@@ -31,7 +31,7 @@ from agent.telemetry.istio_labels import (
     connection_labels,
     destination_service,
 )
-from agent.waypoint.rbac import denying_policy
+from agent.waypoint.rbac import denying_policy, policy_key
 
 log = structlog.get_logger("waypoint.access")
 S = TypeVar("S")
@@ -175,6 +175,9 @@ class RequestTelemetry:
                 denied_by = "no ALLOW policy matched" + (f" ({missed})" if missed else "")
             if denied_by is not None:
                 names["denied_by"] = denied_by
+            # A dry-run policy that would have denied: named, never deciding.
+            if line.get("dry_run_result") == "denied":
+                names["dry_run_denied_by"] = policy_key(str(line.get("dry_run") or ""))
             status = str(line.get("status") or "0")
             # Istio's request labels: the TCP ones with the protocol "http" and the status.
             values = (

@@ -562,6 +562,27 @@ def test_a_vip_bound_to_a_waypoint_goes_through_it_with_the_vip_as_authority(
     assert inbound is not None and inbound["dst.workload"] == "echo-a"
 
 
+def test_a_waypoint_reaches_an_endpoint_outside_the_mesh_as_plain_tcp(
+    lab: LabState, waypoint: LabWaypoint
+) -> None:
+    """legacy (its pod out of the mesh) bound to the waypoint too: the waypoint takes the
+    client's HBONE and dials the pod as it is, as ztunnel would."""
+    vip_address = str(load_topology(TOPOLOGY).waypoint_vip("default", "waypoint"))
+
+    def bind_legacy(document: dict[str, Any]) -> None:
+        for service in document["services"]:
+            if service["name"] == "legacy":
+                service["waypoint"] = {"destination": vip_address, "name": "waypoint",
+                                       "namespace": "default"}  # fmt: skip
+
+    reload(lab, bind_legacy)
+    waypoint.wait_in_force(lambda dump: len(dump["services"]) == 2)
+    exchange = call(lab, vip("legacy"))
+    assert served_by(exchange) == f"{ip_of(lab, 'legacy')}:{APP_PORT}"
+    assert exchange.server_saw.split(":")[0] == ip_of(lab, "waypoint")
+    assert through_envoy(waypoint, 1) == [(f"{vip('legacy')}:80", identity("client"))]
+
+
 def test_a_pod_bound_to_a_waypoint_is_reached_through_it_with_its_own_address(
     lab: LabState, waypoint: LabWaypoint
 ) -> None:

@@ -421,3 +421,75 @@ def test_the_certificate_rotates_under_a_running_envoy(
     finally:
         agents.stop_waypoint(lab, GATEWAY)
         agents.start_waypoint(lab, GATEWAY)
+
+
+def test_method_match_timeout_retry_dry_run_and_audit(lab: LabState, waypoint: LabWaypoint) -> None:
+    """A second HTTPRoute on web (merged with the first in Gateway API's order) and two more
+    policies: POST goes to v2; /slow times out at 300 ms; /flaky is tried three times on
+    503; a dry-run DENY on /trial is logged and lets the request through; an AUDIT on
+    /audited marks its log line."""
+    extras = {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": "web-extras", "namespace": "default"},
+        "spec": {
+            "parentRefs": [{"group": "", "kind": "Service", "name": "web", "port": 80}],
+            "rules": [
+                {"matches": [{"method": "POST"}], "backendRefs": [{"name": "web-v2", "port": 80}]},
+                {"matches": [{"path": {"type": "PathPrefix", "value": "/slow"}}],
+                 "timeouts": {"request": "300ms"},
+                 "backendRefs": [{"name": "web-v1", "port": 80}]},
+                {"matches": [{"path": {"type": "PathPrefix", "value": "/flaky"}}],
+                 "retry": {"attempts": 2, "codes": [503]},
+                 "backendRefs": [{"name": "web-v1", "port": 80}]},
+            ],
+        },
+    }  # fmt: skip
+
+    def policy(name: str, action: str, path: str, dry_run: bool = False) -> dict[str, Any]:
+        metadata: dict[str, Any] = {"name": name, "namespace": "default"}
+        if dry_run:
+            metadata["annotations"] = {"istio.io/dry-run": "true"}
+        return {
+            "apiVersion": "security.istio.io/v1",
+            "kind": "AuthorizationPolicy",
+            "metadata": metadata,
+            "spec": {
+                "targetRefs": [{"group": "", "kind": "Service", "name": "web"}],
+                "action": action,
+                "rules": [{"to": [{"operation": {"paths": [path]}}]}],
+            },
+        }
+
+    def add(document: dict[str, Any]) -> None:
+        document["httpRoutes"].append(extras)
+        document["policies"] += [
+            policy("trial", "DENY", "/trial", dry_run=True),
+            policy("audited", "AUDIT", "/audited"),
+        ]
+
+    def taken(dump: dict[str, Any]) -> bool:
+        return any(r["route"] == "default/web-extras" for r in dump["routes"])
+
+    with config_edit(lab, waypoint, add, taken):
+        web_url = f"http://{web()}"
+        client = probes.pod(lab, "client-a").netns_path
+        posts = {served_by(lab, dict(p.split("=", 1) for p in body.split() if "=" in p))
+                 for status, body in (probes.http_request(client, web_url + "/", "POST")
+                                      for _ in range(10))}  # fmt: skip
+        assert posts == {"server-b"}
+        assert get(lab, "/slow?delay=10")[0] == 200
+        assert get(lab, "/slow?delay=1500")[0] == 504
+        assert get(lab, "/flaky?status=503")[0] == 503
+        assert get(lab, "/trial")[0] == 200
+        assert get(lab, "/audited")[0] == 200
+
+        def logged(path: str) -> dict[str, Any]:
+            lines: list[dict[str, Any]] = wait_for(lambda: waypoint.requests(path=path))
+            return lines[-1]
+
+        assert "UT" in logged("/slow?delay=1500")["flags"]  # upstream request timeout
+        assert str(logged("/flaky?status=503")["attempts"]) == "3"  # the first and 2 retries
+        assert logged("/trial")["dry_run_denied_by"] == "default/trial"
+        assert logged("/trial")["status"] == 200
+        assert logged("/audited")["audit"] in (True, "true")

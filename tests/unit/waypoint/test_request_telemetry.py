@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 from prometheus_client.core import Metric
+from structlog.testing import capture_logs
 
 from agent.state.service import Service
 from agent.state.store import MeshState
@@ -149,3 +150,13 @@ def test_the_series_kept_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
         telemetry.record(http_line(str(code)))
     assert len(collect(telemetry)["istio_requests"].samples) == 3
     assert telemetry.dropped_series == 7
+
+
+def test_a_dry_run_denial_is_named_and_decides_nothing() -> None:
+    telemetry = RequestTelemetry(lambda: STATE)
+    shadow = {"dry_run": "ns[default]-policy[trial]-rule[0]", "dry_run_result": "denied"}
+    with capture_logs() as logged:
+        telemetry.record(http_line(**shadow))
+    (line,) = [e for e in logged if e["event"] == "request"]
+    assert (line["status"], line["dry_run_denied_by"]) == ("200", "default/trial")
+    assert "denied_by" not in line
