@@ -59,6 +59,7 @@ POLL_INTERVAL = 1.0
 # State changes closer together than this are rendered once.
 RENDER_SETTLE = 0.1
 DRAIN_GRACE = 5.0
+KEPT_VERSIONS = 16
 
 
 class WaypointError(Exception):
@@ -115,7 +116,8 @@ class Waypoint:
         self.xds = XdsFiles(config.run_dir, config.trust_domain)
         self.envoy: EnvoyProcess | None = None
         self.certificate: WorkloadCertificate | None = None
-        self.written: dict[str, float] = {}  # version -> when written
+        self.written: dict[str, float] = {}  # the last versions written -> when
+        self.updates = 0
         self.latest = ""
         self._latest_resources: Resources | None = None
         self.rendered = MeshState()  # the state the latest version was rendered from
@@ -235,7 +237,7 @@ class Waypoint:
             "Envoy config updates written, by result.",
             labels=["result"],
         )
-        updates.add_metric(["written"], len(self.written))
+        updates.add_metric(["written"], self.updates)
         updates.add_metric(["rejected"], len(self.rejections))
         yield updates
         restarts = CounterMetricFamily(
@@ -338,7 +340,7 @@ class Waypoint:
     def _write_certificate(self, certificate: WorkloadCertificate) -> None:
         if certificate.identity != self.config.identity:
             return
-        self.xds.write_secrets(certificate.chain_pem(), certificate.key_pem(), self.config_roots())
+        self.xds.write_secrets(certificate.chain_pem(), certificate.key_pem(), self._roots())
         self.certificate = certificate
         log.info(
             "certificate written",
@@ -346,7 +348,7 @@ class Waypoint:
             expires=certificate.not_after.isoformat(),
         )
 
-    def config_roots(self) -> bytes:
+    def _roots(self) -> bytes:
         ca = CertificateAuthority.load_or_create(self.config.ca_dir, self.config.trust_domain)
         return ca.root_pem
 
@@ -360,6 +362,10 @@ class Waypoint:
         self.xds.write_resources(version, resources)
         self.telemetry.allow_policies = resources.allow_policies
         self.written[version] = time.monotonic()
+        self.updates += 1
+        # The versions Envoy may still report as in force; older ones are long replaced.
+        for old in list(self.written)[:-KEPT_VERSIONS]:
+            del self.written[old]
         self.latest, self._latest_resources = version, resources
         log.info(
             "config written",
@@ -370,13 +376,19 @@ class Waypoint:
         )
 
     def _rejected(self, reason: str) -> None:
-        self.rejections.append({"version": self.latest, "reason": reason})
+        rejection = {"version": self.latest, "reason": reason}
+        if rejection in self.rejections:
+            return  # Envoy reads the files again for each one moved in: one rejection, once
+        self.rejections.append(rejection)
         del self.rejections[:-20]
         log.error(
             "envoy rejected the config: the last good one stays in force",
             version=self.latest,
             reason=reason,
         )
+        if self.good is not None and self.good[0] != self.latest:
+            # On disk too: a restarted Envoy starts from the last good files, not these.
+            self.xds.write_resources(*self.good)
 
     async def _follow_state(self) -> None:
         while not self.stopping.is_set():

@@ -321,12 +321,23 @@ def test_config_updates_without_restart_and_a_rejected_one_is_kept_out(
         assert get(lab, "/v2")[0] == 200
         ready = f"http://{ip_of(lab, 'waypoint')}:15021/healthz/ready"
         assert probes.http_request(probes.pod(lab, "waypoint").netns_path, ready)[0] == 200
+        assert dump["envoy"]["pid"] == pid  # the same Envoy throughout the update
+        # An Envoy started now reads the last good files, not the rejected ones.
+        good = dump["envoy"]["in_force"]["listeners"]
+        os.kill(pid, signal.SIGKILL)
+        wait_for(
+            lambda: (
+                (e := waypoint.dump()["envoy"])["pid"] not in (None, pid)
+                and e["live"]
+                and e["in_force"]["listeners"] == good
+            )
+        )
+        assert get(lab, "/v2")[0] == 200
     finally:
         probes.edit_config(lab, lambda document: document.update(copy.deepcopy(original)))
     waypoint.wait_in_force(
         lambda dump: not any(r["route"] == "default/lookahead" for r in dump["routes"])
     )
-    assert waypoint.dump()["envoy"]["pid"] == pid  # the same Envoy throughout
 
 
 def test_envoy_killed_is_started_again(lab: LabState, waypoint: LabWaypoint) -> None:
