@@ -261,13 +261,16 @@ def lab_agent_pids(name: str) -> list[int]:
 
 def stop_agent(state: LabState, node: str, sig: signal.Signals = signal.SIGTERM) -> None:
     """Send the node's agent `sig` and wait until it has exited (to restart_agent it)."""
-    pid = int(state.agents[node]["pid"])
+    _stop_one(int(state.agents[node]["pid"]), f"the agent of {node}", sig)
+
+
+def _stop_one(pid: int, what: str, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
     deadline = time.monotonic() + STOP_TIMEOUT
     while _alive([pid]):
         if time.monotonic() > deadline:
-            raise LabError(f"the agent of {node} (pid {pid}) did not exit after {sig.name}")
+            raise LabError(f"{what} (pid {pid}) did not exit after {sig.name}")
         time.sleep(0.01)
 
 
@@ -372,14 +375,7 @@ def start_waypoint(
 
 def stop_waypoint(state: LabState, gateway_key: str, sig: signal.Signals = signal.SIGTERM) -> None:
     """Send the waypoint `sig` and wait until it has exited (to start_waypoint it again)."""
-    pid = int(state.waypoints[gateway_key]["pid"])
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, sig)
-    deadline = time.monotonic() + STOP_TIMEOUT
-    while _alive([pid]):
-        if time.monotonic() > deadline:
-            raise LabError(f"the waypoint {gateway_key} (pid {pid}) did not exit after {sig.name}")
-        time.sleep(0.01)
+    _stop_one(int(state.waypoints[gateway_key]["pid"]), f"the waypoint {gateway_key}", sig)
 
 
 def lab_waypoint_pids(name: str) -> list[int]:
