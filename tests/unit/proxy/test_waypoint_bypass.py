@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from structlog.testing import capture_logs
+
 from agent.identity.spiffe import SpiffeId
 from agent.proxy.waypoint_bypass import WaypointBypasses, guarding_waypoint
 from agent.state.service import Service
@@ -41,3 +43,16 @@ def test_plaintext_and_hbone_from_others_count_the_waypoints_own_does_not() -> N
     bypasses.check(STATE, WAYPOINT_POD, CLIENT, "hbone", "10.240.1.2:5000")  # not guarded
     assert bypasses.counts == {("default/waypoint", "plaintext"): 1,
                                ("default/waypoint", "hbone"): 1}  # fmt: skip
+
+
+def test_a_stream_of_bypasses_is_counted_each_and_logged_at_most_every_interval() -> None:
+    now = [0.0]
+    bypasses = WaypointBypasses(clock=lambda: now[0])
+    with capture_logs() as logged:
+        for second in range(25):  # 4 a second for 25 s
+            now[0] = float(second)
+            for _ in range(4):
+                bypasses.check(STATE, ECHO_POD, None, "plaintext", "10.240.2.4:5000")
+    assert bypasses.counts == {("default/waypoint", "plaintext"): 100}
+    # At 0 s, 10 s and 20 s; each line says how many went unlogged before it.
+    assert [line["more_not_logged"] for line in logged] == [0, 39, 39]
