@@ -254,6 +254,12 @@ class Waypoint:
         )
         dropped.add_metric([], self.telemetry.dropped_series)
         yield dropped
+        unreadable = CounterMetricFamily(
+            "ambient_waypoint_unreadable_access_lines",
+            "Lines on Envoy's stdout that were not one JSON access log entry: skipped.",
+        )
+        unreadable.add_metric([], self.envoy.unreadable_lines if self.envoy else 0)
+        yield unreadable
 
     # --- running ----------------------------------------------------------------------------
 
