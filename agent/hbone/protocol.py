@@ -112,6 +112,11 @@ class _FrameScanner:
 
     def __init__(self, server_side: bool, limits: HboneLimits, clock: Callable[[], float]):
         self._limits = limits
+        # Rapid reset is a client's attack: it opens streams and resets them, making the server
+        # start work each time. A server can reset only streams the client opened, so on the
+        # client side resets are bounded by our own streams; and servers (Envoy among them)
+        # routinely end a finished stream with RST_STREAM(NO_ERROR).
+        self._resets_limited = server_side
         self._skip = len(_PREFACE) if server_side else 0  # the client's preface comes first
         self._header = bytearray()
         self._payload_left = 0
@@ -151,7 +156,7 @@ class _FrameScanner:
                 )
             if flags & _FLAG_END_HEADERS:
                 self._block = None
-        elif kind == _RST_STREAM and not self._resets.take():
+        elif kind == _RST_STREAM and self._resets_limited and not self._resets.take():
             raise HboneProtocolError("streams reset faster than allowed", "reset_flood")
         elif kind in (_PING, _SETTINGS) and not flags & _FLAG_ACK and not self._control.take():
             raise HboneProtocolError("PING or SETTINGS frames faster than allowed",

@@ -86,6 +86,20 @@ def test_resets_at_a_normal_pace_are_fine() -> None:
         server.receive_data(client.data_to_send())
 
 
+def test_a_server_ending_each_stream_with_a_reset_is_not_a_flood() -> None:
+    """Envoy ends every finished CONNECT with RST_STREAM(NO_ERROR): at a client, resets are
+    bounded by the streams it opened, so no budget applies there (seen with a waypoint)."""
+    client, server = p.HboneClient(), p.HboneServer(clock=Clock())
+    server.receive_data(client.data_to_send())
+    client.receive_data(server.data_to_send())
+    for _ in range(p.HboneLimits().reset_burst * 3):  # at one instant: far past any budget
+        stream = client.open_tunnel("10.0.0.2:8080")
+        server.receive_data(client.data_to_send())
+        server._conn.reset_stream(stream, h2.errors.ErrorCodes.NO_ERROR)
+        events = client.receive_data(server.data_to_send())
+        assert p.StreamReset(stream, h2.errors.ErrorCodes.NO_ERROR) in events
+
+
 @pytest.mark.parametrize(
     "frame",
     [frames.PingFrame(0, opaque_data=b"12345678"), frames.SettingsFrame(0)],
