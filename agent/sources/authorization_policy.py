@@ -378,7 +378,19 @@ _OPERATION_L7 = ("hosts", "notHosts", "methods", "notMethods", "paths", "notPath
 _CONDITION_KEYS = ("key", "values", "notValues")
 
 
-def _parse_k8s(document: Mapping[str, object]) -> Policy:
+@dataclass(frozen=True, slots=True)
+class K8sPolicyHeader:
+    """What every Kubernetes AuthorizationPolicy starts with, checked: for the node agents'
+    policies here and the waypoints' (agent/sources/waypoint_policy.py)."""
+
+    doc: _Doc
+    name: str
+    namespace: str
+    dry_run: bool
+    spec: Mapping[str, object]
+
+
+def open_k8s_policy(document: Mapping[str, object]) -> K8sPolicyHeader:
     doc, meta = opened(
         document,
         PolicyError,
@@ -388,12 +400,20 @@ def _parse_k8s(document: Mapping[str, object]) -> Policy:
         metadata_keys=_METADATA_KEYS,
     )
     name = _string(doc, meta.get("name"), "metadata.name")
-    # Required although kubectl would default it: the namespace decides the policy's scope.
+    # Required although kubectl would default it: it decides the policy's scope, and where
+    # its targets are looked up.
     namespace = _string(doc, meta.get("namespace"), "metadata.namespace")
     dry_run = _dry_run(doc, meta.get("annotations"))
-
     spec = _mapping(doc, document.get("spec"), "spec")
     _check_keys(doc, spec, _SPEC_KEYS, "spec")
+    return K8sPolicyHeader(doc, name, namespace, dry_run, spec)
+
+
+def _parse_k8s(document: Mapping[str, object]) -> Policy:
+    header = open_k8s_policy(document)
+    doc, name, namespace, dry_run, spec = (
+        header.doc, header.name, header.namespace, header.dry_run, header.spec
+    )  # fmt: skip
     action = _k8s_action(doc, spec.get("action"))
     for key in ("targetRef", "targetRefs"):
         if spec.get(key) is not None:

@@ -20,23 +20,24 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from agent.sources.authorization_policy import (
+    _CONDITION_KEYS,
+    _RULE_KEYS,
     API_VERSIONS,
     DRY_RUN_ANNOTATION,
     KIND,
     PolicyError,
-    _dry_run,
     _glob,
     _k8s_service_account,
     _network,
     _port,
     _strings,
+    open_k8s_policy,
 )
 from agent.sources.document import Doc as _Doc
 from agent.sources.document import at as _at
 from agent.sources.document import check_keys as _check_keys
 from agent.sources.document import items as _items
 from agent.sources.document import mapping as _mapping
-from agent.sources.document import opened
 from agent.sources.document import string as _string
 from agent.state.policy import ServiceAccountMatch, StringMatch, StringMatchKind
 from agent.state.waypoint_policy import (
@@ -52,16 +53,7 @@ from agent.state.waypoint_policy import (
 
 __all__ = ["PolicyError", "attaches_to_waypoint", "parse_waypoint_policy", "to_document"]
 
-_K8S_KEYS = ("apiVersion", "kind", "metadata", "spec", "status")
-# The last five are set by the API server; accepted so that `kubectl get -o yaml` output loads.
-_METADATA_KEYS = (
-    "name", "namespace", "annotations", "labels",
-    "uid", "resourceVersion", "generation", "creationTimestamp", "managedFields",
-)  # fmt: skip
-_SPEC_KEYS = ("targetRef", "targetRefs", "action", "rules", "selector", "provider")
 _TARGET_REF_KEYS = ("group", "kind", "name", "namespace")
-_RULE_KEYS = ("from", "to", "when")
-_CONDITION_KEYS = ("key", "values", "notValues")
 
 MAX_TARGET_REFS = 16  # Istio's CRD limit
 GATEWAY_GROUP = "gateway.networking.k8s.io"
@@ -179,21 +171,10 @@ def parse_waypoint_policy(document: Mapping[str, object]) -> WaypointPolicy:
     """One waypoint policy; a `PolicyError` (policy, field path, reason) for anything wrong."""
     if not isinstance(document, Mapping):
         raise PolicyError("?/?", "", f"a policy must be a mapping, not {type(document).__name__}")
-    doc, meta = opened(
-        document,
-        PolicyError,
-        api_versions=API_VERSIONS,
-        kind=KIND,
-        top_keys=_K8S_KEYS,
-        metadata_keys=_METADATA_KEYS,
-    )
-    name = _string(doc, meta.get("name"), "metadata.name")
-    # Required although kubectl would default it: the targets are looked up in it.
-    namespace = _string(doc, meta.get("namespace"), "metadata.namespace")
-    dry_run = _dry_run(doc, meta.get("annotations"))
-
-    spec = _mapping(doc, document.get("spec"), "spec")
-    _check_keys(doc, spec, _SPEC_KEYS, "spec")
+    header = open_k8s_policy(document)
+    doc, name, namespace, dry_run, spec = (
+        header.doc, header.name, header.namespace, header.dry_run, header.spec
+    )  # fmt: skip
     targets = _targets(doc, spec, namespace)
     action = _action(doc, spec.get("action"))
     if spec.get("provider") is not None:
