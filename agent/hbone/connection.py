@@ -19,15 +19,15 @@ import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
-import h2.errors
 import structlog
 
 from agent.hbone import protocol as p
+from agent.hbone.wire import ErrorCode
 
 log = structlog.get_logger("agent.hbone")
 
 PING_INTERVAL = 10.0
-NO_ERROR = int(h2.errors.ErrorCodes.NO_ERROR)
+NO_ERROR = int(ErrorCode.NO_ERROR)
 PING_TIMEOUT = 20.0
 
 
@@ -86,7 +86,7 @@ class HboneStream:
     def __init__(self, connection: HboneConnection, stream_id: int) -> None:
         self._conn = connection
         self.stream_id = stream_id
-        self._chunks: collections.deque[tuple[bytes, int]] = collections.deque()
+        self._chunks: collections.deque[tuple[bytes | memoryview, int]] = collections.deque()
         self._readable = asyncio.Event()
         self._writable = asyncio.Event()
         self._peer_eof = False
@@ -96,7 +96,7 @@ class HboneStream:
 
     # -- driven by the connection ----------------------------------------------------------
 
-    def _on_data(self, data: bytes, flow_length: int) -> None:
+    def _on_data(self, data: bytes | memoryview, flow_length: int) -> None:
         self._chunks.append((data, flow_length))
         self._readable.set()
 
@@ -132,8 +132,8 @@ class HboneStream:
 
     # -- used by the relay -----------------------------------------------------------------
 
-    async def read(self) -> bytes:
-        """The next chunk; b"" once the peer half-closed. ConnectionResetError on reset."""
+    async def read(self) -> bytes | memoryview:
+        """The next chunk (a view of what the connection received); b"" once the peer half-closed. ConnectionResetError on reset."""
         while not self._chunks:
             # What the peer sent before END_STREAM, or before a RST_STREAM(NO_ERROR), is
             # complete: Envoy ends a tunnel whose upstream closed with NO_ERROR, after the
@@ -149,7 +149,7 @@ class HboneStream:
         self._conn.consumed(self.stream_id, flow_length)
         return data
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
         while view:
             if self._reset_code is not None:
@@ -159,7 +159,7 @@ class HboneStream:
             # Copy only what the flow-control window lets through now, not the whole rest.
             window = self._conn.proto.sendable(self.stream_id)
             if window > 0:
-                taken = self._conn.send_data(self.stream_id, bytes(view[:window]))
+                taken = self._conn.send_data(self.stream_id, view[:window])
                 view = view[taken:]
             if view:
                 self._writable.clear()
@@ -253,7 +253,7 @@ class HboneConnection(asyncio.Protocol):
         if exc is not None:
             log.warning("hbone connection lost", peer=self.peer, error=str(exc) or repr(exc))
         for stream in list(self._streams.values()):
-            stream._on_reset(h2.errors.ErrorCodes.CONNECT_ERROR, exc)
+            stream._on_reset(ErrorCode.CONNECT_ERROR, exc)
         self._streams.clear()
         self._budget.give(self._unconsumed)
         self._unconsumed = 0
@@ -388,7 +388,7 @@ class HboneConnection(asyncio.Protocol):
         """Wait while the transport's buffer is above its high-water mark."""
         await self._drained.wait()
 
-    def send_data(self, stream_id: int, data: bytes) -> int:
+    def send_data(self, stream_id: int, data: bytes | memoryview) -> int:
         taken = self.proto.send_data(stream_id, data)
         self._flush()
         return taken

@@ -1,57 +1,54 @@
 """The HBONE protocol, sans-IO: bytes in, events out; calls in, bytes to send out.
 
 Nothing here touches a socket or a clock, so two protocol objects can be tested by handing
-bytes between them. The asyncio shell (agent/hbone/connection.py) owns the IO, the timers
+bytes between them. The shells (agent/hbone/connection.py) own the IO, the timers
 (keepalive PING) and the TLS.
+
+HBONE uses a small part of HTTP/2: one CONNECT per stream, then DATA both ways. This is an
+HTTP/2 implementation of just that part (frames in agent/hbone/wire.py, headers with
+`hpack`), written for the data path: a DATA frame's payload is handed on as a view of the
+bytes received, never copied into frame objects, and sending writes a 9-byte header in front
+of the caller's bytes. Everything else a peer may send is parsed and checked as RFC 9113
+says, and what HBONE has no use for (PRIORITY, unknown frame types) is skipped.
 
 Wire facts followed (Istio ztunnel): plain CONNECT (`:method CONNECT`, `:authority ip:port`,
 no `:scheme`/`:path`); 200 only once the upstream is connected; 400 for a request that is not
 a valid CONNECT; stream window 4 MiB, connection window 16 MiB, max frame 1 MiB; at most 100
-streams per connection. A frame scanner ahead of h2 enforces HboneLimits (header block size,
-reset, PING and SETTINGS rates) with GOAWAY ENHANCE_YOUR_CALM.
+streams per connection. HboneLimits bound what a peer can make us hold or answer (header
+block size, reset, PING and SETTINGS rates), checked at each frame's header, before its
+payload is taken in; past one the peer gets GOAWAY ENHANCE_YOUR_CALM.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
-import h2.config
-import h2.connection
-import h2.errors
-import h2.events
-import h2.exceptions
-import h2.settings
+import hpack
+
+from agent.hbone import wire
+from agent.hbone.wire import ErrorCode, Flag, FrameType, Setting
 
 STREAM_WINDOW = 4 * 1024 * 1024
 CONNECTION_WINDOW = 16 * 1024 * 1024
 MAX_FRAME = 1024 * 1024
 MAX_STREAMS = 100
-_DEFAULT_WINDOW = 65_535
 
 HBONE_SETTINGS = {
-    h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
-    h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME,
-    h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
-    h2.settings.SettingCodes.ENABLE_PUSH: 0,
+    Setting.ENABLE_PUSH: 0,
+    Setting.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
+    Setting.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+    Setting.MAX_FRAME_SIZE: MAX_FRAME,
 }
+# Window credit goes back to the peer once this share of a window has been consumed: fewer
+# WINDOW_UPDATE frames than one per DATA frame, and the sender never waits on an empty window
+# while we hold credit back.
+_UPDATE_SHARE = 4
 
 # Headers carried on CONNECT besides the pseudo-headers (ztunnel sends these).
 FORWARDED, BAGGAGE, TRACEPARENT = "forwarded", "baggage", "traceparent"
-
-
-# A stream the peer already closed or reset: acting on it is a no-op, not an error.
-_STREAM_GONE = (h2.exceptions.StreamClosedError, h2.exceptions.NoSuchStreamError)
-
-
-def _headers(raw: Iterable[tuple[bytes | str, bytes | str]] | None) -> dict[str, str]:
-    return {
-        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-        for k, v in raw or ()
-    }
 
 
 class HboneProtocolError(Exception):
@@ -99,70 +96,6 @@ class _Bucket:
         return True
 
 
-# Frame types and flags (RFC 9113 section 6) the scanner looks at.
-_FRAME_HEADER = 9
-_HEADERS, _RST_STREAM, _SETTINGS, _PING, _CONTINUATION = 0x1, 0x3, 0x4, 0x6, 0x9
-_FLAG_ACK, _FLAG_END_HEADERS = 0x1, 0x4
-_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-
-
-class _FrameScanner:
-    """Reads only frame headers, ahead of h2, so a limit trips before h2 buffers or acts on
-    what a frame carries. Payload bytes are skipped, never copied."""
-
-    def __init__(self, server_side: bool, limits: HboneLimits, clock: Callable[[], float]):
-        self._limits = limits
-        # Rapid reset is a client's attack: it opens streams and resets them, making the server
-        # start work each time. A server can reset only streams the client opened, so on the
-        # client side resets are bounded by our own streams; and servers (Envoy among them)
-        # routinely end a finished stream with RST_STREAM(NO_ERROR).
-        self._resets_limited = server_side
-        self._skip = len(_PREFACE) if server_side else 0  # the client's preface comes first
-        self._header = bytearray()
-        self._payload_left = 0
-        self._block: int | None = None  # bytes of the header block in progress
-        self._resets = _Bucket(limits.reset_burst, limits.reset_rate, clock)
-        self._control = _Bucket(limits.control_burst, limits.control_rate, clock)
-
-    def scan(self, data: bytes) -> None:
-        view, at = memoryview(data), 0
-        if self._skip:
-            taken = min(self._skip, len(view))
-            self._skip -= taken
-            at = taken
-        while at < len(view):
-            if self._payload_left:
-                taken = min(self._payload_left, len(view) - at)
-                self._payload_left -= taken
-                at += taken
-                continue
-            need = _FRAME_HEADER - len(self._header)
-            self._header += view[at : at + need]
-            at += min(need, len(view) - at)
-            if len(self._header) == _FRAME_HEADER:
-                self._frame(bytes(self._header))
-                self._header.clear()
-
-    def _frame(self, header: bytes) -> None:
-        length = int.from_bytes(header[:3], "big")
-        kind, flags = header[3], header[4]
-        self._payload_left = length
-        if kind in (_HEADERS, _CONTINUATION):
-            self._block = length + (self._block or 0 if kind == _CONTINUATION else 0)
-            if self._block > self._limits.max_header_block:
-                raise HboneProtocolError(
-                    f"header block over {self._limits.max_header_block} bytes",
-                    "header_block_too_large",
-                )
-            if flags & _FLAG_END_HEADERS:
-                self._block = None
-        elif kind == _RST_STREAM and self._resets_limited and not self._resets.take():
-            raise HboneProtocolError("streams reset faster than allowed", "reset_flood")
-        elif kind in (_PING, _SETTINGS) and not flags & _FLAG_ACK and not self._control.take():
-            raise HboneProtocolError("PING or SETTINGS frames faster than allowed",
-                                     "control_frame_flood")  # fmt: skip
-
-
 # ---- events -------------------------------------------------------------------------------
 
 
@@ -204,7 +137,7 @@ class TunnelRejected:
 @dataclass(frozen=True, slots=True)
 class Data:
     stream_id: int
-    data: bytes
+    data: bytes | memoryview  # may be a view of the bytes given to receive_data()
     flow_length: int  # what to hand back to consumed() once the bytes have been used
 
 
@@ -268,6 +201,27 @@ def format_authority(host: str, port: int) -> str:
 # ---- protocol -----------------------------------------------------------------------------
 
 
+class _Stream:
+    """One CONNECT tunnel's state: its windows both ways and which halves are closed."""
+
+    __slots__ = (
+        "answered",
+        "local_closed",
+        "recv_pending",
+        "recv_window",
+        "remote_closed",
+        "send_window",
+    )
+
+    def __init__(self, send_window: int) -> None:
+        self.send_window = send_window  # what the peer lets us send
+        self.recv_window = STREAM_WINDOW  # what we let the peer send
+        self.recv_pending = 0  # consumed, not yet given back with WINDOW_UPDATE
+        self.local_closed = False  # we sent END_STREAM
+        self.remote_closed = False  # the peer sent END_STREAM
+        self.answered = False  # client side: the response HEADERS arrived
+
+
 class _HboneProtocol:
     def __init__(
         self,
@@ -275,91 +229,441 @@ class _HboneProtocol:
         limits: HboneLimits | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._scanner = _FrameScanner(not client_side, limits or HboneLimits(), clock)
-        config = h2.config.H2Configuration(client_side=client_side, header_encoding="utf-8")
-        self._conn = h2.connection.H2Connection(config=config)
-        self._conn.local_settings = h2.settings.Settings(
-            client=client_side, initial_values=HBONE_SETTINGS
-        )
-        # h2 derives this from the settings at construction, before ours replaced them.
-        self._conn.max_inbound_frame_size = MAX_FRAME
-        self._conn.initiate_connection()
-        self._conn.increment_flow_control_window(CONNECTION_WINDOW - _DEFAULT_WINDOW)
+        self._client_side = client_side
+        self._limits = limits or HboneLimits()
+        # Rapid reset is a client's attack: it opens streams and resets them, making the server
+        # start work each time. A server can reset only streams the client opened, so on the
+        # client side resets are bounded by our own streams; and servers (Envoy among them)
+        # routinely end a finished stream with RST_STREAM(NO_ERROR).
+        self._resets: _Bucket | None = None
+        if not client_side:
+            self._resets = _Bucket(self._limits.reset_burst, self._limits.reset_rate, clock)
+        self._control = _Bucket(self._limits.control_burst, self._limits.control_rate, clock)
+        self._encoder = hpack.Encoder()
+        self._decoder = hpack.Decoder()
+        self._decoder.max_header_list_size = self._limits.max_header_block
+        self._out: list[bytes | memoryview] = []
+        self._streams: dict[int, _Stream] = {}
+        self._highest_peer_stream = 0  # peer-opened ids up to here are open or closed
+        self._next_stream = 1  # our next stream id (clients open odd ids)
+        self._failed = False
+        # What the peer said in its SETTINGS (RFC 9113 defaults until then).
+        self._peer_initial_window = wire.DEFAULT_WINDOW
+        self._peer_max_frame = wire.DEFAULT_MAX_FRAME
+        self._peer_max_streams = MAX_STREAMS
+        self._send_window = wire.DEFAULT_WINDOW  # connection level, ours to spend
+        self._recv_window = CONNECTION_WINDOW  # connection level, the peer's to spend
+        self._recv_pending = 0
+        # Receiving: the server first reads the client's preface, then frames. A frame's
+        # header is parsed as soon as its 9 bytes are in; an unpadded DATA payload is handed
+        # on as it arrives (_data_left, _data_stream, _data_end); other payloads are
+        # collected whole (bounded by MAX_FRAME) or skipped (_skip_left).
+        self._preface_left = 0 if client_side else len(wire.PREFACE)
+        self._settings_seen = False
+        self._pending = bytearray()
+        self._frame: tuple[int, int, int, int] | None = None  # length, type, flags, stream
+        self._data_left = 0
+        self._data_stream = 0
+        self._data_end = False
+        self._skip_left = 0
+        self._block = bytearray()  # a header block waiting for its CONTINUATION frames
+        self._block_stream = 0
+        self._block_flags = 0
+        self._out.append(wire.PREFACE if client_side else b"")
+        self._out.append(wire.settings_frame(HBONE_SETTINGS))
+        self._out.append(wire.window_update(0, CONNECTION_WINDOW - wire.DEFAULT_WINDOW))
 
     def data_to_send(self) -> bytes:
-        return bytes(self._conn.data_to_send())
+        if not self._out:
+            return b""
+        data = b"".join(self._out)
+        self._out.clear()
+        return data
+
+    # -- receiving ---------------------------------------------------------------------------
 
     def receive_data(self, data: bytes) -> list[Event]:
-        try:
-            self._scanner.scan(data)
-        except HboneProtocolError:
-            self._conn.close_connection(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
-            raise
-        try:
-            h2_events = self._conn.receive_data(data)
-        except h2.exceptions.ProtocolError as exc:
-            raise HboneProtocolError(str(exc) or type(exc).__name__) from exc
+        """Events for `data`. A Data event's bytes may be a view of `data`: the caller must
+        not change `data` afterwards. HboneProtocolError when the peer broke the protocol or
+        a limit (the GOAWAY saying why is queued)."""
+        if self._failed:
+            return []
         events: list[Event] = []
-        for event in h2_events:
-            events.extend(self._translate(event))
+        view, at, end = memoryview(data), 0, len(data)
+        if self._preface_left:
+            taken = min(self._preface_left, end)
+            offset = len(wire.PREFACE) - self._preface_left
+            if view[:taken] != wire.PREFACE[offset : offset + taken]:
+                self._fail(ErrorCode.PROTOCOL_ERROR, "not an HTTP/2 client preface")
+            self._preface_left -= taken
+            at = taken
+        while at < end:
+            if self._data_left:
+                taken = min(self._data_left, end - at)
+                self._data_left -= taken
+                self._data_chunk(view[at : at + taken], events)
+                at += taken
+                continue
+            if self._skip_left:
+                taken = min(self._skip_left, end - at)
+                self._skip_left -= taken
+                at += taken
+                continue
+            if self._frame is None:
+                need = wire.FRAME_HEADER_SIZE - len(self._pending)
+                if not self._pending and end - at >= need:
+                    header: bytes | memoryview = view[at : at + need]
+                    at += need
+                else:
+                    self._pending += view[at : at + need]
+                    at += min(need, end - at)
+                    if len(self._pending) < wire.FRAME_HEADER_SIZE:
+                        break
+                    header = bytes(self._pending)
+                    self._pending.clear()
+                self._frame_header(*wire.parse_frame_header(header), events)
+                continue
+            length = self._frame[0]
+            need = length - len(self._pending)
+            if not self._pending and end - at >= need:
+                payload: bytes | memoryview = view[at : at + need]
+                at += need
+            else:
+                self._pending += view[at : at + need]
+                at += min(need, end - at)
+                if len(self._pending) < length:
+                    break
+                payload = bytes(self._pending)
+                self._pending.clear()
+            _, kind, flags, stream_id = self._frame
+            self._frame = None
+            self._frame_payload(kind, flags, stream_id, payload, events)
         return events
 
-    def _translate(self, event: h2.events.Event) -> list[Event]:
-        if isinstance(event, h2.events.DataReceived):
-            assert event.stream_id is not None and event.data is not None
-            out: list[Event] = []
-            flow_length = event.flow_controlled_length or 0
-            if event.data or flow_length:  # END_STREAM often rides on an empty DATA frame
-                out.append(Data(event.stream_id, bytes(event.data), flow_length))
-            if event.stream_ended is not None:
-                out.append(PeerHalfClosed(event.stream_id))
-            return out
-        if isinstance(event, h2.events.StreamEnded):
-            # Reported with the DATA or HEADERS frame that carried END_STREAM already.
-            return []
-        if isinstance(event, h2.events.StreamReset):
-            assert event.stream_id is not None
-            return [StreamReset(event.stream_id, int(event.error_code or 0))]
-        if isinstance(event, h2.events.WindowUpdated):
-            return [WindowOpened(event.stream_id or 0)]
-        if isinstance(event, h2.events.RemoteSettingsChanged):
-            return [WindowOpened(0)]  # a new initial window resizes every stream's window
-        if isinstance(event, h2.events.PingAckReceived):
-            return [PingAcknowledged(bytes(event.ping_data or b""))]
-        if isinstance(event, h2.events.ConnectionTerminated):
-            return [ConnectionClosed(int(event.error_code or 0), event.last_stream_id or 0)]
-        return []
+    def _fail(self, code: int, message: str, reason: str = "protocol_error") -> None:
+        """A connection error: GOAWAY with `code`, then nothing more is read."""
+        self._failed = True
+        self._out.append(wire.goaway(self._highest_peer_stream, code))
+        raise HboneProtocolError(message, reason)
 
-    # -- sending ---------------------------------------------------------------------------
+    def _frame_header(
+        self, length: int, kind: int, flags: int, stream_id: int, events: list[Event]
+    ) -> None:
+        """Checks that need only the header, so a limit trips before a payload is taken in;
+        then either a DATA payload streams, or the payload is collected or skipped."""
+        if length > MAX_FRAME:
+            self._fail(ErrorCode.FRAME_SIZE_ERROR, f"frame of {length} bytes over {MAX_FRAME}")
+        if not self._settings_seen:
+            if kind != FrameType.SETTINGS or flags & Flag.ACK:
+                self._fail(ErrorCode.PROTOCOL_ERROR, "the first frame is not SETTINGS")
+            self._settings_seen = True
+        if self._block_stream and (
+            kind != FrameType.CONTINUATION or stream_id != self._block_stream
+        ):
+            self._fail(ErrorCode.PROTOCOL_ERROR, "a header block interrupted")
+        if kind in (FrameType.HEADERS, FrameType.CONTINUATION):
+            if len(self._block) + length > self._limits.max_header_block:
+                self._fail(
+                    ErrorCode.ENHANCE_YOUR_CALM,
+                    f"header block over {self._limits.max_header_block} bytes",
+                    "header_block_too_large",
+                )
+        elif kind == FrameType.RST_STREAM:
+            if self._resets is not None and not self._resets.take():
+                self._fail(
+                    ErrorCode.ENHANCE_YOUR_CALM, "streams reset faster than allowed", "reset_flood"
+                )
+        elif (
+            kind in (FrameType.PING, FrameType.SETTINGS)
+            and not flags & Flag.ACK
+            and not self._control.take()
+        ):
+            self._fail(
+                ErrorCode.ENHANCE_YOUR_CALM,
+                "PING or SETTINGS frames faster than allowed",
+                "control_frame_flood",
+            )
+        expected = _FIXED_LENGTHS.get(kind)
+        if expected is not None and length != expected:
+            self._fail(ErrorCode.FRAME_SIZE_ERROR, f"{FrameType(kind).name} of {length} bytes")
+        if kind == FrameType.DATA:
+            self._data_header(length, flags, stream_id, events)
+        elif kind in _KNOWN_TYPES:
+            self._frame = (length, kind, flags, stream_id)
+            if length == 0:
+                self._frame = None
+                self._frame_payload(kind, flags, stream_id, b"", events)
+        else:
+            self._skip_left = length  # unknown frame types are ignored (RFC 9113 5.5)
+
+    # DATA
+
+    def _data_header(self, length: int, flags: int, stream_id: int, events: list[Event]) -> None:
+        if stream_id == 0:
+            self._fail(ErrorCode.PROTOCOL_ERROR, "DATA on stream 0")
+        if self._is_idle(stream_id):
+            self._fail(ErrorCode.PROTOCOL_ERROR, f"DATA on stream {stream_id}, never opened")
+        if length > self._recv_window:
+            self._fail(ErrorCode.FLOW_CONTROL_ERROR, "DATA past the connection window")
+        self._recv_window -= length
+        stream = self._streams.get(stream_id)
+        if stream is not None:
+            if stream.remote_closed:
+                self._give_back(length)
+                self._reset(stream_id, ErrorCode.STREAM_CLOSED, events)
+                stream = None
+            elif length > stream.recv_window:
+                self._fail(ErrorCode.FLOW_CONTROL_ERROR, f"DATA past stream {stream_id}'s window")
+            else:
+                stream.recv_window -= length
+        if stream is None:
+            # A stream already closed or reset: its bytes go unused, the window comes back.
+            self._give_back(length)
+            self._skip_left = length
+            return
+        if flags & Flag.PADDED:
+            self._frame = (length, FrameType.DATA, flags, stream_id)  # collected whole
+            if length == 0:
+                self._fail(ErrorCode.FRAME_SIZE_ERROR, "padded DATA without a pad length")
+            return
+        self._data_left, self._data_stream = length, stream_id
+        self._data_end = bool(flags & Flag.END_STREAM)
+        if length == 0:
+            self._data_chunk(memoryview(b""), events)
+
+    def _data_chunk(self, chunk: memoryview, events: list[Event]) -> None:
+        """Part of an unpadded DATA payload, handed on as it arrives."""
+        stream = self._streams.get(self._data_stream)
+        if stream is None:  # reset while its frame was arriving
+            self._give_back(len(chunk))
+        elif chunk:
+            events.append(Data(self._data_stream, chunk, len(chunk)))
+        if not self._data_left and self._data_end and stream is not None:
+            self._remote_end(self._data_stream, stream, events)
+
+    def _padded_data(
+        self, flags: int, stream_id: int, payload: memoryview | bytes, events: list[Event]
+    ) -> None:
+        pad = payload[0]
+        if pad >= len(payload):
+            self._fail(ErrorCode.PROTOCOL_ERROR, "DATA padding longer than the frame")
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            self._give_back(len(payload))
+            return
+        events.append(Data(stream_id, payload[1 : len(payload) - pad], len(payload)))
+        if flags & Flag.END_STREAM:
+            self._remote_end(stream_id, stream, events)
+
+    def _remote_end(self, stream_id: int, stream: _Stream, events: list[Event]) -> None:
+        stream.remote_closed = True
+        events.append(PeerHalfClosed(stream_id))
+        if stream.local_closed:
+            del self._streams[stream_id]
+
+    # other frames, once their payload is in
+
+    def _frame_payload(
+        self,
+        kind: int,
+        flags: int,
+        stream_id: int,
+        payload: memoryview | bytes,
+        events: list[Event],
+    ) -> None:
+        if kind == FrameType.DATA:
+            self._padded_data(flags, stream_id, payload, events)
+        elif kind == FrameType.HEADERS:
+            self._headers_frame(flags, stream_id, payload, events)
+        elif kind == FrameType.CONTINUATION:
+            if not self._block_stream:
+                self._fail(ErrorCode.PROTOCOL_ERROR, "CONTINUATION without HEADERS")
+            self._block += payload
+            if flags & Flag.END_HEADERS:
+                self._header_block_done(events)
+        elif kind == FrameType.SETTINGS:
+            self._settings(flags, stream_id, payload, events)
+        elif kind == FrameType.WINDOW_UPDATE:
+            self._window_update(stream_id, wire.parse_u32(payload) & wire.LARGEST_WINDOW, events)
+        elif kind == FrameType.RST_STREAM:
+            if stream_id == 0 or self._is_idle(stream_id):
+                self._fail(ErrorCode.PROTOCOL_ERROR, f"RST_STREAM on stream {stream_id}")
+            if self._streams.pop(stream_id, None) is not None:
+                events.append(StreamReset(stream_id, wire.parse_u32(payload)))
+        elif kind == FrameType.PING:
+            if stream_id != 0:
+                self._fail(ErrorCode.PROTOCOL_ERROR, "PING on a stream")
+            if flags & Flag.ACK:
+                events.append(PingAcknowledged(bytes(payload)))
+            else:
+                self._out.append(wire.ping(bytes(payload), ack=True))
+        elif kind == FrameType.GOAWAY:
+            if stream_id != 0 or len(payload) < 8:
+                self._fail(ErrorCode.PROTOCOL_ERROR, "malformed GOAWAY")
+            last, code = wire.parse_goaway(payload)
+            events.append(ConnectionClosed(code, last))
+        elif kind == FrameType.PUSH_PROMISE:
+            self._fail(ErrorCode.PROTOCOL_ERROR, "PUSH_PROMISE, and push is off")
+        # PRIORITY: advice HBONE has no use for.
+
+    def _settings(
+        self, flags: int, stream_id: int, payload: memoryview | bytes, events: list[Event]
+    ) -> None:
+        if stream_id != 0:
+            self._fail(ErrorCode.PROTOCOL_ERROR, "SETTINGS on a stream")
+        if flags & Flag.ACK:
+            if payload:
+                self._fail(ErrorCode.FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
+            return
+        if len(payload) % 6:
+            self._fail(ErrorCode.FRAME_SIZE_ERROR, f"SETTINGS of {len(payload)} bytes")
+        for key, value in wire.parse_settings(payload):
+            if key == Setting.INITIAL_WINDOW_SIZE:
+                if value > wire.LARGEST_WINDOW:
+                    self._fail(ErrorCode.FLOW_CONTROL_ERROR, f"initial window {value}")
+                delta, self._peer_initial_window = value - self._peer_initial_window, value
+                for stream in self._streams.values():
+                    stream.send_window += delta  # may go negative (RFC 9113 6.9.2)
+                events.append(WindowOpened(0))
+            elif key == Setting.MAX_FRAME_SIZE:
+                if not wire.DEFAULT_MAX_FRAME <= value <= wire.LARGEST_MAX_FRAME:
+                    self._fail(ErrorCode.PROTOCOL_ERROR, f"max frame size {value}")
+                self._peer_max_frame = value
+            elif key == Setting.MAX_CONCURRENT_STREAMS:
+                self._peer_max_streams = value
+            elif key == Setting.HEADER_TABLE_SIZE:
+                self._encoder.header_table_size = min(value, 4096)
+            elif key == Setting.ENABLE_PUSH and value > 1:
+                self._fail(ErrorCode.PROTOCOL_ERROR, f"enable push {value}")
+        self._out.append(wire.settings_ack())
+
+    def _window_update(self, stream_id: int, increment: int, events: list[Event]) -> None:
+        if stream_id == 0:
+            if increment == 0:
+                self._fail(ErrorCode.PROTOCOL_ERROR, "connection WINDOW_UPDATE of 0")
+            self._send_window += increment
+            if self._send_window > wire.LARGEST_WINDOW:
+                self._fail(ErrorCode.FLOW_CONTROL_ERROR, "connection window past 2^31-1")
+            events.append(WindowOpened(0))
+            return
+        if self._is_idle(stream_id):
+            self._fail(
+                ErrorCode.PROTOCOL_ERROR, f"WINDOW_UPDATE on stream {stream_id}, never opened"
+            )
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return  # closed: late credit
+        stream.send_window += increment
+        if increment == 0 or stream.send_window > wire.LARGEST_WINDOW:
+            self._reset(
+                stream_id,
+                ErrorCode.PROTOCOL_ERROR if increment == 0 else ErrorCode.FLOW_CONTROL_ERROR,
+                events,
+            )
+            return
+        events.append(WindowOpened(stream_id))
+
+    # HEADERS
+
+    def _headers_frame(
+        self, flags: int, stream_id: int, payload: memoryview | bytes, events: list[Event]
+    ) -> None:
+        if stream_id == 0:
+            self._fail(ErrorCode.PROTOCOL_ERROR, "HEADERS on stream 0")
+        start, end = 0, len(payload)
+        if flags & Flag.PADDED:
+            if not payload:
+                self._fail(ErrorCode.FRAME_SIZE_ERROR, "padded HEADERS without a pad length")
+            start, end = 1, end - payload[0]
+        if flags & Flag.PRIORITY:
+            start += 5
+        if start > end:
+            self._fail(ErrorCode.PROTOCOL_ERROR, "HEADERS padding longer than the frame")
+        self._block = bytearray(payload[start:end])
+        self._block_stream, self._block_flags = stream_id, flags
+        if flags & Flag.END_HEADERS:
+            self._header_block_done(events)
+
+    def _header_block_done(self, events: list[Event]) -> None:
+        stream_id, end_stream = self._block_stream, bool(self._block_flags & Flag.END_STREAM)
+        block, self._block = bytes(self._block), bytearray()
+        self._block_stream = self._block_flags = 0
+        try:
+            # Always decoded, even for a stream about to be refused: the peer's encoder and
+            # our decoder share a table.
+            raw = self._decoder.decode(block, raw=True)
+        except hpack.HPACKError as exc:
+            self._fail(ErrorCode.COMPRESSION_ERROR, f"header block: {exc}")
+        headers: dict[str, str] = {}
+        for name, value in raw:
+            key = bytes(name).decode("utf-8", "replace")
+            if key != key.lower():
+                self._reset(stream_id, ErrorCode.PROTOCOL_ERROR, events)
+                return
+            headers[key] = bytes(value).decode("utf-8", "replace")
+        self._headers(stream_id, headers, end_stream, events)
+
+    def _headers(
+        self, stream_id: int, headers: dict[str, str], end_stream: bool, events: list[Event]
+    ) -> None:
+        raise NotImplementedError
+
+    def _is_idle(self, stream_id: int) -> bool:
+        """Never opened, by either side (frames other than HEADERS on it are errors)."""
+        if (stream_id % 2 == 1) == self._client_side:
+            return stream_id >= self._next_stream  # one of ours
+        return stream_id > self._highest_peer_stream
+
+    # -- sending -----------------------------------------------------------------------------
 
     def sendable(self, stream_id: int) -> int:
         """How many bytes send_data() would take now (flow-control window, both levels)."""
-        try:
-            return int(self._conn.local_flow_control_window(stream_id))
-        except _STREAM_GONE:
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.local_closed:
             return 0
+        return max(0, min(self._send_window, stream.send_window))
 
-    def send_data(self, stream_id: int, data: bytes) -> int:
+    def send_data(self, stream_id: int, data: bytes | memoryview) -> int:
         """Queue as much of data as the windows allow, in frames of at most the peer's max
-        frame size; returns how many bytes were taken. Send the rest after WindowOpened."""
-        taken = 0
+        frame size; returns how many bytes were taken. Send the rest after WindowOpened. The
+        bytes are queued as they are: they must not change until data_to_send()."""
+        stream = self._streams.get(stream_id)
         window = self.sendable(stream_id)
-        frame = int(self._conn.max_outbound_frame_size)
-        while taken < len(data) and window > 0:
-            size = min(len(data) - taken, window, frame)
-            self._conn.send_data(stream_id, data[taken : taken + size])
+        if stream is None or window <= 0:
+            return 0
+        view = memoryview(data)
+        taken, total = 0, min(len(view), window)
+        while taken < total:
+            size = min(total - taken, self._peer_max_frame)
+            self._out.append(wire.data_header(stream_id, size))
+            self._out.append(view[taken : taken + size])
             taken += size
-            window -= size
+        self._send_window -= taken
+        stream.send_window -= taken
         return taken
 
     def end_stream(self, stream_id: int) -> None:
         """Our half-close (TCP FIN from our side)."""
-        with contextlib.suppress(*_STREAM_GONE):
-            self._conn.end_stream(stream_id)
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.local_closed:
+            return
+        self._out.append(wire.data_header(stream_id, 0, end_stream=True))
+        self._local_end(stream_id, stream)
 
-    def reset_stream(self, stream_id: int, error_code: int = h2.errors.ErrorCodes.CANCEL) -> None:
-        with contextlib.suppress(*_STREAM_GONE):
-            self._conn.reset_stream(stream_id, error_code)
+    def _local_end(self, stream_id: int, stream: _Stream) -> None:
+        stream.local_closed = True
+        if stream.remote_closed:
+            del self._streams[stream_id]
+
+    def reset_stream(self, stream_id: int, error_code: int = ErrorCode.CANCEL) -> None:
+        if self._streams.pop(stream_id, None) is not None:
+            self._out.append(wire.rst_stream(stream_id, error_code))
+
+    def _reset(self, stream_id: int, error_code: int, events: list[Event]) -> None:
+        """A stream error found in what the peer sent: RST_STREAM, and the stream is over."""
+        self._out.append(wire.rst_stream(stream_id, error_code))
+        if self._streams.pop(stream_id, None) is not None:
+            events.append(StreamReset(stream_id, error_code))
 
     def consumed(self, stream_id: int, flow_length: int) -> None:
         """The application used flow_length bytes of a Data event: open the window again.
@@ -367,21 +671,49 @@ class _HboneProtocol:
         instead of growing our buffers."""
         if flow_length <= 0:
             return
-        try:
-            self._conn.acknowledge_received_data(flow_length, stream_id)
-        except _STREAM_GONE:
-            # The stream is gone; the connection window still needs the bytes back.
-            self._conn.increment_flow_control_window(flow_length)
+        self._give_back(flow_length)
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.remote_closed:
+            return  # the peer sends no more on it: its window needs nothing back
+        stream.recv_pending += flow_length
+        if stream.recv_pending >= STREAM_WINDOW // _UPDATE_SHARE:
+            self._out.append(wire.window_update(stream_id, stream.recv_pending))
+            stream.recv_window += stream.recv_pending
+            stream.recv_pending = 0
+
+    def _give_back(self, length: int) -> None:
+        """Connection-level credit for bytes received and done with."""
+        self._recv_pending += length
+        if self._recv_pending >= CONNECTION_WINDOW // _UPDATE_SHARE:
+            self._out.append(wire.window_update(0, self._recv_pending))
+            self._recv_window += self._recv_pending
+            self._recv_pending = 0
+
+    def _send_headers(
+        self, stream_id: int, headers: list[tuple[str, str]], end_stream: bool = False
+    ) -> None:
+        block = self._encoder.encode(headers)
+        self._out.append(wire.headers_frames(stream_id, block, end_stream, self._peer_max_frame))
 
     def ping(self, opaque: bytes) -> None:
-        self._conn.ping(opaque)
+        self._out.append(wire.ping(opaque))
 
-    def close(self, error_code: int = h2.errors.ErrorCodes.NO_ERROR) -> None:
-        self._conn.close_connection(error_code)
+    def close(self, error_code: int = ErrorCode.NO_ERROR) -> None:
+        self._out.append(wire.goaway(self._highest_peer_stream, error_code))
 
     @property
     def open_streams(self) -> int:
-        return int(self._conn.open_outbound_streams + self._conn.open_inbound_streams)
+        return len(self._streams)
+
+
+# Frame types whose payload has one size (RFC 9113 section 6).
+_FIXED_LENGTHS: dict[int, int] = {
+    FrameType.PRIORITY: 5,
+    FrameType.RST_STREAM: 4,
+    FrameType.PING: 8,
+    FrameType.WINDOW_UPDATE: 4,
+}
+_KNOWN_TYPES = frozenset(FrameType)
 
 
 class HboneServer(_HboneProtocol):
@@ -395,15 +727,26 @@ class HboneServer(_HboneProtocol):
         # The agent's own ports: a tunnel there would reach the agent, not an app.
         self._refused_ports = refused_ports
 
-    def _translate(self, event: h2.events.Event) -> list[Event]:
-        if isinstance(event, h2.events.RequestReceived):
-            assert event.stream_id is not None
-            return [self._request(event.stream_id, _headers(event.headers))]
-        if isinstance(event, h2.events.TrailersReceived):
-            assert event.stream_id is not None
-            self.reset_stream(event.stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
-            return [StreamReset(event.stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)]
-        return super()._translate(event)
+    def _headers(
+        self, stream_id: int, headers: dict[str, str], end_stream: bool, events: list[Event]
+    ) -> None:
+        if stream_id % 2 == 0:
+            self._fail(ErrorCode.PROTOCOL_ERROR, f"HEADERS on server stream {stream_id}")
+        if stream_id in self._streams:
+            # Trailers: a CONNECT tunnel has none.
+            self._reset(stream_id, ErrorCode.PROTOCOL_ERROR, events)
+            return
+        if stream_id <= self._highest_peer_stream:
+            self._out.append(wire.rst_stream(stream_id, ErrorCode.STREAM_CLOSED))
+            return
+        self._highest_peer_stream = stream_id
+        if len(self._streams) >= MAX_STREAMS:
+            self._out.append(wire.rst_stream(stream_id, ErrorCode.REFUSED_STREAM))
+            return
+        self._streams[stream_id] = _Stream(self._peer_initial_window)
+        events.append(self._request(stream_id, headers))
+        if end_stream and stream_id in self._streams:
+            self._remote_end(stream_id, self._streams[stream_id], events)
 
     def _request(self, stream_id: int, headers: dict[str, str]) -> Event:
         method = headers.get(":method", "")
@@ -427,12 +770,16 @@ class HboneServer(_HboneProtocol):
 
     def accept(self, stream_id: int) -> None:
         """200: only once the upstream connection exists."""
-        self._conn.send_headers(stream_id, [(":status", "200")])
+        if stream_id in self._streams:
+            self._send_headers(stream_id, [(":status", "200")])
 
     def refuse(self, stream_id: int, status: int) -> None:
         """400 bad request, 401 denied by policy, 503 upstream unreachable."""
-        with contextlib.suppress(*_STREAM_GONE):
-            self._conn.send_headers(stream_id, [(":status", str(status))], end_stream=True)
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.local_closed:
+            return
+        self._send_headers(stream_id, [(":status", str(status))], end_stream=True)
+        self._local_end(stream_id, stream)
 
 
 class HboneClient(_HboneProtocol):
@@ -440,25 +787,48 @@ class HboneClient(_HboneProtocol):
         super().__init__(client_side=True)
 
     def can_open_stream(self) -> bool:
-        limit = min(MAX_STREAMS, int(self._conn.remote_settings.max_concurrent_streams))
-        return int(self._conn.open_outbound_streams) < limit
+        limit = min(MAX_STREAMS, self._peer_max_streams)
+        return len(self._streams) < limit and self._next_stream < wire.LARGEST_WINDOW
 
     def open_tunnel(self, authority: str, headers: dict[str, str] | None = None) -> int:
         """ValueError for an authority that is not ip:port, before anything is sent."""
         parse_authority(authority)
-        stream_id = int(self._conn.get_next_available_stream_id())
+        stream_id, self._next_stream = self._next_stream, self._next_stream + 2
+        self._streams[stream_id] = _Stream(self._peer_initial_window)
         request = [(":method", "CONNECT"), (":authority", authority)]
         request += [(k.lower(), v) for k, v in (headers or {}).items()]
-        self._conn.send_headers(stream_id, request)
+        self._send_headers(stream_id, request)
         return stream_id
 
-    def _translate(self, event: h2.events.Event) -> list[Event]:
-        if isinstance(event, h2.events.ResponseReceived):
-            assert event.stream_id is not None
-            status = int(_headers(event.headers).get(":status", "0"))
-            if status == 200:
-                return [TunnelEstablished(event.stream_id)]
-            if event.stream_ended is None:
-                self.reset_stream(event.stream_id)
-            return [TunnelRejected(event.stream_id, status)]
-        return super()._translate(event)
+    def _headers(
+        self, stream_id: int, headers: dict[str, str], end_stream: bool, events: list[Event]
+    ) -> None:
+        if stream_id % 2 == 0 or self._is_idle(stream_id):
+            self._fail(ErrorCode.PROTOCOL_ERROR, f"HEADERS on stream {stream_id}, not ours")
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return  # a stream we already reset
+        if stream.answered:
+            # Trailers: they only end the stream.
+            if end_stream:
+                self._remote_end(stream_id, stream, events)
+            else:
+                self._reset(stream_id, ErrorCode.PROTOCOL_ERROR, events)
+            return
+        status_text = headers.get(":status", "")
+        status = int(status_text) if status_text.isdigit() else 0
+        if 100 <= status < 200 and not end_stream:
+            return  # informational: the answer is still to come
+        stream.answered = True
+        if status == 200:
+            events.append(TunnelEstablished(stream_id))
+            if end_stream:
+                self._remote_end(stream_id, stream, events)
+            return
+        events.append(TunnelRejected(stream_id, status))
+        # The tunnel is over either way: close our half too, so its slot is free again.
+        if end_stream:
+            stream.remote_closed = True
+            self.end_stream(stream_id)
+        else:
+            self.reset_stream(stream_id)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from cryptography import x509
 
+from agent.identity.ciphersuites import prefer_aes_128
 from agent.identity.manager import WorkloadCertificate
 from agent.identity.spiffe import SpiffeId, spiffe_id_from_certificate
 
@@ -36,6 +37,7 @@ def _new_context(purpose: int, cert: WorkloadCertificate, roots_pem: bytes) -> s
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     context.maximum_version = ssl.TLSVersion.TLSv1_3
     context.set_alpn_protocols([ALPN_H2])
+    prefer_aes_128(context)  # as Envoy and ztunnel: about a third less CPU per byte
     context.load_verify_locations(cadata=roots_pem.decode("ascii"))
     load_certificate(context, cert)
     return context

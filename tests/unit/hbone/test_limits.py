@@ -70,7 +70,6 @@ def test_rapid_reset_is_refused_past_the_burst() -> None:
         stream = client.open_tunnel("10.0.0.2:8080")
         client.reset_stream(stream)
         wire += client.data_to_send()
-        client._conn.clear_outbound_data_buffer()
     error = refused(server, wire)
     assert error.reason == "reset_flood"
 
@@ -95,7 +94,7 @@ def test_a_server_ending_each_stream_with_a_reset_is_not_a_flood() -> None:
     for _ in range(p.HboneLimits().reset_burst * 3):  # at one instant: far past any budget
         stream = client.open_tunnel("10.0.0.2:8080")
         server.receive_data(client.data_to_send())
-        server._conn.reset_stream(stream, h2.errors.ErrorCodes.NO_ERROR)
+        server.reset_stream(stream, h2.errors.ErrorCodes.NO_ERROR)
         events = client.receive_data(server.data_to_send())
         assert p.StreamReset(stream, h2.errors.ErrorCodes.NO_ERROR) in events
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -244,3 +245,24 @@ def test_key_material_removed_after_loading(monkeypatch: pytest.MonkeyPatch) -> 
     client_context(_workload_cert(ca, SLEEP), ca.root_pem)
     assert len(made) == 2
     assert not any(path.exists() for path in made)
+
+
+def test_hbone_contexts_negotiate_aes_128_gcm_first() -> None:
+    """As Envoy and ztunnel do: OpenSSL's own order would pick AES-256-GCM."""
+    ca = CertificateAuthority.create(TD)
+    server_ctx = server_context(_workload_cert(ca, HTTPBIN), ca.root_pem)
+    client_ctx = client_context(_workload_cert(ca, SLEEP), ca.root_pem)
+    for context in (server_ctx, client_ctx):
+        assert context.get_ciphers()[0]["name"] == "TLS_AES_128_GCM_SHA256"
+    server_in, server_out, client_in, client_out = (ssl.MemoryBIO() for _ in range(4))
+    server_side = server_ctx.wrap_bio(server_in, server_out, server_side=True)
+    client_side = client_ctx.wrap_bio(client_in, client_out)
+    for _ in range(10):  # a handshake in memory: hand the records across until done
+        for obj in (client_side, server_side):
+            with contextlib.suppress(ssl.SSLWantReadError):
+                obj.do_handshake()
+        server_in.write(client_out.read())
+        client_in.write(server_out.read())
+    client_cipher, server_cipher = client_side.cipher(), server_side.cipher()
+    assert client_cipher is not None and server_cipher is not None
+    assert client_cipher[0] == server_cipher[0] == "TLS_AES_128_GCM_SHA256"

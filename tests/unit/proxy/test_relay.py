@@ -23,7 +23,7 @@ class MemoryStream:
             raise item
         return item
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: bytes | memoryview) -> None:
         self.written += data
 
     def write_eof(self) -> None:
