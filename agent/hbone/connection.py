@@ -23,6 +23,7 @@ import structlog
 
 from agent.hbone import protocol as p
 from agent.hbone.wire import ErrorCode
+from agent.identity.tls import TlsSession
 
 log = structlog.get_logger("agent.hbone")
 
@@ -133,7 +134,8 @@ class HboneStream:
     # -- used by the relay -----------------------------------------------------------------
 
     async def read(self) -> bytes | memoryview:
-        """The next chunk (a view of what the connection received); b"" once the peer half-closed. ConnectionResetError on reset."""
+        """The next chunk (a view of what the connection received); b"" once the peer
+        half-closed. ConnectionResetError on reset."""
         while not self._chunks:
             # What the peer sent before END_STREAM, or before a RST_STREAM(NO_ERROR), is
             # complete: Envoy ends a tunnel whose upstream closed with NO_ERROR, after the
@@ -187,7 +189,7 @@ class HboneConnection(asyncio.Protocol):
         proto: p.HboneClient | p.HboneServer,
         on_tunnel: TunnelHandler | None = None,
         spawn: Callable[[Any], object] = asyncio.ensure_future,
-        verify_peer: Callable[[ssl.SSLObject | None], object] | None = None,
+        verify_peer: Callable[[TlsSession | None], object] | None = None,
         on_closed: Callable[[HboneConnection], None] | None = None,
         refusals: Refusals | None = None,
         budget: MemoryBudget | None = None,
@@ -357,11 +359,11 @@ class HboneConnection(asyncio.Protocol):
     def active_streams(self) -> int:
         return len(self._streams)
 
-    def ssl_object(self) -> ssl.SSLObject | None:
+    def ssl_object(self) -> TlsSession | None:
         if self._transport is None:
             return None
         obj = self._transport.get_extra_info("ssl_object")
-        return obj if isinstance(obj, ssl.SSLObject) else None
+        return obj if isinstance(obj, ssl.SSLObject | ssl.SSLSocket) else None
 
     async def ready(self) -> None:
         await self._ready

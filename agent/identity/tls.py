@@ -19,6 +19,8 @@ from agent.identity.manager import WorkloadCertificate
 from agent.identity.spiffe import SpiffeId, spiffe_id_from_certificate
 
 ALPN_H2 = "h2"
+# What a handshake leaves to check the peer on: asyncio's TLS object or a TLS socket.
+TlsSession = ssl.SSLObject | ssl.SSLSocket
 # RAM-backed where the system has it, so a private key never reaches a disk, even briefly.
 _KEY_SCRATCH_PARENT = "/dev/shm" if os.access("/dev/shm", os.W_OK | os.X_OK) else None
 

@@ -52,13 +52,19 @@ class EnrollmentError(Exception):
     pass
 
 
+class Listening(typing.Protocol):
+    """A server on one of the pod's listeners (asyncio's, or agent/hbone/tls_transport.py's)."""
+
+    def close(self) -> None: ...
+
+
 class PodTraffic(typing.Protocol):
     """What serves an enrolled pod's captured connections: the in-pod proxy
     (agent/proxy/inpod_proxy.py), which app.py hands in."""
 
     async def serve(
         self, pod: EnrolledPod, listeners: dict[int, socket.socket]
-    ) -> list[asyncio.Server]: ...
+    ) -> list[Listening]: ...
     async def change_identity(self, pod: EnrolledPod) -> None: ...
     def release(self, pod: EnrolledPod) -> None: ...
 
@@ -78,7 +84,7 @@ class EnrolledPod:
     workload: Workload
     worker: NetnsWorker
     record: EnrollmentRecord
-    servers: list[asyncio.Server] = field(default_factory=list)
+    servers: list[Listening] = field(default_factory=list)
     listen_sockets: list[socket.socket] = field(default_factory=list)
     connections: Drain = field(default_factory=Drain)
 

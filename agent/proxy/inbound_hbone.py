@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import ssl
 
 from agent.hbone import protocol as hbone
 from agent.hbone.connection import HboneConnection, HboneStream
@@ -47,7 +46,7 @@ class InboundHbone:
         self._telemetry = telemetry
         self._live = live
 
-    def verify_client(self, ssl_object: ssl.SSLObject | None) -> SpiffeId:
+    def verify_client(self, ssl_object: tls.TlsSession | None) -> SpiffeId:
         if ssl_object is None:
             raise tls.PeerIdentityError("not a TLS connection")
         if not tls.negotiated_alpn_ok(ssl_object):

@@ -16,7 +16,6 @@ import asyncio
 import collections
 import contextlib
 import socket
-import ssl
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -26,8 +25,11 @@ from agent.datapath import abi
 from agent.hbone import protocol as hbone
 from agent.hbone.connection import HboneConnection, MemoryBudget, Refusals
 from agent.hbone.pool import HboneClientPool
+from agent.hbone.tls_transport import TlsServer
 from agent.identity.manager import IdentityManager
 from agent.identity.spiffe import SpiffeId
+from agent.identity.tls import TlsSession
+from agent.inpod.enrollment import Listening
 from agent.inpod.sockets import LISTEN_BACKLOG
 from agent.policy.engine import PolicyEngine
 from agent.policy.live import LiveConnection
@@ -94,14 +96,13 @@ class InPodProxy:
     def pool(self) -> HboneClientPool:
         return self._outbound.pool
 
-    async def serve(self, pod: Pod, listeners: dict[int, socket.socket]) -> list[asyncio.Server]:
+    async def serve(self, pod: Pod, listeners: dict[int, socket.socket]) -> list[Listening]:
         """Start serving the pod's three listeners (created in its netns by enrollment)."""
         workload = pod.workload
         cert = await self._identities.get(identity_of(workload))
         self._contexts.ensure(cert)
         for ip in workload.ips:
             self._pods_by_ip[ip] = pod
-        loop = asyncio.get_running_loop()
         conns = self._hbone_connections.setdefault(workload.uid, set())
 
         def accept(handler: Handler) -> Any:
@@ -110,7 +111,7 @@ class InPodProxy:
             )
 
         def hbone_connection() -> HboneConnection:
-            def verify_client(ssl_object: ssl.SSLObject | None) -> SpiffeId:
+            def verify_client(ssl_object: TlsSession | None) -> SpiffeId:
                 if (sock := conn.socket()) is not None:
                     self.telemetry.track_tunnel(socket_cookie(sock), "inbound")
                 return self._inbound_hbone.verify_client(ssl_object)
@@ -139,12 +140,8 @@ class InPodProxy:
                                        backlog=LISTEN_BACKLOG),
             await asyncio.start_server(accept(self._inbound.handle), sock=inbound,
                                        backlog=LISTEN_BACKLOG),
-            await loop.create_server(
-                hbone_connection, sock=listeners[abi.PORT_HBONE],
-                ssl=self._contexts.server(workload.uid, cert),
-                ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
-                backlog=LISTEN_BACKLOG,
-            ),
+            TlsServer(listeners[abi.PORT_HBONE], self._contexts.server(workload.uid, cert),
+                      hbone_connection, HANDSHAKE_TIMEOUT, pod.spawn),
         ]  # fmt: skip
 
     async def change_identity(self, pod: Pod) -> None:

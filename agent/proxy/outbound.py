@@ -19,6 +19,7 @@ from collections.abc import Callable
 import structlog
 
 from agent.hbone import protocol as hbone
+from agent.hbone import tls_transport
 from agent.hbone.connection import HboneConnection, MemoryBudget, Refusals, TunnelRefused
 from agent.hbone.pool import HboneClientPool, PoolKey
 from agent.identity import tls
@@ -181,21 +182,18 @@ class Outbound:
         expected = [SpiffeId.parse(uri) for uri in key.destination_identities]
         sock = await connect_from(pod.worker, key.destination)
         self._telemetry.track_tunnel(socket_cookie(sock), "outbound")
-        loop = asyncio.get_running_loop()
-        try:
-            _, conn = await loop.create_connection(
-                lambda: HboneConnection(
-                    hbone.HboneClient(),
-                    verify_peer=lambda obj: tls.verify_server_identity(_tls(obj), expected),
-                    refusals=self._refusals,
-                    budget=self._budget,
-                ),
-                sock=sock, ssl=context, server_hostname="",
-                ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
-            )  # fmt: skip
-        except BaseException:
-            sock.close()
-            raise
+        _, conn = await tls_transport.connect(
+            sock,
+            context,
+            lambda: HboneConnection(
+                hbone.HboneClient(),
+                verify_peer=lambda obj: tls.verify_server_identity(_tls(obj), expected),
+                refusals=self._refusals,
+                budget=self._budget,
+            ),
+            HANDSHAKE_TIMEOUT,
+        )
+        assert isinstance(conn, HboneConnection)
         await conn.ready()  # raises verify_peer's refusal (PeerIdentityError)
         return conn
 
@@ -219,7 +217,7 @@ class Outbound:
         report.finish(self._telemetry, conn, verdict, relayed)
 
 
-def _tls(obj: ssl.SSLObject | None) -> ssl.SSLObject:
+def _tls(obj: tls.TlsSession | None) -> tls.TlsSession:
     if obj is None:
         raise tls.PeerIdentityError("not a TLS connection")
     return obj

@@ -1,0 +1,225 @@
+"""The TLS transport HBONE runs on (agent/hbone/tls_transport.py), over loopback with real
+certificates: bulk both ways, backpressure on a peer that stops reading, handshakes that fail,
+and connection_lost exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import timedelta
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from agent.hbone import protocol as p
+from agent.hbone import tls_transport
+from agent.hbone.connection import HboneConnection, HboneStream
+from agent.identity import tls
+from agent.identity.ca import CertificateAuthority
+from agent.identity.manager import WorkloadCertificate
+from agent.identity.spiffe import SpiffeId
+
+TD = "cluster.local"
+TIMEOUT = 30.0
+
+
+def certificate(ca: CertificateAuthority, name: str) -> WorkloadCertificate:
+    identity = SpiffeId(TD, "default", name)
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = ca.issue(identity, key.public_key(), timedelta(hours=1))
+    return WorkloadCertificate(identity, key, [leaf, ca.root])
+
+
+@pytest.fixture(scope="module")
+def ca() -> CertificateAuthority:
+    return CertificateAuthority.create(TD)
+
+
+class Recorder(asyncio.Protocol):
+    """Counts what the transport tells it; reads nothing unless told to."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.received = bytearray()
+        self.lost: list[Exception | None] = []
+        self.paused = 0
+        self.resumed = 0
+        self.done = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        assert not self.lost, "data after connection_lost"
+        self.received += data
+
+    def pause_writing(self) -> None:
+        self.paused += 1
+
+    def resume_writing(self) -> None:
+        self.resumed += 1
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost.append(exc)
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+@asynccontextmanager
+async def tls_pair(
+    ca: CertificateAuthority, client_ca: CertificateAuthority | None = None
+) -> AsyncIterator[tuple[list[Recorder], tls_transport.TlsTransport, Recorder]]:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    served: list[Recorder] = []
+
+    def on_server() -> Recorder:
+        served.append(Recorder())
+        return served[-1]
+
+    context = tls.server_context(certificate(ca, "server"), ca.root_pem)
+    server = tls_transport.TlsServer(listener, context, on_server, 5.0, asyncio.ensure_future)
+    client_context = tls.client_context(certificate(client_ca or ca, "client"), ca.root_pem)
+    sock = socket.create_connection(listener.getsockname())
+    try:
+        transport, protocol = await tls_transport.connect(sock, client_context, Recorder, 5.0)
+        assert isinstance(protocol, Recorder)
+        yield served, transport, protocol
+    finally:
+        server.close()
+
+
+async def until(condition: object, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not (condition() if callable(condition) else condition):
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+def test_bytes_arrive_exact_and_close_flushes_first(ca: CertificateAuthority) -> None:
+    payload = os.urandom(8 * 1024 * 1024)
+
+    async def main() -> None:
+        async with tls_pair(ca) as (served, client, client_protocol):
+            await until(lambda: served)
+            for at in range(0, len(payload), 300_000):  # writes of odd sizes
+                client.write(payload[at : at + 300_000])
+            client.close()  # only once the buffer is out
+            await asyncio.wait_for(served[0].done, TIMEOUT)
+            assert hashlib.sha256(served[0].received).digest() == hashlib.sha256(payload).digest()
+            await asyncio.wait_for(client_protocol.done, TIMEOUT)
+            assert client_protocol.lost == [None] and served[0].lost == [None]
+
+    asyncio.run(main())
+
+
+def test_a_peer_that_stops_reading_pauses_the_writer(ca: CertificateAuthority) -> None:
+    async def main() -> None:
+        async with tls_pair(ca) as (served, client, client_protocol):
+            await until(lambda: served and served[0].transport)
+            server_transport = served[0].transport
+            assert server_transport is not None
+            server_transport.pause_reading()
+            chunk = b"x" * 65536
+            while not client_protocol.paused:
+                client.write(chunk)
+                await asyncio.sleep(0)
+            # The transport holds a bounded amount beyond its high-water mark.
+            assert client.get_write_buffer_size() <= tls_transport.HIGH_WATER + len(chunk)
+            server_transport.resume_reading()
+            await until(lambda: client_protocol.resumed)
+            assert client.get_write_buffer_size() <= tls_transport.LOW_WATER
+            client.abort()
+            await asyncio.wait_for(served[0].done, TIMEOUT)
+
+    asyncio.run(main())
+
+
+def test_a_failed_handshake_makes_no_protocol_and_the_server_goes_on(
+    ca: CertificateAuthority,
+) -> None:
+    other = CertificateAuthority.create(TD)
+
+    async def main() -> None:
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            async with tls_pair(ca, client_ca=other) as (served, _, client_protocol):
+                # TLS 1.3: the client may finish before the server refuses its certificate.
+                await asyncio.wait_for(client_protocol.done, TIMEOUT)
+                assert not served
+                raise ConnectionResetError("refused after the handshake")
+
+    asyncio.run(main())
+
+
+def test_abort_reports_connection_lost_once(ca: CertificateAuthority) -> None:
+    async def main() -> None:
+        async with tls_pair(ca) as (served, client, client_protocol):
+            await until(lambda: served)
+            client.write(b"last words")
+            client.abort()
+            client.abort()
+            client.close()
+            await asyncio.wait_for(client_protocol.done, TIMEOUT)
+            await asyncio.sleep(0.05)
+            assert client_protocol.lost == [None]
+            await asyncio.wait_for(served[0].done, TIMEOUT)
+            assert len(served[0].lost) == 1
+
+    asyncio.run(main())
+
+
+def test_hbone_tunnels_run_on_it(ca: CertificateAuthority) -> None:
+    """An HBONE client and server over the transport: a tunnel, both directions, half-close."""
+    size = 4 * 1024 * 1024
+
+    async def echo(stream: HboneStream, request: p.TunnelRequested, conn: HboneConnection) -> None:
+        conn.accept(stream)
+        while data := await stream.read():
+            await stream.write(data)
+        stream.write_eof()
+        stream.close()
+
+    async def main() -> None:
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        server = tls_transport.TlsServer(
+            listener,
+            tls.server_context(certificate(ca, "server"), ca.root_pem),
+            lambda: HboneConnection(p.HboneServer(), on_tunnel=echo),
+            5.0,
+            asyncio.ensure_future,
+        )
+        sock = socket.create_connection(listener.getsockname())
+        context = tls.client_context(certificate(ca, "client"), ca.root_pem)
+        _, conn = await tls_transport.connect(
+            sock, context, lambda: HboneConnection(p.HboneClient()), 5.0
+        )
+        assert isinstance(conn, HboneConnection)
+        try:
+            await conn.ready()
+            stream = await conn.open_tunnel("10.0.0.2:80", {})
+            payload = os.urandom(size)
+            received = bytearray()
+
+            async def read_all() -> None:
+                while chunk := await stream.read():
+                    received.extend(chunk)
+
+            reader = asyncio.ensure_future(read_all())
+            await stream.write(payload)
+            stream.write_eof()
+            await asyncio.wait_for(reader, TIMEOUT)
+            assert bytes(received) == payload
+        finally:
+            conn.close()
+            server.close()
+
+    asyncio.run(main())
