@@ -239,7 +239,6 @@ class _HboneProtocol:
         if not client_side:
             self._resets = _Bucket(self._limits.reset_burst, self._limits.reset_rate, clock)
         self._control = _Bucket(self._limits.control_burst, self._limits.control_rate, clock)
-        self._encoder = hpack.Encoder()
         self._decoder = hpack.Decoder()
         self._decoder.max_header_list_size = self._limits.max_header_block
         self._out: list[bytes | memoryview] = []
@@ -531,8 +530,7 @@ class _HboneProtocol:
                 self._peer_max_frame = value
             elif key == Setting.MAX_CONCURRENT_STREAMS:
                 self._peer_max_streams = value
-            elif key == Setting.HEADER_TABLE_SIZE:
-                self._encoder.header_table_size = min(value, 4096)
+            # HEADER_TABLE_SIZE: our encoder uses no dynamic table, any size suits it.
             elif key == Setting.ENABLE_PUSH and value > 1:
                 self._fail(ErrorCode.PROTOCOL_ERROR, f"enable push {value}")
         self._out.append(wire.settings_ack())
@@ -692,7 +690,7 @@ class _HboneProtocol:
     def _send_headers(
         self, stream_id: int, headers: list[tuple[str, str]], end_stream: bool = False
     ) -> None:
-        block = self._encoder.encode(headers)
+        block = wire.encode_headers(headers)
         self._out.append(wire.headers_frames(stream_id, block, end_stream, self._peer_max_frame))
 
     def ping(self, opaque: bytes) -> None:

@@ -134,3 +134,44 @@ def parse_goaway(payload: bytes | memoryview) -> tuple[int, int]:
     """(last stream id, error code); debug data after them is not read."""
     last, code = _GOAWAY.unpack_from(payload)
     return last & LARGEST_WINDOW, code
+
+
+def _hpack_integer(value: int, prefix_bits: int, first: int) -> bytes:
+    """RFC 7541 5.1: `value` in an N-bit prefix, `first` holding the bits above it."""
+    limit = (1 << prefix_bits) - 1
+    if value < limit:
+        return bytes((first | value,))
+    out = bytearray((first | limit,))
+    value -= limit
+    while value >= 128:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _hpack_string(text: str) -> bytes:
+    raw = text.encode()
+    return _hpack_integer(len(raw), 7, 0) + raw  # no Huffman: costs CPU, saves a few bytes
+
+
+# Static table indexes (RFC 7541 appendix A) of the names HBONE sends.
+_STATIC_NAMES = {":authority": 1, ":method": 2, ":status": 8}
+_STATUS_200 = b"\x88"  # indexed: ":status: 200"
+
+
+def encode_headers(headers: list[tuple[str, str]]) -> bytes:
+    """A header block of literals "without indexing" (RFC 7541 6.2.2), and `:status 200` by
+    its static index. HBONE's values differ on every stream (traceparent, forwarded), so a
+    dynamic table would only cost a search per header; every decoder reads literals."""
+    parts = []
+    for name, value in headers:
+        if name == ":status" and value == "200":
+            parts.append(_STATUS_200)
+            continue
+        index = _STATIC_NAMES.get(name)
+        if index is not None:
+            parts.append(_hpack_integer(index, 4, 0) + _hpack_string(value))
+        else:
+            parts.append(b"\x00" + _hpack_string(name) + _hpack_string(value))
+    return b"".join(parts)

@@ -6,9 +6,11 @@ from typing import Any, TypeVar
 
 import h2.config
 import h2.connection
+import hpack
 import pytest
 
 from agent.hbone import protocol as p
+from agent.hbone import wire
 
 
 def pump(a: p._HboneProtocol, b: p._HboneProtocol) -> tuple[list[p.Event], list[p.Event]]:
@@ -198,3 +200,12 @@ def test_garbage_is_a_protocol_error() -> None:
 def test_parse_authority(authority: str, parsed: tuple[str, int]) -> None:
     assert p.parse_authority(authority) == parsed
     assert p.format_authority(*parsed) == authority
+
+
+def test_header_blocks_decode_with_an_independent_hpack() -> None:
+    """Literals without indexing and :status 200 by index, long values included (an integer
+    past its prefix)."""
+    headers = [(":method", "CONNECT"), (":authority", "10.0.0.2:8080"),
+               ("baggage", "k=" + "v" * 5000), ("forwarded", 'for="10.0.0.9:4000"'),
+               (":status", "200"), (":status", "503")]  # fmt: skip
+    assert hpack.Decoder().decode(wire.encode_headers(headers)) == headers
