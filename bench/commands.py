@@ -7,7 +7,9 @@ from typing import Any
 
 
 def register(sub: Any) -> None:
-    bench = sub.add_parser("bench", help="measure the mesh against no mesh on the lab")
+    bench = sub.add_parser(
+        "bench", help="measure the mesh against no mesh and against Envoy on the lab"
+    )
     bench.set_defaults(handler=_bench)
     bench.add_argument("--json", action="store_true", help="machine-readable result")
     bench.add_argument("--quick", action="store_true", help="short runs (for tests)")

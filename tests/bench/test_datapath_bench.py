@@ -1,5 +1,6 @@
-"""`ambient-agent bench` on the real kernel, in quick mode: every figure for both modes, and
-nothing left behind, whether it finishes or is interrupted."""
+"""`ambient-agent bench` on the real kernel, in quick mode: every figure for all three modes
+(baseline, envoy, mesh), and nothing left behind (namespaces, pins, agents, Envoys, servers),
+whether it finishes or is interrupted."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from bench import datapath as bench
+from bench import envoy_hbone
 from lab import agents, control
 
 pytestmark = pytest.mark.kernel
@@ -57,10 +59,17 @@ def assert_nothing_left(name: str) -> None:
     assert agents.lab_agent_pids(name) == []
     assert not agents.lab_pin_root(name).exists()
     assert not agents.lab_dir(name).exists()
+    assert bench_envoys(name) == []
     assert marked_processes(name) == []
 
 
-def test_quick_bench_measures_both_modes_and_cleans_up(
+def bench_envoys(name: str) -> list[int]:
+    """The bench's Envoys of this lab, found by their config path (kept in their cmdline
+    even once the lab's run dir is gone)."""
+    return envoy_hbone.envoy_pids_under(agents.lab_dir(name) / bench.ENVOY_DIR)
+
+
+def test_quick_bench_measures_all_modes_and_cleans_up(
     lab_name: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv(MARKER, lab_name)
@@ -69,25 +78,63 @@ def test_quick_bench_measures_both_modes_and_cleans_up(
     assert code == 0, out.err
     report = json.loads(out.out)  # progress goes to stderr: stdout is the JSON alone
     assert report["ok"] is True and report["quick"] is True
+    assert report["order"] == ["baseline 1", "envoy 1", "mesh 1"]
     assert set(report["metrics"]) == {metric.key for metric in bench.METRICS}
     for key, row in report["metrics"].items():
-        for mode in ("baseline", "mesh"):
+        for mode in bench.MODES:
             assert isinstance(row[mode], float) and row[mode] > 0, (key, mode, row)
-        assert row["mesh_over_baseline"] > 0, (key, row)
-    # The mesh figures are mesh figures: each destination's agent delivered them over HBONE.
-    mesh = report["details"]["mesh"]
-    assert all(count > 0 for count in mesh["tunnelled"].values()), mesh["tunnelled"]
-    assert report["details"]["baseline"]["tunnelled"] == {}
-    assert mesh["agent_cpu_per_connection_us"] > 0
-    assert report["details"]["baseline"]["agent_cpu_per_connection_us"] is None
-    for mode in ("baseline", "mesh"):
-        assert report["details"][mode]["rr_samples"] >= 10
-        assert report["details"][mode]["connections"] > 0
+        assert row["mesh_over_baseline"] == pytest.approx(row["mesh"] / row["baseline"])
+        assert row["mesh_over_envoy"] == pytest.approx(row["mesh"] / row["envoy"])
+    details = report["details"]
+    # The envoy and mesh figures went through their proxies: each destination's server Envoy
+    # answered CONNECTs for it, each destination node's agent delivered it.
+    for mode in ("envoy", "mesh"):
+        tunnelled = details[mode]["tunnelled"]
+        assert set(tunnelled) == {"cross_node_throughput", "same_node_throughput", "echo"}
+        assert all(count > 0 for count in tunnelled.values()), (mode, tunnelled)
+    assert details["baseline"]["tunnelled"] == {}
+    for mode in bench.MODES:
+        # Each run started without the earlier runs' TIME_WAIT sockets.
+        assert details[mode]["time_wait_left"] == 0
+        assert details[mode]["rr_samples"] >= 10
+        assert details[mode]["connections"] > 0
+        for runs in details[mode]["throughput_runs"].values():
+            assert [run["round"] for run in runs] == [1]
+            assert runs[0]["bytes_received"] > 0
+    # CPU per GB and per 1,000 connections: all CPUs in every mode, the proxies' own where
+    # there are proxies; peak RSS of each agent and each Envoy.
+    resources = report["resources"]
+    for mode in bench.MODES:
+        costs = [
+            *resources[mode]["cpu_seconds_per_gb"].values(),
+            resources[mode]["cpu_seconds_per_1000_connections"],
+        ]
+        for cost in costs:
+            assert cost["system"] > 0, (mode, cost)
+            if mode == "baseline":
+                assert cost["proxies"] is None, cost
+            else:
+                assert cost["proxies"] > 0, (mode, cost)
+    assert resources["baseline"]["peak_rss_mib"] == {}
+    assert set(resources["envoy"]["peak_rss_mib"]) == {
+        "envoy client-a",
+        "envoy server-a",
+        "envoy server-b",
+    }
+    assert set(resources["mesh"]["peak_rss_mib"]) == {"agent node-1", "agent node-2"}
+    for mode in ("envoy", "mesh"):
+        assert all(rss > 1 for rss in resources[mode]["peak_rss_mib"].values()), resources[mode]
+    table = bench.format_table(report)
+    assert "mesh/envoy" in table and "CPU s per GB cross-node" in table
     assert_nothing_left(lab_name)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_interrupted_bench_tears_everything_down(lab_name: str, signum: int) -> None:
+@pytest.mark.parametrize(
+    ("signum", "mode"),
+    [(signal.SIGINT, "envoy"), (signal.SIGTERM, "mesh")],
+    ids=["SIGINT-during-envoy", "SIGTERM-during-mesh"],
+)
+def test_interrupted_bench_tears_everything_down(lab_name: str, signum: int, mode: str) -> None:
     code = (
         "from bench.datapath import run_bench; "
         f"raise SystemExit(run_bench({lab_name!r}, True, True))"
@@ -101,9 +148,13 @@ def test_interrupted_bench_tears_everything_down(lab_name: str, signum: int) -> 
         stderr=subprocess.PIPE,
     )
     try:
-        # Interrupt mid-measurement: the mesh lab is up, agents and servers are running.
-        progress = wait_for_line(proc, b"mesh: client-a -> server-b", timeout=120)
-        assert marked_processes(lab_name), "no agents or servers running when interrupted"
+        # Interrupt mid-measurement: the lab is up, the mode's proxies and the servers run.
+        progress = wait_for_line(proc, f"{mode}: client-a -> server-b".encode(), timeout=120)
+        assert marked_processes(lab_name), "no proxies or servers running when interrupted"
+        if mode == "envoy":
+            assert len(bench_envoys(lab_name)) == 3, progress
+        else:
+            assert len(agents.lab_agent_pids(lab_name)) == 2, progress
         proc.send_signal(signum)
         _, err = proc.communicate(timeout=60)
     finally:

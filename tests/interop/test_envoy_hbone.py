@@ -13,12 +13,10 @@ import hashlib
 import os
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.hbone import connection as connection_module
 from agent.hbone import protocol as p
@@ -29,7 +27,15 @@ from agent.identity.manager import WorkloadCertificate
 from agent.identity.spiffe import SpiffeId
 from agent.proxy.relay import SocketStream, relay
 from agent.waypoint.envoy_process import find_envoy
-from tests.support.envoy import Envoy, JsonObject, free_port, socket_address
+from bench.envoy_hbone import (
+    ACCESS_LOG,
+    HboneEndpoint,
+    Tunnel,
+    envoy_as_hbone_client,
+    envoy_as_hbone_server,
+    issue_workload_certificate,
+)
+from tests.support.envoy import Envoy, JsonObject, free_port
 
 if find_envoy() is None:
     pytest.skip(
@@ -48,16 +54,9 @@ TEST_TIMEOUT = 90.0
 IO_TIMEOUT = 15.0
 BULK = 16 * 1024 * 1024
 FAREWELL = b"<sent after the client's FIN>"
-ACCESS_LOG = "access.log"
 
 
 # ---- identities ---------------------------------------------------------------------------
-
-
-def workload(ca: CertificateAuthority, identity: SpiffeId) -> WorkloadCertificate:
-    key = ec.generate_private_key(ec.SECP256R1())
-    leaf = ca.issue(identity, key.public_key(), timedelta(hours=1))
-    return WorkloadCertificate(identity, key, [leaf, ca.root])
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +206,7 @@ class OurHboneServer:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _verify(self, ssl_object: ssl.SSLObject | None) -> SpiffeId:
+    def _verify(self, ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> SpiffeId:
         try:
             if ssl_object is None:
                 raise tls.PeerIdentityError("not a TLS connection")
@@ -254,7 +253,7 @@ async def dial_hbone(
     Returns the connection and what verify_peer raised, if anything."""
     refusals: list[Exception] = []
 
-    def verify(ssl_object: ssl.SSLObject | None) -> SpiffeId:
+    def verify(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> SpiffeId:
         try:
             if ssl_object is None:
                 raise tls.PeerIdentityError("not a TLS connection")
@@ -348,231 +347,6 @@ async def bulk_stream(stream: HboneStream, size: int, suffix: bytes) -> tuple[st
     return hashlib.sha256(payload + suffix).hexdigest(), digest.hexdigest(), received
 
 
-# ---- Envoy configuration ------------------------------------------------------------------
-
-
-def _any(type_name: str, **fields: Any) -> JsonObject:
-    return {"@type": f"type.googleapis.com/{type_name}", **fields}
-
-
-def tls_common(cert: WorkloadCertificate, roots_pem: bytes, peer_san: JsonObject) -> JsonObject:
-    """HBONE TLS on either side: TLS 1.3 only, ALPN h2, our workload certificate, our root,
-    and the peer's URI SAN checked with `peer_san` (a StringMatcher)."""
-    return {
-        "tls_params": {
-            "tls_minimum_protocol_version": "TLSv1_3",
-            "tls_maximum_protocol_version": "TLSv1_3",
-        },
-        "alpn_protocols": ["h2"],
-        "tls_certificates": [
-            {
-                "certificate_chain": {"inline_string": cert.chain_pem().decode()},
-                "private_key": {"inline_string": cert.key_pem().decode()},
-            }
-        ],
-        "validation_context": {
-            "trusted_ca": {"inline_string": roots_pem.decode()},
-            "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": peer_san}],
-        },
-    }
-
-
-def file_access_log(fields: dict[str, str]) -> list[JsonObject]:
-    return [
-        {
-            "name": "envoy.access_loggers.file",
-            "typed_config": _any(
-                "envoy.extensions.access_loggers.file.v3.FileAccessLog",
-                path=ACCESS_LOG,  # relative: Envoy runs in its work directory
-                log_format={"json_format": fields},
-            ),
-        }
-    ]
-
-
-def envoy_as_hbone_client(
-    cert: WorkloadCertificate,
-    roots_pem: bytes,
-    hbone_port: int,
-    authority: str,
-    expected_server: SpiffeId,
-) -> JsonObject:
-    """A plaintext TCP listener whose connections Envoy carries in HBONE to our server:
-    tcp_proxy tunneling (CONNECT, :authority = `authority`) over an HTTP/2 cluster with mTLS."""
-    tcp_proxy = _any(
-        "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
-        stat_prefix="tunnel_out",
-        cluster="hbone",
-        tunneling_config={
-            "hostname": authority,
-            "headers_to_add": [
-                {
-                    "header": {"key": "forwarded", "value": 'for="%DOWNSTREAM_REMOTE_ADDRESS%"'},
-                }
-            ],
-        },
-        access_log=file_access_log(
-            {
-                "upstream_peer": "%UPSTREAM_PEER_URI_SAN%",
-                "upstream_host": "%UPSTREAM_HOST%",
-                "failure": "%UPSTREAM_TRANSPORT_FAILURE_REASON%",
-                "flags": "%RESPONSE_FLAGS%",
-                "sent": "%BYTES_SENT%",
-                "received": "%BYTES_RECEIVED%",
-            }
-        ),
-    )
-    return {
-        "static_resources": {
-            "listeners": [
-                {
-                    "name": "tunnel_out",
-                    "stat_prefix": "tunnel_out",
-                    "address": socket_address("127.0.0.1", 0),
-                    "filter_chains": [
-                        {
-                            "filters": [
-                                {
-                                    "name": "envoy.filters.network.tcp_proxy",
-                                    "typed_config": tcp_proxy,
-                                }
-                            ]
-                        }
-                    ],
-                }
-            ],
-            "clusters": [
-                {
-                    "name": "hbone",
-                    "type": "STATIC",
-                    "connect_timeout": "5s",
-                    "load_assignment": {
-                        "cluster_name": "hbone",
-                        "endpoints": [
-                            {
-                                "lb_endpoints": [
-                                    {
-                                        "endpoint": {
-                                            "address": socket_address("127.0.0.1", hbone_port)
-                                        }
-                                    }
-                                ]
-                            }
-                        ],
-                    },
-                    "typed_extension_protocol_options": {
-                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _any(
-                            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                            explicit_http_config={"http2_protocol_options": {}},
-                        )
-                    },
-                    "transport_socket": {
-                        "name": "envoy.transport_sockets.tls",
-                        "typed_config": _any(
-                            "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-                            common_tls_context=tls_common(
-                                cert, roots_pem, {"exact": expected_server.uri}
-                            ),
-                        ),
-                    },
-                }
-            ],
-        }
-    }
-
-
-def envoy_as_hbone_server(cert: WorkloadCertificate, roots_pem: bytes) -> JsonObject:
-    """A TLS listener that terminates HBONE: HTTP/2 connection manager, CONNECT routed to the
-    address in :authority through an ORIGINAL_DST cluster (use_http_header on :authority).
-    Clients must present a certificate under our root with a URI SAN in our trust domain."""
-    hcm = _any(
-        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-        stat_prefix="hbone_in",
-        codec_type="HTTP2",
-        http2_protocol_options={},
-        route_config={
-            "name": "hbone",
-            "virtual_hosts": [
-                {
-                    "name": "hbone",
-                    "domains": ["*"],
-                    "routes": [
-                        {
-                            "match": {"connect_matcher": {}},
-                            "route": {
-                                "cluster": "original_dst",
-                                "upgrade_configs": [
-                                    {"upgrade_type": "CONNECT", "connect_config": {}}
-                                ],
-                            },
-                        }
-                    ],
-                }
-            ],
-        },
-        http_filters=[
-            {
-                "name": "envoy.filters.http.router",
-                "typed_config": _any("envoy.extensions.filters.http.router.v3.Router"),
-            }
-        ],
-        access_log=file_access_log(
-            {
-                "downstream_peer": "%DOWNSTREAM_PEER_URI_SAN%",
-                "authority": "%REQ(:AUTHORITY)%",
-                "method": "%REQ(:METHOD)%",
-                "status": "%RESPONSE_CODE%",
-                "upstream_host": "%UPSTREAM_HOST%",
-                "flags": "%RESPONSE_FLAGS%",
-                "sent": "%BYTES_SENT%",
-                "received": "%BYTES_RECEIVED%",
-            }
-        ),
-    )
-    downstream_tls = _any(
-        "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
-        require_client_certificate=True,
-        common_tls_context=tls_common(cert, roots_pem, {"prefix": f"spiffe://{TRUST_DOMAIN}/"}),
-    )
-    return {
-        "static_resources": {
-            "listeners": [
-                {
-                    "name": "hbone_in",
-                    "stat_prefix": "hbone_in",
-                    "address": socket_address("127.0.0.1", 0),
-                    "filter_chains": [
-                        {
-                            "transport_socket": {
-                                "name": "envoy.transport_sockets.tls",
-                                "typed_config": downstream_tls,
-                            },
-                            "filters": [
-                                {
-                                    "name": "envoy.filters.network.http_connection_manager",
-                                    "typed_config": hcm,
-                                }
-                            ],
-                        }
-                    ],
-                }
-            ],
-            "clusters": [
-                {
-                    "name": "original_dst",
-                    "type": "ORIGINAL_DST",
-                    "lb_policy": "CLUSTER_PROVIDED",
-                    "connect_timeout": "5s",
-                    "original_dst_lb_config": {
-                        "use_http_header": True,
-                        "http_header_name": ":authority",
-                    },
-                }
-            ],
-        }
-    }
-
-
 # ---- 1. Envoy as HBONE client -> our HBONE server -----------------------------------------
 
 
@@ -587,12 +361,15 @@ async def envoy_client_to_our_server(
     port nothing listens on). Yields Envoy, our server and the tunnels' authority."""
     port = await echo.start() if echo is not None else free_port()
     authority = f"127.0.0.1:{port}"
-    server = OurHboneServer(workload(ca, SERVER_ID), ca.root_pem, authority)
+    server = OurHboneServer(issue_workload_certificate(ca, SERVER_ID), ca.root_pem, authority)
     try:
         hbone_port = await server.start()
         envoy = await envoys.astart(
             envoy_as_hbone_client(
-                workload(ca, ENVOY_CLIENT_ID), ca.root_pem, hbone_port, authority, expected_server
+                issue_workload_certificate(ca, ENVOY_CLIENT_ID),
+                ca.root_pem,
+                [Tunnel("tunnel_out", ("127.0.0.1", 0), authority, endpoint="hbone")],
+                [HboneEndpoint("hbone", ("127.0.0.1", hbone_port), expected_server)],
             )
         )
         yield envoy, server, authority
@@ -705,10 +482,13 @@ def test_our_client_tunnels_through_envoy(ca: CertificateAuthority, envoys: Envo
         echo_port = await echo.start()
         try:
             envoy = await envoys.astart(
-                envoy_as_hbone_server(workload(ca, ENVOY_SERVER_ID), ca.root_pem)
+                envoy_as_hbone_server(issue_workload_certificate(ca, ENVOY_SERVER_ID), ca.root_pem)
             )
             conn, refusals = await dial_hbone(
-                envoy.port("hbone_in"), workload(ca, CLIENT_ID), ca.root_pem, ENVOY_SERVER_ID
+                envoy.port("hbone_in"),
+                issue_workload_certificate(ca, CLIENT_ID),
+                ca.root_pem,
+                ENVOY_SERVER_ID,
             )
             try:
                 await conn.ready()
@@ -743,10 +523,13 @@ def test_our_client_bulk_and_half_close_through_envoy(
         echo_port = await echo.start()
         try:
             envoy = await envoys.astart(
-                envoy_as_hbone_server(workload(ca, ENVOY_SERVER_ID), ca.root_pem)
+                envoy_as_hbone_server(issue_workload_certificate(ca, ENVOY_SERVER_ID), ca.root_pem)
             )
             conn, _ = await dial_hbone(
-                envoy.port("hbone_in"), workload(ca, CLIENT_ID), ca.root_pem, ENVOY_SERVER_ID
+                envoy.port("hbone_in"),
+                issue_workload_certificate(ca, CLIENT_ID),
+                ca.root_pem,
+                ENVOY_SERVER_ID,
             )
             try:
                 await conn.ready()
@@ -788,14 +571,14 @@ def test_envoy_answers_our_keepalive_pings(
         echo_port = await echo.start()
         try:
             envoy = await envoys.astart(
-                envoy_as_hbone_server(workload(ca, ENVOY_SERVER_ID), ca.root_pem)
+                envoy_as_hbone_server(issue_workload_certificate(ca, ENVOY_SERVER_ID), ca.root_pem)
             )
             loop = asyncio.get_running_loop()
             _, conn = await loop.create_connection(
                 lambda: PingCountingConnection(p.HboneClient()),
                 "127.0.0.1",
                 envoy.port("hbone_in"),
-                ssl=tls.client_context(workload(ca, CLIENT_ID), ca.root_pem),
+                ssl=tls.client_context(issue_workload_certificate(ca, CLIENT_ID), ca.root_pem),
                 server_hostname="",
             )
             try:
@@ -824,10 +607,13 @@ def test_our_client_refuses_envoy_with_an_unexpected_identity(
         await echo.start()
         try:
             envoy = await envoys.astart(
-                envoy_as_hbone_server(workload(ca, ENVOY_SERVER_ID), ca.root_pem)
+                envoy_as_hbone_server(issue_workload_certificate(ca, ENVOY_SERVER_ID), ca.root_pem)
             )
             conn, refusals = await dial_hbone(
-                envoy.port("hbone_in"), workload(ca, CLIENT_ID), ca.root_pem, SOMEONE_ELSE
+                envoy.port("hbone_in"),
+                issue_workload_certificate(ca, CLIENT_ID),
+                ca.root_pem,
+                SOMEONE_ELSE,
             )
             # ready() raises the refusal itself, naming who Envoy really is.
             with pytest.raises(tls.PeerIdentityError, match=ENVOY_SERVER_ID.uri):
@@ -853,11 +639,11 @@ def test_envoy_server_refuses_a_client_certificate_from_another_ca(
         echo_port = await echo.start()
         try:
             envoy = await envoys.astart(
-                envoy_as_hbone_server(workload(ca, ENVOY_SERVER_ID), ca.root_pem)
+                envoy_as_hbone_server(issue_workload_certificate(ca, ENVOY_SERVER_ID), ca.root_pem)
             )
             # Our client trusts our root (so Envoy's certificate is fine) but presents a
             # certificate for a good-looking SPIFFE ID signed by another CA.
-            impostor = workload(other_ca, CLIENT_ID)
+            impostor = issue_workload_certificate(other_ca, CLIENT_ID)
             with pytest.raises((ConnectionError, ssl.SSLError)):
                 conn, _ = await dial_hbone(
                     envoy.port("hbone_in"), impostor, ca.root_pem, ENVOY_SERVER_ID

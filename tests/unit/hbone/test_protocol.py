@@ -208,4 +208,5 @@ def test_header_blocks_decode_with_an_independent_hpack() -> None:
     headers = [(":method", "CONNECT"), (":authority", "10.0.0.2:8080"),
                ("baggage", "k=" + "v" * 5000), ("forwarded", 'for="10.0.0.9:4000"'),
                (":status", "200"), (":status", "503")]  # fmt: skip
-    assert hpack.Decoder().decode(wire.encode_headers(headers)) == headers
+    decoded = hpack.Decoder().decode(wire.encode_headers(headers))
+    assert [(str(name), str(value)) for name, value in decoded] == headers
