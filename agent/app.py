@@ -138,6 +138,8 @@ class NodeAgent:
         status.vip_refusals = proxy.vip_refusals
         status.waypoint_skips = proxy.waypoint_skipped
         status.bypasses = proxy.waypoint_bypasses.counts
+        status.local_delivery_counts = proxy.local_deliveries
+        status.socket_relay_counts = proxy.socket_relays
         status.dns_counts = proxy.dns_counts
         undo("HBONE client pool", proxy.close)
         enroller = status.enroller = PodEnroller(

@@ -53,6 +53,8 @@ class NodeStatus:
         self.dns_counts: Counter[str] | None = None
         self.waypoint_skips: Counter[str] | None = None
         self.bypasses: Counter[tuple[str, str]] | None = None
+        self.local_delivery_counts: Counter[str] | None = None
+        self.socket_relay_counts: Counter[str] | None = None
 
     def not_ready(self) -> list[str]:
         """Empty when ready: config loaded, programs loaded, every wanted pod enrolled (its
@@ -142,6 +144,14 @@ class NodeStatus:
 
     def waypoint_bypasses(self) -> dict[tuple[str, str], int]:
         return dict(self.bypasses) if self.bypasses is not None else {}
+
+    def local_deliveries(self) -> dict[str, int]:
+        counts = self.local_delivery_counts
+        return dict(counts) if counts is not None else {}
+
+    def socket_relays(self) -> dict[str, int]:
+        counts = self.socket_relay_counts
+        return dict(counts) if counts is not None else {}
 
     def dns_requests(self) -> dict[str, int]:
         return dict(self.dns_counts) if self.dns_counts is not None else {}

@@ -28,6 +28,7 @@ from lab.network import LabState, PodState
 APP_PORT = 8080
 SERVICE = ("default", "echo")  # namespace, name: the default topology's Service
 SERVICE_CONNECTIONS = 4  # enough for the round robin to reach each of its two endpoints twice
+IDENTITY_CHECK = "client side: the server's SPIFFE identity "
 
 
 def _identity(pod: PodState) -> str:
@@ -48,11 +49,18 @@ def _connection(state: LabState, title: str, client: str, server: str, route: st
     outbound = complete(source.node, "outbound") if source.ambient else None
     inbound = complete(target.node, "inbound")
     verified = route == "hbone"
+    # Same node: the agent holds both pods, so it hands the connection over itself, no HBONE.
+    meshed = route in ("hbone", "local")
+    paths = {
+        "hbone": f"{client} --[{source.node} agent :15001]--> HBONE mTLS "
+                 f"{target.ip}:{abi.PORT_HBONE} --[{target.node} agent]--> {server}:{APP_PORT}",
+        "local": f"{client} --[{source.node} agent :15001, same node: no HBONE, connect() "
+                 f"decided by the kernel]--> {server}:{APP_PORT}",
+    }  # fmt: skip
     step.facts = {
-        "path": (f"{client} --[{source.node} agent :15001]--> HBONE mTLS "
-                 f"{target.ip}:{abi.PORT_HBONE} --[{target.node} agent]--> {server}:{APP_PORT}"
-                 if verified else
-                 f"{client} --plaintext--> [{target.node} agent :15006] --> {server}:{APP_PORT}"),
+        "path": paths.get(route,
+                          f"{client} --plaintext--> [{target.node} agent :15006] --> "
+                          f"{server}:{APP_PORT}"),
         "client": exchange.client,
         "server_saw": exchange.server_saw,
         "original_destination": inbound.get("dst.addr") if inbound else None,
@@ -74,11 +82,12 @@ def _connection(state: LabState, title: str, client: str, server: str, route: st
         and step.facts["bytes_client_to_server"] == len(request) + 1
         and step.facts["bytes_server_to_client"] == len(exchange.reply) + 1,
     }
-    if verified:
-        step.checks["server verified the client's SPIFFE identity"] = step.facts[
+    if meshed:
+        known = "verified" if verified else "known (the agent captured both pods)"
+        step.checks[f"server side: the client's SPIFFE identity {known}"] = step.facts[
             "source_identity_verified_by_server"
         ] == _identity(source)
-        step.checks["client verified the server's SPIFFE identity"] = step.facts[
+        step.checks[f"{IDENTITY_CHECK}{known}"] = step.facts[
             "destination_identity_verified_by_client"
         ] == _identity(target)
     return step
@@ -104,7 +113,8 @@ def _dns_answered(state: LabState, node: str) -> int:
 
 def _service(state: LabState, title: str, client: str) -> Step:
     """`client` looks the Service up by name and connects to what it got a few times: each
-    connection goes to one endpoint, over HBONE, with both identities verified."""
+    connection goes to one endpoint, over HBONE with both identities verified, or, for an
+    endpoint on the client's own node, delivered by the agent without HBONE."""
     topology = state.parsed_topology()
     namespace, name = SERVICE
     spec = next(s for s in topology.services if (s.namespace, s.name) == SERVICE)
@@ -154,8 +164,8 @@ def _service(state: LabState, title: str, client: str) -> Step:
     step.facts = {
         "path": (f"{client} --DNS {spec.hostname}--> {vip} ({source.node} agent, nameserver "
                  f"{topology.dns_ip}); {client} --{vip}:{port.port}--> [{source.node} agent "
-                 f":15001, round robin] --HBONE mTLS <endpoint>:{abi.PORT_HBONE}--> "
-                 f"<endpoint>:{port.target_port}"),
+                 f":15001, round robin] --HBONE mTLS <endpoint>:{abi.PORT_HBONE} (same node: "
+                 f"no HBONE)--> <endpoint>:{port.target_port}"),
         "hostname": spec.hostname,
         "resolved": resolved,
         "dns_answers_by_the_agent": answered,
@@ -173,8 +183,12 @@ def _service(state: LabState, title: str, client: str) -> Step:
     step.checks = {
         f"{spec.hostname} resolved to the VIP {vip} by the pod's resolver": resolved == vip,
         f"the {source.node} agent answered the query": answered >= 1,
-        f"every connection to {vip}:{port.port} went over HBONE (both agents' access logs)": every(
-            lambda c: c["vip"] == f"{vip}:{port.port}" and c["route"] == ["hbone", "hbone"]
+        f"every connection to {vip}:{port.port} went over HBONE, or locally to an endpoint on "
+        f"{source.node} (both agents' access logs)": every(
+            lambda c: (
+                c["vip"] == f"{vip}:{port.port}"
+                and c["route"] == [_route(source, c["endpoint_node"])] * 2
+            )
         ),
         f"each endpoint verified {client}'s SPIFFE identity": every(
             lambda c: c["source_identity_verified_by_server"] == _identity(source)
@@ -201,6 +215,11 @@ def _service(state: LabState, title: str, client: str) -> Step:
         ),
     }
     return step
+
+
+def _route(source: PodState, endpoint_node: str | None) -> str:
+    """The route a mesh connection from `source` takes to a pod on `endpoint_node`."""
+    return "local" if endpoint_node == source.node else "hbone"
 
 
 def _deny_policies(outsider: PodState) -> list[dict[str, Any]]:
@@ -243,10 +262,12 @@ def _denied(
     counted = _policy_count(state, target.node, policy) - before
     seen = probes.wait_for_event(state, target.node, timeout=1.0 if plaintext else 5.0,
                                  event="connection complete", src__addr=address)  # fmt: skip
+    same_node = source.node == target.node
     step.facts = {
         "path": (f"{client} --plaintext--> {server}:{APP_PORT}, pod_ingress on {target.node}"
                  if plaintext else
-                 f"{client} --HBONE--> {target.node} agent, connect() to the app: agent_connect4"),
+                 f"{client} --{'same node' if same_node else 'HBONE'}--> {target.node} agent, "
+                 "connect() to the app: agent_connect4"),
         "client": address,
         "client_saw": outcome,
         "policy": policy,
@@ -262,7 +283,8 @@ def _denied(
     if plaintext:
         step.checks["no userspace wake-up: the agent never saw the connection"] = seen is None
     else:
-        step.checks["the agent answered 401 naming the policy"] = bool(
+        answer = "refused it" if same_node else "answered 401"
+        step.checks[f"the agent {answer} naming the policy"] = bool(
             seen and f"({policy})" in str(seen.get("error"))
         )
     return step
@@ -342,15 +364,13 @@ def _print(steps: list[Step], kernel: dict[str, Any], metrics: list[dict[str, An
             continue
         print(f"    path:                 {f['path']}")
         print(f"    original destination: {f['original_destination']}")
-        if "client verified the server's SPIFFE identity" in step.checks:
-            print(
-                f"    client identity:      {f['source_identity_verified_by_server']} "
-                "(verified by the server)"
-            )
-            print(
-                f"    server identity:      {f['destination_identity_verified_by_client']} "
-                "(verified by the client)"
-            )
+        identities = next((c.removeprefix(IDENTITY_CHECK) for c in step.checks
+                           if c.startswith(IDENTITY_CHECK)), None)  # fmt: skip
+        if identities is not None:
+            print(f"    client identity:      {f['source_identity_verified_by_server']} "
+                  f"({identities})")  # fmt: skip
+            print(f"    server identity:      {f['destination_identity_verified_by_client']} "
+                  f"({identities})")  # fmt: skip
         print(f"    server saw source:    {f['server_saw']}  (client socket {f['client']})")
         print(
             f"    bytes:                {f['bytes_client_to_server']} to the server, "
@@ -406,12 +426,12 @@ def run_demo(name: str, json_output: bool = False) -> int:
             steps = [
                 _connection(state, "pod on node-1 -> pod on node-2 (HBONE, mutual TLS)",
                             "client-a", "server-b", "hbone"),
-                _connection(state, "pod -> pod on the same node (HBONE)",
-                            "client-a", "server-a", "hbone"),
+                _connection(state, "pod -> pod on the same node (delivered by the node's agent, "
+                            "no HBONE)", "client-a", "server-a", "local"),
                 _connection(state, "out-of-mesh pod -> enrolled pod (plaintext, captured)",
                             "outsider", "server-b", "passthrough"),
                 _service(state, "pod -> Service by name (agent DNS, VIP balanced over both "
-                         "endpoints, HBONE)", "client-a"),
+                         "endpoints, HBONE or same-node)", "client-a"),
                 demo_waypoint.routing(state),
                 demo_waypoint.policy(state),
                 demo_waypoint.metrics(state),
@@ -423,7 +443,7 @@ def run_demo(name: str, json_output: bool = False) -> int:
             steps += [
                 _denied(state, "out-of-mesh pod -> server-b, plaintext, denied by policy",
                         "outsider", "server-b", "default/deny-outsider", plaintext=True),
-                _denied(state, "client-a -> server-a, HBONE, denied by policy",
+                _denied(state, "client-a -> server-a, same node, denied by policy",
                         "client-a", "server-a", "default/deny-client-a", plaintext=False),
             ]  # fmt: skip
         kernel = _kernel_state(state)

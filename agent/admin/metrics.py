@@ -46,6 +46,8 @@ class AgentMetricsSource(Protocol):
     def dns_requests(self) -> dict[str, int]: ...
     def waypoint_skipped(self) -> dict[str, int]: ...
     def waypoint_bypasses(self) -> dict[tuple[str, str], int]: ...
+    def local_deliveries(self) -> dict[str, int]: ...
+    def socket_relays(self) -> dict[str, int]: ...
 
 
 class AgentCollector(Collector):
@@ -163,8 +165,21 @@ class AgentCollector(Collector):
         yield _by_label(
             "ambient_waypoint_bypass",
             "Connections that reached a waypoint-bound pod without passing its waypoint (so "
-            "without L7 policy): plaintext, or HBONE from a peer that is not the waypoint.",
+            "without L7 policy): plaintext, HBONE from a peer that is not the waypoint, or a "
+            "same-node connection from such a pod (local).",
             ["waypoint", "transport"], self._source.waypoint_bypasses(),
+        )  # fmt: skip
+        yield _by_label(
+            "ambient_local_deliveries",
+            "Connections between two pods of this node delivered by the agent without HBONE, "
+            "by outcome (delivered, denied, unreachable, bad_address).",
+            ["outcome"], self._source.local_deliveries(),
+        )  # fmt: skip
+        yield _by_label(
+            "ambient_socket_relays",
+            "Relays between two plain sockets (same-node delivery, pass-through) started, by "
+            "mode: splice or copy on threads, asyncio past the threads' cap.",
+            ["mode"], self._source.socket_relays(),
         )  # fmt: skip
         yield CounterMetricFamily(
             "ambient_reconcile_failures",

@@ -3,29 +3,27 @@
 The client must present a certificate of our trust domain; each CONNECT must name this pod's
 address (else 400). The app is connected to with the client's address as source, and the
 kernel authorizes that connect (agent_connect4) with the identity verified in TLS: a denial
-is a 401 naming the policy. 200 only once the connection to the app exists (else 503).
+is a 401 naming the policy. 200 only once the connection to the app exists (else 503). That
+destination side is agent/proxy/app_connection.py, which same-node delivery
+(agent/proxy/local_delivery.py) shares.
 """
 
 from __future__ import annotations
 
 import asyncio
-import socket
 
 from agent.hbone import protocol as hbone
 from agent.hbone.connection import HboneConnection, HboneStream
 from agent.identity import tls
 from agent.identity.spiffe import SpiffeId
-from agent.inpod import sockets
-from agent.policy.engine import PolicyEngine
 from agent.proxy import report
+from agent.proxy.app_connection import AppConnector, AppRefused, Caller
 from agent.proxy.live_inbound import LiveInbound
-from agent.proxy.pod import CONNECT_TIMEOUT, Pod, identity_of
+from agent.proxy.pod import Pod, identity_of
 from agent.proxy.relay import SocketStream
 from agent.proxy.tls_contexts import TlsContexts
-from agent.proxy.waypoint_bypass import WaypointBypasses
 from agent.state.store import StateStore
-from agent.telemetry.connections import ConnectionReport, ConnectionTelemetry, PolicyVerdict
-from agent.telemetry.events import socket_cookie
+from agent.telemetry.connections import ConnectionTelemetry
 from agent.telemetry.istio_labels import Reporter
 
 
@@ -34,15 +32,13 @@ class InboundHbone:
         self,
         store: StateStore,
         contexts: TlsContexts,
-        authorizer: PolicyEngine | None,
+        connector: AppConnector,
         telemetry: ConnectionTelemetry,
         live: LiveInbound,
-        bypasses: WaypointBypasses,
     ) -> None:
         self._store = store
-        self._bypasses = bypasses
         self._contexts = contexts
-        self._authorizer = authorizer
+        self._connector = connector
         self._telemetry = telemetry
         self._live = live
 
@@ -69,7 +65,8 @@ class InboundHbone:
         peer = conn.peer
         client_ip = peer.rsplit(":", 1)[0].strip("[]")
         peer_id = conn.peer_identity
-        principal = peer_id.uri if isinstance(peer_id, SpiffeId) else None
+        verified = peer_id if isinstance(peer_id, SpiffeId) else None
+        principal = verified.uri if verified is not None else None
         state = self._store.current
         # The source workload is named only when its identity is the one the peer proved.
         source = state.workload_by_ip(client_ip)
@@ -82,63 +79,23 @@ class InboundHbone:
             (request.authority, request.port, pod.workload, identity_of(pod.workload).uri),
             {"src.hbone_addr": peer}, peer_is_client=False,
         )  # fmt: skip
-        if request.host not in pod.workload.ips:
-            conn.refuse(stream, 400)
-            self._refused(connection, PolicyVerdict("none"),
-                          f"authority {request.authority} is not this pod's address")  # fmt: skip
-            return
-        if stream.was_reset:
-            return  # reset by the peer before its turn (rapid reset): no app connection
-        self._bypasses.check(state, pod.workload, peer_id if isinstance(peer_id, SpiffeId)
-                             else None, "hbone", client)  # fmt: skip
-        up = await pod.worker.run(sockets.upstream, (client_ip, 0))
-        try:
-            if self._authorizer is not None and isinstance(peer_id, SpiffeId):
-                # The kernel decides this connect (agent_connect4) with the identity we
-                # verified in the handshake; userspace holds no copy of the policy logic.
-                self._authorizer.tag_upstream(up, peer_id, client_ip)
-            loop = asyncio.get_running_loop()
-            await asyncio.wait_for(loop.sock_connect(up, (request.host, request.port)),
-                                   CONNECT_TIMEOUT)  # fmt: skip
-        except PermissionError:
-            verdict = self._verdict(up, allowed=False)
-            up.close()
-            conn.refuse(stream, 401)
-            self._refused(
-                connection, verdict, f"denied: {verdict.reason} ({verdict.policy or '-'})"
-            )
-            return
-        except (OSError, TimeoutError) as exc:
-            verdict = self._verdict(up, allowed=True)  # read before close: it is on the socket
-            up.close()
-            conn.refuse(stream, 503)
-            self._refused(connection, verdict, report.failed("upstream connect", exc))
-            return
-        if stream.was_reset:  # while we connected: the app connection goes unused
-            up.close()
-            return
-        tracked = self._telemetry.open(socket_cookie(up), connection)
-        verdict = self._verdict(up, allowed=True)
-        conn.accept(stream)
-        up_reader, up_writer = await asyncio.open_connection(sock=up)
-        relayed = await self._live.relay(
-            pod, client_ip, (request.host, request.port),
-            peer_id if isinstance(peer_id, SpiffeId) else None,
-            stream, SocketStream(up_reader, up_writer),
+        dst = (request.host, request.port)
+        outcome = await self._connector.connect(
+            state, pod, Caller(client_ip, client, verified, "hbone"), dst, connection,
+            gone=lambda: stream.was_reset,
         )  # fmt: skip
-        report.finish(self._telemetry, tracked, verdict, relayed)
-
-    def _refused(self, connection: ConnectionReport, verdict: PolicyVerdict, error: str) -> None:
-        """An inbound tunnel answered with an error: no app socket, nothing relayed."""
-        self._telemetry.done(self._telemetry.open(None, connection), verdict, error=error)
-
-    def _verdict(self, up: socket.socket, allowed: bool) -> PolicyVerdict:
-        """The decision agent_connect4 wrote back on the upstream socket, with its policy."""
-        decided = self._authorizer.decision(up) if self._authorizer else None
-        if decided is None:
-            return PolicyVerdict("allow" if allowed else "deny")
-        policy, reason = decided
-        return PolicyVerdict("allow" if allowed else "deny", policy, reason)
+        if outcome is None:
+            return  # the peer reset the stream: nothing to answer
+        if isinstance(outcome, AppRefused):
+            conn.refuse(stream, outcome.status)
+            return
+        # Allowed by the kernel: 200 only now that the connection to the app exists.
+        conn.accept(stream)
+        up_reader, up_writer = await asyncio.open_connection(sock=outcome.sock)
+        relayed = await self._live.relay(
+            pod, client_ip, dst, verified, stream, SocketStream(up_reader, up_writer)
+        )
+        report.finish(self._telemetry, outcome.tracked, outcome.verdict, relayed)
 
 
 def _forwarded_for(value: str) -> str | None:

@@ -1,6 +1,7 @@
 """The in-pod proxy: serves every enrolled pod's three listeners, one handler per direction.
 
-- 15001 outbound (agent/proxy/outbound.py): HBONE to mesh destinations, plain TCP elsewhere;
+- 15001 outbound (agent/proxy/outbound.py): HBONE to mesh destinations, same-node delivery
+  to this node's pods (agent/proxy/local_delivery.py), plain TCP elsewhere;
 - 15006 inbound plaintext (agent/proxy/inbound.py);
 - 15008 inbound HBONE (agent/proxy/inbound_hbone.py);
 - with DNS capture, 15053 UDP DNS (agent/proxy/pod_dns.py; TCP DNS comes through 15001).
@@ -33,13 +34,17 @@ from agent.inpod.enrollment import Listening
 from agent.inpod.sockets import LISTEN_BACKLOG
 from agent.policy.engine import PolicyEngine
 from agent.policy.live import LiveConnection
+from agent.proxy.app_connection import AGENT_POD_PORTS, AppConnector
 from agent.proxy.inbound import InboundPlaintext
 from agent.proxy.inbound_hbone import InboundHbone
 from agent.proxy.live_inbound import LiveInbound
+from agent.proxy.local_delivery import LocalDelivery
 from agent.proxy.outbound import HANDSHAKE_TIMEOUT, Outbound
 from agent.proxy.pod import Pod, identity_of
 from agent.proxy.pod_dns import MeshNamesCache, PodDns
 from agent.proxy.relay import reset
+from agent.proxy.socket_listener import AcceptedSocket, SocketListener
+from agent.proxy.socket_relay import SocketRelays
 from agent.proxy.tls_contexts import TlsContexts
 from agent.proxy.waypoint_bypass import WaypointBypasses
 from agent.state.store import StateStore
@@ -48,10 +53,8 @@ from agent.telemetry.events import socket_cookie
 
 log = structlog.get_logger("agent.proxy")
 
-# The agent's listeners in the pod: a tunnel to one would loop back into the agent.
-AGENT_POD_PORTS = frozenset((abi.PORT_OUTBOUND, abi.PORT_INBOUND, abi.PORT_HBONE))
-
 Handler = Callable[[Pod, asyncio.StreamReader, asyncio.StreamWriter], Coroutine[Any, Any, None]]
+SocketHandler = Callable[[Pod, AcceptedSocket], Coroutine[Any, Any, None]]
 
 
 class InPodProxy:
@@ -62,7 +65,10 @@ class InPodProxy:
         authorizer: PolicyEngine | None,
         telemetry: ConnectionTelemetry,
         dns_capture: bool = True,
+        local_delivery: bool = True,
     ) -> None:
+        """local_delivery: connections between two pods of this node go without HBONE
+        (agent/proxy/local_delivery.py); off, they are tunnelled like any other."""
         self._identities = identities
         self._dns_capture = dns_capture
         self._dns: dict[str, PodDns] = {}
@@ -77,12 +83,18 @@ class InPodProxy:
         # Shared by every HBONE connection of the agent, both directions.
         self.hbone_refusals = Refusals()
         self._budget = MemoryBudget()
-        self._outbound = Outbound(store, self._contexts, telemetry, self._pods_by_ip.get,
-                                  self.hbone_refusals, self._budget, self._dns.get)  # fmt: skip
         self.waypoint_bypasses = WaypointBypasses()
+        self._relays = SocketRelays()
+        # The destination side of a mesh connection, for HBONE tunnels and local delivery.
+        connector = AppConnector(authorizer, telemetry, self.waypoint_bypasses)
+        self._local = LocalDelivery(connector, telemetry, self._live, self._relays)
+        local = self._local if local_delivery else None
+        self._outbound = Outbound(store, self._contexts, telemetry, self._pods_by_ip.get,
+                                  self.hbone_refusals, self._budget, self._dns.get,
+                                  self._relays, local)  # fmt: skip
         self._inbound = InboundPlaintext(store, telemetry, self._live, self.waypoint_bypasses)
-        self._inbound_hbone = InboundHbone(store, self._contexts, authorizer, telemetry,
-                                           self._live, self.waypoint_bypasses)  # fmt: skip
+        self._inbound_hbone = InboundHbone(store, self._contexts, connector, telemetry,
+                                           self._live)  # fmt: skip
 
     @property
     def vip_refusals(self) -> collections.Counter[str]:
@@ -95,6 +107,17 @@ class InPodProxy:
     @property
     def pool(self) -> HboneClientPool:
         return self._outbound.pool
+
+    @property
+    def local_deliveries(self) -> collections.Counter[str]:
+        """Same-node connections delivered without HBONE, by outcome (for /metrics)."""
+        return self._local.counts
+
+    @property
+    def socket_relays(self) -> collections.Counter[str]:
+        """Relays between plain sockets started, by mode: splice, copy, asyncio (past the
+        threads' cap), for /metrics."""
+        return self._relays.started
 
     async def serve(self, pod: Pod, listeners: dict[int, socket.socket]) -> list[Listening]:
         """Start serving the pod's three listeners (created in its netns by enrollment)."""
@@ -109,6 +132,9 @@ class InPodProxy:
             return lambda reader, writer: pod.spawn(
                 _guarded(handler(pod, reader, writer), lambda: reset(writer))
             )
+
+        def take(handler: SocketHandler) -> Callable[[AcceptedSocket], Coroutine[Any, Any, None]]:
+            return lambda client: _guarded(handler(pod, client), client.reset)
 
         def hbone_connection() -> HboneConnection:
             def verify_client(ssl_object: TlsSession | None) -> SpiffeId:
@@ -135,9 +161,9 @@ class InPodProxy:
         if self._dns_capture and workload.uid not in self._dns:
             self._dns[workload.uid] = await PodDns.start(pod, self._names, self.dns_counts)
         return [
+            # Sockets as accepted: the route is decided before anything is read from one.
+            SocketListener(outbound, take(self._outbound.handle), pod.spawn),
             # backlog: asyncio calls listen() again, with 100 unless told.
-            await asyncio.start_server(accept(self._outbound.handle), sock=outbound,
-                                       backlog=LISTEN_BACKLOG),
             await asyncio.start_server(accept(self._inbound.handle), sock=inbound,
                                        backlog=LISTEN_BACKLOG),
             TlsServer(listeners[abi.PORT_HBONE], self._contexts.server(workload.uid, cert),
@@ -164,6 +190,7 @@ class InPodProxy:
 
     async def close(self) -> None:
         await self._outbound.pool.close()
+        self._relays.close()
 
     def live_connections(self) -> list[LiveConnection]:
         return self._live.all()

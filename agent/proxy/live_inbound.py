@@ -1,7 +1,11 @@
 """The inbound connections being relayed to pods' apps now, for policy re-checks
-(--cut-denied-connections, agent/policy/engine.py)."""
+(--cut-denied-connections, agent/policy/engine.py): HBONE tunnels, plaintext, and same-node
+connections the agent delivers itself (agent/proxy/local_delivery.py)."""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
 
 from agent.identity.spiffe import SpiffeId
 from agent.policy.live import LiveConnection
@@ -15,6 +19,23 @@ class LiveInbound:
 
     def all(self) -> list[LiveConnection]:
         return list(self._live)
+
+    @contextlib.contextmanager
+    def tracking(
+        self,
+        pod: Pod,
+        client_ip: str,
+        dst: tuple[str, int],
+        peer: SpiffeId | None,
+        cut: Callable[[], None],
+    ) -> Iterator[LiveConnection]:
+        """The connection into `pod` is live for the block; `cut` resets both its sides."""
+        live = LiveConnection(pod.workload.key, client_ip, dst[0], dst[1], peer, cut)
+        self._live.add(live)
+        try:
+            yield live
+        finally:
+            self._live.discard(live)
 
     async def relay(
         self,
@@ -31,9 +52,5 @@ class LiveInbound:
             client.reset()
             upstream.reset()
 
-        live = LiveConnection(pod.workload.key, client_ip, dst[0], dst[1], peer, cut)
-        self._live.add(live)
-        try:
+        with self.tracking(pod, client_ip, dst, peer, cut):
             return await relay(client, upstream)
-        finally:
-            self._live.discard(live)

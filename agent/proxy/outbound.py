@@ -4,8 +4,16 @@ The connection's local address is its original destination, which agent/proxy/de
 turns into a route: a Service VIP becomes one of its ready endpoints (pod IP:targetPort), or
 a refusal. A destination in the mesh (a workload with protocol HBONE) is reached through
 HBONE: mutual TLS with the source pod's certificate to the destination's 15008, the
-destination's identity checked, CONNECT to ip:port. Anything else is passed through as plain
-TCP from inside the pod netns, as ztunnel does for destinations outside the mesh.
+destination's identity checked, CONNECT to ip:port. A destination pod this agent has
+enrolled itself (on this node), reached directly (not through a waypoint), gets no tunnel:
+agent/proxy/local_delivery.py does what the destination side of one would, and relays plain
+bytes. Anything else is passed through as plain TCP from inside the pod netns, as ztunnel
+does for destinations outside the mesh; pass-through uses the threaded socket relay
+(agent/proxy/socket_relay.py).
+
+The listener hands over connections as accepted sockets (agent/proxy/socket_listener.py):
+the route is decided before anything is read, so a relay can take the socket as it is, and
+the HBONE and DNS paths make asyncio streams of it.
 """
 
 from __future__ import annotations
@@ -25,10 +33,14 @@ from agent.hbone.pool import HboneClientPool, PoolKey
 from agent.identity import tls
 from agent.identity.spiffe import SpiffeId
 from agent.proxy import report
-from agent.proxy.destination import EndpointPicker, Refused, route
-from agent.proxy.pod import Pod, connect_from, identity_of, plain_upstream
+from agent.proxy.destination import EndpointPicker, Refused, Route, route
+from agent.proxy.local_delivery import ROUTE as LOCAL_ROUTE
+from agent.proxy.local_delivery import LocalDelivery
+from agent.proxy.pod import Pod, connect_from, identity_of
 from agent.proxy.pod_dns import PodDns
 from agent.proxy.relay import SocketStream, relay, reset
+from agent.proxy.socket_listener import AcceptedSocket
+from agent.proxy.socket_relay import SocketRelays
 from agent.proxy.tls_contexts import TlsContexts
 from agent.state.store import StateStore
 from agent.state.waypoint import Waypoint
@@ -53,8 +65,12 @@ class Outbound:
         refusals: Refusals,
         budget: MemoryBudget,
         dns_of: Callable[[str], PodDns | None],
+        relays: SocketRelays,
+        local: LocalDelivery | None,
     ) -> None:
-        """dns_of: a pod's DNS proxy by uid, when its DNS is captured (TCP to port 53)."""
+        """dns_of: a pod's DNS proxy by uid, when its DNS is captured (TCP to port 53);
+        relays: for pass-through; local: same-node delivery (None: HBONE to every mesh
+        destination, this node's pods included)."""
         self._store = store
         self._contexts = contexts
         self._telemetry = telemetry
@@ -62,6 +78,8 @@ class Outbound:
         self._refusals = refusals
         self._budget = budget
         self._dns_of = dns_of
+        self._relays = relays
+        self._local = local
         self.pool = HboneClientPool(self._dial)
         self._picker = EndpointPicker()
         # Connections to a VIP refused before any upstream was tried, by reason (/metrics).
@@ -70,25 +88,28 @@ class Outbound:
         # waypoint (for /metrics).
         self.waypoint_skipped: collections.Counter[str] = collections.Counter()
 
-    async def handle(
-        self, pod: Pod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        src, dst = report.endpoints(writer)
+    async def handle(self, pod: Pod, client: AcceptedSocket) -> None:
+        try:
+            src, dst = report.socket_endpoints(client.sock)
+        except OSError:  # reset by the app while it waited in the backlog: nothing to serve
+            client.reset()
+            return
         if dst[1] == DNS_PORT and (dns := self._dns_of(pod.workload.uid)) is not None:
-            await dns.handle_tcp(reader, writer, dst)  # answered here, as UDP DNS is
+            await dns.handle_tcp(*await client.streams(), dst)  # answered here, as UDP DNS is
             return
         state = self._store.current
         decided = route(state, dst, self._picker, pod.workload)
         if isinstance(decided, Refused):
-            self._refuse(pod, writer, src, dst, decided)
+            self._refuse(pod, client, src, dst, decided)
             return
         if decided.skipped is not None:
             self._skipped_waypoint(pod, src, dst, decided.skipped)
         target, upstream, tunnelled = decided.workload, decided.upstream, decided.tunnelled
         via_waypoint = decided.waypoint is not None
         report.captured(pod, "outbound", src, dst, dataplane_mode(tunnelled, target, via_waypoint))
-        hbone = decided.hbone_address if tunnelled else None
-        conn = self._telemetry.open(report.cookie(writer), report.connection_report(
+        local = local_destination(decided, self._pod_by_ip) if self._local else None
+        hbone = decided.hbone_address if tunnelled and local is None else None
+        conn = self._telemetry.open(socket_cookie(client.sock), report.connection_report(
             state, Reporter.SOURCE, tunnelled,
             (report.address(src), pod.workload, identity_of(pod.workload).uri),
             (report.address(upstream), upstream[1], target,
@@ -97,11 +118,15 @@ class Outbound:
              "dst.vip": report.address(dst) if decided.by_vip else None,
              "dst.waypoint": decided.waypoint.key if decided.waypoint else None},
             service=decided.service, via_waypoint=via_waypoint,
+            route=LOCAL_ROUTE if local is not None else None,
         ))  # fmt: skip
-        if target is not None and hbone is not None:
+        if local is not None and self._local is not None:
+            await self._local.deliver(state, pod, local, client, src, upstream, conn)
+        elif target is not None and hbone is not None:
+            reader, writer = await client.streams()
             await self._tunnel(pod, target, reader, writer, src, upstream, hbone, conn)
         else:
-            await self._pass_through(pod, reader, writer, upstream, conn)
+            await self._pass_through(pod, client, upstream, conn)
 
     def _skipped_waypoint(
         self, pod: Pod, src: report.Endpoint, dst: report.Endpoint, waypoint: Waypoint
@@ -115,16 +140,17 @@ class Outbound:
     def _refuse(
         self,
         pod: Pod,
-        writer: asyncio.StreamWriter,
+        client: AcceptedSocket,
         src: report.Endpoint,
         dst: report.Endpoint,
         refused: Refused,
     ) -> None:
         """A VIP the mesh knows but cannot route: reset, never passed through as it is."""
-        reset(writer)
+        cookie = socket_cookie(client.sock)  # before the reset closes it
+        client.reset()
         self.vip_refusals[refused.reason.value] += 1
         state = self._store.current
-        conn = self._telemetry.open(report.cookie(writer), report.connection_report(
+        conn = self._telemetry.open(cookie, report.connection_report(
             state, Reporter.SOURCE, False,
             (report.address(src), pod.workload, identity_of(pod.workload).uri),
             (report.address(dst), dst[1], None, None),
@@ -198,23 +224,35 @@ class Outbound:
         return conn
 
     async def _pass_through(
-        self,
-        pod: Pod,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        dst: report.Endpoint,
-        conn: TrackedConnection,
+        self, pod: Pod, client: AcceptedSocket, dst: report.Endpoint, conn: TrackedConnection
     ) -> None:
         """Plain TCP to a destination outside the mesh, from the pod's netns."""
         verdict = PolicyVerdict("none")
         try:
-            upstream = await plain_upstream(pod.worker, dst)
+            upstream = await connect_from(pod.worker, dst)
         except (OSError, TimeoutError) as exc:
-            reset(writer)
+            client.reset()
             self._telemetry.done(conn, verdict, error=report.failed("upstream connect", exc))
             return
-        relayed = await relay(SocketStream(reader, writer), upstream)
+        relayed = await self._relays.relay(client.release(), upstream)
         report.finish(self._telemetry, conn, verdict, relayed)
+
+
+def local_destination(decided: Route, pod_by_ip: Callable[[str], Pod | None]) -> Pod | None:
+    """The pod to deliver to on this node, without HBONE: a tunnelled route straight to the
+    workload itself (not through a waypoint, which does L7 and must see the connection),
+    whose pod this agent has enrolled (`pod_by_ip`). Only the very workload the route chose,
+    under the identity the route expects: should this agent's pod at that address be
+    another (a state that changed meanwhile), HBONE goes, and checks the certificate."""
+    target = decided.workload
+    if target is None or not decided.tunnelled or decided.waypoint is not None:
+        return None
+    if decided.upstream[0] not in target.ips:
+        return None
+    pod = pod_by_ip(decided.upstream[0])
+    if pod is None or pod.workload.uid != target.uid:
+        return None
+    return pod if identity_of(pod.workload) == identity_of(target) else None
 
 
 def _tls(obj: tls.TlsSession | None) -> tls.TlsSession:

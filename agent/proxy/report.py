@@ -4,6 +4,7 @@ fields at open, and how it ended (agent/telemetry/connections.py)."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from typing import Any
 
 import structlog
@@ -45,6 +46,12 @@ def endpoints(writer: asyncio.StreamWriter) -> tuple[Endpoint, Endpoint]:
     return (peer[0], peer[1]), (local[0], local[1])
 
 
+def socket_endpoints(sock: socket.socket) -> tuple[Endpoint, Endpoint]:
+    """endpoints() of an accepted socket that no transport holds (yet)."""
+    peer, local = sock.getpeername(), sock.getsockname()
+    return (peer[0], peer[1]), (local[0], local[1])
+
+
 def cookie(writer: asyncio.StreamWriter) -> int | None:
     sock = writer.get_extra_info("socket")
     return socket_cookie(sock) if sock is not None else None
@@ -52,7 +59,9 @@ def cookie(writer: asyncio.StreamWriter) -> int | None:
 
 def captured(pod: Pod, direction: str, src: Endpoint, dst: Endpoint, mode: str) -> None:
     addresses = {"src.addr": address(src), "dst.addr": address(dst)}
-    log.info("connection captured", direction=direction, pod=pod.workload.key,
+    # Debug: every connection already gets its "connection complete" access log line, and a
+    # second line per connection cost each side about a tenth of its CPU per connection.
+    log.debug("connection captured", direction=direction, pod=pod.workload.key,
              dataplane_mode=mode, **addresses)  # fmt: skip
 
 
@@ -67,11 +76,14 @@ def connection_report(
     service: Service | None = None,
     response_flags: str = "-",
     via_waypoint: bool | None = None,
+    route: str | None = None,
 ) -> ConnectionReport:
     """A connection's Istio labels and access log fields, from its two ends: source
     (address, workload, principal) and destination (address, port, workload, principal).
     service: the one the app asked for (by VIP), when the caller knows it; else the one the
-    destination workload serves the port for, if any."""
+    destination workload serves the port for, if any. route: the access log's, when not
+    "hbone" (tunnelled) or "passthrough": "local", a same-node connection the agent
+    delivered itself (agent/proxy/local_delivery.py)."""
     src_addr, src_workload, src_principal = source
     dst_addr, dst_port, dst_workload, dst_principal = destination
     if service is None:
@@ -84,7 +96,7 @@ def connection_report(
         "src.addr": src_addr, **_peer_fields("src", src_workload), "src.identity": src_principal,
         "dst.addr": dst_addr, **_peer_fields("dst", dst_workload), "dst.identity": dst_principal,
         "dst.service": service.hostname if service else None,
-        "route": "hbone" if tunnelled else "passthrough", **(extra or {}),
+        "route": route or ("hbone" if tunnelled else "passthrough"), **(extra or {}),
     }  # fmt: skip
     direction = "outbound" if reporter is Reporter.SOURCE else "inbound"
     return ConnectionReport(labels, direction, peer_is_client, fields)

@@ -161,7 +161,7 @@ def enrolled(node: Node) -> set[str]:
     return {p["ip"] for p in read_pods(node.pin_dir) if p["capture"]}
 
 
-def test_a_pod_added_through_the_chain_is_enrolled_and_its_traffic_tunnelled(node: Node) -> None:
+def test_a_pod_added_through_the_chain_is_enrolled_and_its_traffic_meshed(node: Node) -> None:
     client = Attachment("c" * 64, str(node.pod_netns("client")), name="client", uid="uid-c")
     server = Attachment("s" * 64, str(node.pod_netns("server")), name="server", uid="uid-s")
     outsider = Attachment("o" * 64, str(node.pod_netns("outsider")), namespace="legacy",
@@ -178,7 +178,8 @@ def test_a_pod_added_through_the_chain_is_enrolled_and_its_traffic_tunnelled(nod
     assert answer == b"pong" and served() == b"ping"
     line = _wait_for(node, lambda e: e.get("event") == "connection complete"
                      and e.get("direction") == "inbound")  # fmt: skip
-    assert line["route"] == "hbone" and line["src.workload"] == "client"
+    # Both pods are on this node: the agent delivers the connection itself (no HBONE).
+    assert line["route"] == "local" and line["src.workload"] == "client"
     assert line["dst.workload"] == "server" and line["bytes_source"] == "kernel"
 
     for pod in (client, server, outsider):

@@ -133,7 +133,7 @@ def test_a_refused_config_keeps_the_last_good_state_and_says_so(
     with probes.whoami_server(server, 9401):
         exchange = probes.talk(client.netns_path, server.ip, 9401, "still meshed")
     assert exchange.reply.startswith("peer=")
-    captured = wait_for(lab, "node-1", since, "connection captured")
+    captured = wait_for(lab, "node-1", since, "connection complete", direction="outbound")
     assert captured["dst.addr"] == f"{server.ip}:9401"
     # A good file again: in force, and ready.
     write(config, text)

@@ -77,7 +77,8 @@ def test_demo_shows_the_three_paths_and_a_service_with_verified_identities_and_c
     assert facts["dns_answers_by_the_agent"] >= 1
     assert facts["endpoints_reached"] == {"server-a": 2, "server-b": 2}
     for call in facts["connections"]:
-        assert call["route"] == ["hbone", "hbone"]
+        # server-a is on client-a's node: delivered by that agent itself, without HBONE.
+        assert call["route"] == ["local" if call["endpoint"] == "server-a" else "hbone"] * 2
         assert call["dst_service"] == ["echo.default.svc.cluster.local"] * 2
         assert call["source_identity_verified_by_server"] == (
             "spiffe://cluster.local/ns/default/sa/client-a"

@@ -1,7 +1,8 @@
 """Services through the mesh, with agent processes in a lab (tests/support/services-topology.yaml).
 
-A connection to a Service VIP leaves the client's pod as HBONE to one ready endpoint, which
-sees the client's own address, with both identities verified; load spreads over the
+A connection to a Service VIP goes to one ready endpoint, as HBONE to an endpoint on another
+node, delivered by the agent itself to one on the client's node (no HBONE there); the
+endpoint sees the client's own address, with both identities known; load spreads over the
 endpoints; a VIP without a ready endpoint, or a port the Service does not define, is
 refused and counted, never passed on; an endpoint outside the mesh gets plain TCP to its pod;
 endpoint churn leaves live connections alone. The pods' DNS is answered by their agent.
@@ -129,9 +130,11 @@ def metric(lab: LabState, node: str, name: str, **labels: str) -> float:
 # ---- VIPs ---------------------------------------------------------------------------------
 
 
-def test_a_vip_reaches_both_endpoints_over_hbone_with_identities_and_no_plaintext(
+def test_a_vip_reaches_both_endpoints_with_identities_and_no_plaintext(
     lab: LabState,
 ) -> None:
+    """echo-b, on node-2, over HBONE; echo-a, on the client's node, delivered locally: in
+    neither case does a packet leave the client's pod outside HBONE."""
     endpoints = {f"{ip_of(lab, 'echo-a')}:{APP_PORT}": ("echo-a", "node-1"),
                  f"{ip_of(lab, 'echo-b')}:{APP_PORT}": ("echo-b", "node-2")}  # fmt: skip
     since = {node: len(probes.agent_events(lab, node)) for node in ("node-1", "node-2")}
@@ -145,10 +148,11 @@ def test_a_vip_reaches_both_endpoints_over_hbone_with_identities_and_no_plaintex
         assert exchange.server_saw.split(":")[0] == exchange.client.split(":")[0]
         name, node = endpoints[served_by(exchange)]
         source = completed(lab, "node-1", exchange.client, since["node-1"])
-        assert source["route"] == "hbone"
+        assert source["route"] == ("local" if node == "node-1" else "hbone")
         assert source["dst.vip"] == f"{vip('echo')}:80"
         assert source["dst.addr"] == served_by(exchange)
-        assert source["dst.hbone_addr"] == f"{served_by(exchange).split(':')[0]}:15008"
+        hbone = f"{served_by(exchange).split(':')[0]}:15008" if node == "node-2" else None
+        assert source["dst.hbone_addr"] == hbone
         assert source["dst.service"] == ECHO_HOST
         assert (source["src.identity"], source["dst.identity"]) == (identity("client"),
                                                                      identity(name))  # fmt: skip
@@ -614,16 +618,17 @@ def test_a_waypoint_that_is_not_ready_is_skipped_logged_and_counted(
 def test_connections_around_a_bound_waypoint_are_counted_as_bypasses(
     lab: LabState, waypoint: LabWaypoint
 ) -> None:
-    """Deep guide lab 2: echo's pods reached directly (pod-addressed HBONE from a mesh pod,
-    plaintext from outside the mesh) never see the waypoint: each is counted where it lands."""
+    """Deep guide lab 2: echo's pods reached directly (pod-addressed from a mesh pod, here on
+    the same node so delivered locally; plaintext from outside the mesh) never see the
+    waypoint: each is counted where it lands."""
 
     def bypasses(node: str, transport: str) -> float:
         return metric(lab, node, "ambient_waypoint_bypass_total", waypoint="default/waypoint",
                       transport=transport)  # fmt: skip
 
-    hbone, plaintext = bypasses("node-1", "hbone"), bypasses("node-2", "plaintext")
+    local, plaintext = bypasses("node-1", "local"), bypasses("node-2", "plaintext")
     call(lab, ip_of(lab, "echo-a"), APP_PORT)  # a pod address: service waypoints skip it
     probes.talk(probes.pod(lab, "legacy").netns_path, ip_of(lab, "echo-b"), APP_PORT, "hi")
     assert waypoint.tunnels() == []
-    assert bypasses("node-1", "hbone") == hbone + 1
+    assert bypasses("node-1", "local") == local + 1
     assert bypasses("node-2", "plaintext") == plaintext + 1

@@ -143,7 +143,10 @@ def mesh_fixture(prefix: str) -> Iterator[Mesh]:
 
         async def build() -> tuple[InPodProxy, PodEnroller]:
             assert datapath is not None and identities is not None
-            made = InPodProxy(store, identities, policy, ConnectionTelemetry(kernel_records=False))
+            # One agent here serves the pods of both lab nodes, and these tests are about HBONE
+            # between them: no same-node delivery (tests/e2e/test_local_delivery.py has it).
+            telemetry = ConnectionTelemetry(kernel_records=False)
+            made = InPodProxy(store, identities, policy, telemetry, local_delivery=False)
             return made, PodEnroller(datapath, Path(f"/run/ambient-lab/{name}/state"), made)
 
         proxy, enroller = loop.run(build())
