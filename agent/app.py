@@ -19,6 +19,7 @@ from agent.config import AgentConfig
 from agent.datapath import loader
 from agent.datapath.cgroup import AgentCgroup
 from agent.drain import Drain, ShutdownSteps
+from agent.hbone import data_path
 from agent.identity.ca import CertificateAuthority
 from agent.identity.manager import IdentityManager, LocalCaClient
 from agent.inpod.enrollment import PodEnroller
@@ -135,6 +136,8 @@ class NodeAgent:
         undo("policy retirement timer", policy.close)
         proxy = InPodProxy(store, identities, policy, self.telemetry, cfg.dns_capture)
         status.refusals = proxy.hbone_refusals
+        status.hbone_data_path = data_path.probe()
+        log.info("hbone data path", **status.hbone_data_path.labels())
         status.vip_refusals = proxy.vip_refusals
         status.waypoint_skips = proxy.waypoint_skipped
         status.bypasses = proxy.waypoint_bypasses.counts

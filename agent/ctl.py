@@ -79,6 +79,7 @@ KERNEL_COMMANDS = {
     "policies": "L4 authorization decisions per policy, from the kernel",
     "connections": "the agent's open TCP connections and the telemetry ring's counters",
     "ebpf": "the C source the agent hands to BCC",
+    "data-path": "what carries HBONE bytes on this node: userspace TLS, cipher, kTLS",
 }
 DEFAULT_ADMIN = "127.0.0.1:15000"
 FIELD_MANAGER = "ambientctl"
@@ -292,6 +293,16 @@ def main(argv: list[str] | None = None) -> int:
         except CtlError as exc:
             print(f"ambientctl: {exc}", file=sys.stderr)
             return exc.exit_code
+    if args.command == "data-path":
+        from agent.hbone.data_path import probe
+
+        labels = probe().labels()
+        if args.json:
+            print(json.dumps(labels, indent=2))
+        else:
+            for key, value in labels.items():
+                print(f"{key:<14}{value}")
+        return 0
     if args.command == "ebpf":
         from agent.datapath.loader import render_source
 

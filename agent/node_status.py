@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from agent.datapath import abi
 from agent.datapath.loader import LoadedDatapath
 from agent.hbone.connection import Refusals
+from agent.hbone.data_path import DataPath
 from agent.identity.manager import IdentityManager, WorkloadCertificate
 from agent.inpod.enrollment import PodEnroller
 from agent.policy.engine import PolicyEngine
@@ -55,6 +56,7 @@ class NodeStatus:
         self.bypasses: Counter[tuple[str, str]] | None = None
         self.local_delivery_counts: Counter[str] | None = None
         self.socket_relay_counts: Counter[str] | None = None
+        self.hbone_data_path: DataPath | None = None
 
     def not_ready(self) -> list[str]:
         """Empty when ready: config loaded, programs loaded, every wanted pod enrolled (its
@@ -95,6 +97,7 @@ class NodeStatus:
                  "refresh_at": c.refresh_at.isoformat()}
                 for c in self.certificates()
             ],
+            "data_path": self.data_path(),
             "datapath": {"pin_dir": str(self.pin_dir),
                          "programs": sorted(self.datapath.program_fds) if self.datapath else []},
         }  # fmt: skip
@@ -144,6 +147,9 @@ class NodeStatus:
 
     def waypoint_bypasses(self) -> dict[tuple[str, str], int]:
         return dict(self.bypasses) if self.bypasses is not None else {}
+
+    def data_path(self) -> dict[str, str]:
+        return self.hbone_data_path.labels() if self.hbone_data_path else {}
 
     def local_deliveries(self) -> dict[str, int]:
         counts = self.local_delivery_counts

@@ -47,6 +47,7 @@ class AgentMetricsSource(Protocol):
     def waypoint_skipped(self) -> dict[str, int]: ...
     def waypoint_bypasses(self) -> dict[tuple[str, str], int]: ...
     def local_deliveries(self) -> dict[str, int]: ...
+    def data_path(self) -> dict[str, str]: ...  # agent/hbone/data_path.py's labels
     def socket_relays(self) -> dict[str, int]: ...
 
 
@@ -169,6 +170,15 @@ class AgentCollector(Collector):
             "same-node connection from such a pod (local).",
             ["waypoint", "transport"], self._source.waypoint_bypasses(),
         )  # fmt: skip
+        data_path = GaugeMetricFamily(
+            "ambient_hbone_data_path_info",
+            "The data path carrying HBONE bytes on this node: who encrypts (userspace), the "
+            "TLS library, the cipher suite offered first, and whether the kernel has kTLS.",
+            labels=sorted(path := self._source.data_path()),
+        )
+        if path:
+            data_path.add_metric([path[key] for key in sorted(path)], 1)
+        yield data_path
         yield _by_label(
             "ambient_local_deliveries",
             "Connections between two pods of this node delivered by the agent without HBONE, "

@@ -75,7 +75,11 @@ def test_metrics_are_the_kernels_counters(lab: LabState) -> None:
     assert "ambient_programs_loaded 5.0" in text
     assert ('ambient_workload_certificate_expiry_timestamp_seconds{identity='
             '"spiffe://cluster.local/ns/default/sa/client-a"}') in text  # fmt: skip
+    # The data path in force, as probed at start (this kernel has no kTLS: CONFIG_TLS unset).
+    assert 'ambient_hbone_data_path_info{first_cipher="TLS_AES_128_GCM_SHA256"' in text
+    assert 'tls="userspace"' in text
     status, same = get(lab, "node-1", "http://127.0.0.1:15020/stats/prometheus")
+
     assert status == 200 and "ambient_datapath_verdicts_total" in same
 
 

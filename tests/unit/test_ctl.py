@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -19,3 +20,14 @@ def test_inspection_without_pins_says_what_is_missing() -> None:
     )  # fmt: skip
     assert done.returncode == 1
     assert "no pinned maps there (is the agent running?)" in done.stderr
+
+
+def test_data_path_names_the_tls_in_force_and_the_kernels_ktls() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "agent.ctl", "data-path", "--json"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    found = json.loads(done.stdout)
+    assert found["tls"] == "userspace"
+    assert found["first_cipher"] == "TLS_AES_128_GCM_SHA256"
+    assert found["ktls"] in ("available", "unavailable", "unknown")
