@@ -449,7 +449,7 @@ def _start_envoy(config: envoy_hbone.JsonObject, workdir: Path, pod: PodState) -
 
 
 def _stop_envoys(name: str) -> None:
-    envoy_hbone.terminate(envoy_hbone.envoy_pids_under(agents.lab_dir(name) / ENVOY_DIR))
+    agents.terminate(envoy_hbone.envoy_pids_under(agents.lab_dir(name) / ENVOY_DIR))
 
 
 def _check_plain(state: LabState) -> None:

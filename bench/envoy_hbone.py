@@ -21,7 +21,6 @@ import contextlib
 import http.client
 import itertools
 import json
-import os
 import random
 import re
 import signal
@@ -611,33 +610,3 @@ def envoy_pids_under(root: Path) -> list[int]:
         if any(config.startswith(prefix) for config in configs):
             found.append(int(proc.name))
     return found
-
-
-def terminate(pids: Sequence[int], timeout: float = STOP_TIMEOUT) -> None:
-    """SIGTERM, SIGKILL to those left after `timeout`; returns once all have exited."""
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while (alive := _alive(pids)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    for pid in alive:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    while _alive(pids):
-        time.sleep(0.05)
-
-
-def _alive(pids: Sequence[int]) -> list[int]:
-    """Reaps our own exited children too, so they do not linger as zombies."""
-    alive = []
-    for pid in pids:
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)
-        try:
-            status = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if status != "Z":
-            alive.append(pid)
-    return alive

@@ -16,7 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -277,17 +277,17 @@ def _stop_one(pid: int, what: str, sig: signal.Signals) -> None:
 def stop_agents(name: str) -> None:
     """SIGTERM, SIGKILL after a grace period, then remove the pins (an agent leaves them, and
     its pods enrolled, for the next one, unless started with `--on-exit unenroll`)."""
-    _terminate(lab_agent_pids(name))
+    terminate(lab_agent_pids(name))
     remove_pins(lab_pin_root(name))
     remove_cgroups(cgroup2_root() / CGROUP_PARENT / name)
 
 
-def _terminate(pids: list[int]) -> None:
-    """SIGTERM, SIGKILL to those left after STOP_TIMEOUT; returns once all have exited."""
+def terminate(pids: Sequence[int], timeout: float = STOP_TIMEOUT) -> None:
+    """SIGTERM, SIGKILL to those left after `timeout`; returns once all have exited."""
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + STOP_TIMEOUT
+    deadline = time.monotonic() + timeout
     while (alive := _alive(pids)) and time.monotonic() < deadline:
         time.sleep(0.05)
     for pid in alive:
@@ -297,7 +297,7 @@ def _terminate(pids: list[int]) -> None:
         time.sleep(0.05)
 
 
-def _alive(pids: list[int]) -> list[int]:
+def _alive(pids: Sequence[int]) -> list[int]:
     """Reaps our own exited children too, so they do not linger as zombies."""
     alive = []
     for pid in pids:
@@ -398,7 +398,7 @@ def lab_waypoint_pids(name: str) -> list[int]:
 
 def stop_waypoints(name: str) -> None:
     """SIGTERM every waypoint of the lab, SIGKILL those left after a grace period."""
-    _terminate(lab_waypoint_pids(name))
+    terminate(lab_waypoint_pids(name))
 
 
 def _waypoint_and_pod(state: LabState, gateway_key: str) -> tuple[WaypointSpec, PodState]:

@@ -18,11 +18,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.hbone import protocol as p
 from agent.hbone import tls_transport
-from agent.hbone.connection import HboneConnection, HboneStream
+from agent.hbone.connection import HboneConnection
 from agent.identity import tls
 from agent.identity.ca import CertificateAuthority
 from agent.identity.manager import WorkloadCertificate
 from agent.identity.spiffe import SpiffeId
+from tests.unit.hbone.test_connection import echo
 
 TD = "cluster.local"
 TIMEOUT = 30.0
@@ -178,13 +179,6 @@ def test_abort_reports_connection_lost_once(ca: CertificateAuthority) -> None:
 def test_hbone_tunnels_run_on_it(ca: CertificateAuthority) -> None:
     """An HBONE client and server over the transport: a tunnel, both directions, half-close."""
     size = 4 * 1024 * 1024
-
-    async def echo(stream: HboneStream, request: p.TunnelRequested, conn: HboneConnection) -> None:
-        conn.accept(stream)
-        while data := await stream.read():
-            await stream.write(data)
-        stream.write_eof()
-        stream.close()
 
     async def main() -> None:
         listener = socket.socket()
