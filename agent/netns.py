@@ -9,9 +9,12 @@ Python 3.11 has no os.setns, hence ctypes.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import ctypes
 import functools
 import os
+import socket
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -19,6 +22,9 @@ from typing import TypeVar
 T = TypeVar("T")
 
 CLONE_NEWNET = 0x40000000
+# TCP sockets kept made in the namespace: a new connection takes one without a hop to the
+# worker thread (about 95 us of CPU and a thread wake-up, against 5 us for the socket).
+SOCKET_STOCK = 4
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -45,6 +51,9 @@ class NetnsWorker:
             initializer=_enter,
             initargs=(self._fd,),
         )
+        self._stock: collections.deque[socket.socket] = collections.deque()
+        self._refilling = False
+        self._closed = False
         # Fail here, not on first use, if the thread could not enter the namespace.
         inside = self.call(lambda: os.stat("/proc/thread-self/ns/net").st_ino)
         if inside != os.fstat(self._fd).st_ino:
@@ -58,6 +67,33 @@ class NetnsWorker:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
 
+    async def tcp_socket(self) -> socket.socket:
+        """A new IPv4 TCP socket of this namespace, from the stock when there is one (the
+        stock is refilled on the worker thread, off the caller's path)."""
+        try:
+            sock = self._stock.popleft()
+        except IndexError:
+            sock = await self.run(_new_tcp_socket)
+        if len(self._stock) <= SOCKET_STOCK // 2 and not self._refilling and not self._closed:
+            self._refilling = True
+            self._executor.submit(self._refill)
+        return sock
+
+    def _refill(self) -> None:
+        try:
+            while len(self._stock) < SOCKET_STOCK and not self._closed:
+                self._stock.append(_new_tcp_socket())
+        finally:
+            self._refilling = False
+
     def close(self) -> None:
+        self._closed = True
         self._executor.shutdown(wait=True)
+        while self._stock:
+            with contextlib.suppress(OSError):
+                self._stock.popleft().close()
         os.close(self._fd)
+
+
+def _new_tcp_socket() -> socket.socket:
+    return socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)

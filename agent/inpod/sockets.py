@@ -10,6 +10,7 @@ import socket
 
 from agent.datapath import abi
 from agent.dns.server import IP_RECVORIGDSTADDR
+from agent.netns import NetnsWorker
 
 IP_TRANSPARENT = 19  # linux/in.h; not exported by Python's socket module
 LISTEN_BACKLOG = 4096
@@ -37,10 +38,16 @@ def listener(port: int, transparent: bool) -> socket.socket:
     return sock
 
 
-def upstream(source: tuple[str, int] | None = None) -> socket.socket:
-    """An unconnected client socket; with `source`, bound transparently to that foreign
-    address so the peer sees the original client (used toward the pod's own app)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+async def new_upstream(worker: NetnsWorker, source: tuple[str, int] | None = None) -> socket.socket:
+    """An unconnected client socket in the worker's namespace; with `source`, bound
+    transparently to that foreign address so the peer sees the original client (used toward
+    the pod's own app). From the worker's socket stock: no thread hop on a new connection's
+    path (options and the bind work from any thread; only creation does not)."""
+    return configure_upstream(await worker.tcp_socket(), source)
+
+
+def configure_upstream(sock: socket.socket, source: tuple[str, int] | None) -> socket.socket:
+    """new_upstream()'s options on a fresh socket; the socket is closed if one fails."""
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, abi.AGENT_MARK)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -104,7 +104,7 @@ class AppConnector:
             return None  # reset by the peer before its turn (rapid reset): no app connection
         self._bypasses.check(state, pod.workload, caller.identity, caller.transport,
                              caller.address)  # fmt: skip
-        up = await pod.worker.run(sockets.upstream, (caller.ip, 0))
+        up = await sockets.new_upstream(pod.worker, (caller.ip, 0))
         try:
             if self._authorizer is not None and caller.identity is not None:
                 # The kernel decides this connect (agent_connect4) with the caller's identity;

@@ -35,7 +35,7 @@ async def connect_from(
 ) -> socket.socket:
     """A connected agent socket inside the pod's netns; with source_ip, bound to that
     (foreign) address so the peer sees the original client."""
-    sock = await worker.run(sockets.upstream, (source_ip, 0) if source_ip else None)
+    sock = await sockets.new_upstream(worker, (source_ip, 0) if source_ip else None)
     try:
         loop = asyncio.get_running_loop()
         await asyncio.wait_for(loop.sock_connect(sock, dst), CONNECT_TIMEOUT)
