@@ -449,7 +449,12 @@ def _start_envoy(config: envoy_hbone.JsonObject, workdir: Path, pod: PodState) -
 
 
 def _stop_envoys(name: str) -> None:
-    agents.terminate(envoy_hbone.envoy_pids_under(agents.lab_dir(name) / ENVOY_DIR))
+    agents.terminate(envoy_pids(name))
+
+
+def envoy_pids(name: str) -> list[int]:
+    """The Envoys of this lab's bench, also those a killed run left: found by their config."""
+    return agents.pids_with_argument("--config-path", f"{agents.lab_dir(name) / ENVOY_DIR}/")
 
 
 def _check_plain(state: LabState) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import http.client
-import itertools
 import json
 import random
 import re
@@ -590,23 +589,3 @@ class Envoy:
                 if isinstance(entry, dict):
                     entries.append(entry)
         return entries
-
-
-# ---- finding Envoys a killed run left behind ----------------------------------------------
-
-
-def envoy_pids_under(root: Path) -> list[int]:
-    """Envoys (ours: started with --config-path) whose config is under `root`."""
-    prefix = f"{root}/".encode()
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        configs = [value for flag, value in itertools.pairwise(argv) if flag == b"--config-path"]
-        if any(config.startswith(prefix) for config in configs):
-            found.append(int(proc.name))
-    return found

@@ -381,7 +381,12 @@ def stop_waypoint(state: LabState, gateway_key: str, sig: signal.Signals = signa
 def lab_waypoint_pids(name: str) -> list[int]:
     """Waypoints of this lab, found by their --run-dir under the lab's directory, so a lost
     state file loses nothing."""
-    prefix = f"{lab_dir(name)}/waypoint-".encode()
+    return pids_with_argument("--run-dir", f"{lab_dir(name)}/waypoint-")
+
+
+def pids_with_argument(flag: str, prefix: str) -> list[int]:
+    """Processes whose command line has `flag` followed by a value starting with `prefix`."""
+    wanted, start = flag.encode(), prefix.encode()
     found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -390,8 +395,8 @@ def lab_waypoint_pids(name: str) -> list[int]:
             argv = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        run_dirs = [value for flag, value in itertools.pairwise(argv) if flag == b"--run-dir"]
-        if any(run_dir.startswith(prefix) for run_dir in run_dirs):
+        values = [value for name, value in itertools.pairwise(argv) if name == wanted]
+        if any(value.startswith(start) for value in values):
             found.append(int(proc.name))
     return found
 

@@ -268,9 +268,12 @@ class _HboneProtocol:
         self._block = bytearray()  # a header block waiting for its CONTINUATION frames
         self._block_stream = 0
         self._block_flags = 0
-        self._out.append(wire.PREFACE if client_side else b"")
-        self._out.append(wire.settings_frame(HBONE_SETTINGS))
-        self._out.append(wire.window_update(0, CONNECTION_WINDOW - wire.DEFAULT_WINDOW))
+        # The client's preface, then each side's SETTINGS and its connection window.
+        self._out += [wire.PREFACE] if client_side else []
+        self._out += [
+            wire.settings_frame(HBONE_SETTINGS),
+            wire.window_update(0, CONNECTION_WINDOW - wire.DEFAULT_WINDOW),
+        ]
 
     def data_to_send(self) -> bytes:
         if not self._out:

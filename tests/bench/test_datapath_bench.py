@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from bench import datapath as bench
-from bench import envoy_hbone
 from lab import agents, control
 
 pytestmark = pytest.mark.kernel
@@ -66,7 +65,7 @@ def assert_nothing_left(name: str) -> None:
 def bench_envoys(name: str) -> list[int]:
     """The bench's Envoys of this lab, found by their config path (kept in their cmdline
     even once the lab's run dir is gone)."""
-    return envoy_hbone.envoy_pids_under(agents.lab_dir(name) / bench.ENVOY_DIR)
+    return bench.envoy_pids(name)
 
 
 def test_quick_bench_measures_all_modes_and_cleans_up(

@@ -11,7 +11,6 @@ live local connection it now denies.
 
 from __future__ import annotations
 
-import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -19,10 +18,10 @@ from typing import Any, TypeVar
 
 import pytest
 
-from agent.netns import NetnsWorker
 from lab import control, probes
 from lab.network import LabState
 from tests.support import bulk
+from tests.support.held import HeldConnection
 
 pytestmark = pytest.mark.kernel
 
@@ -172,37 +171,12 @@ def test_a_same_node_app_that_does_not_answer_is_a_reset_recorded_at_both_report
     assert after["delivered"] == before["delivered"]
 
 
-class Held:
-    """A connection from client-a to server-a's whoami, kept open."""
-
-    def __init__(self, lab: LabState) -> None:
-        self._worker = NetnsWorker(str(probes.pod(lab, "client-a").netns_path))
-        target = probes.pod(lab, "server-a").ip
-        self.sock: socket.socket = self._worker.call(
-            lambda: socket.create_connection((target, APP_PORT), timeout=5)
-        )
-        self.address = "{}:{}".format(*self.sock.getsockname())
-
-    def exchange(self) -> str:
-        def inside() -> str:
-            try:
-                self.sock.sendall(b"ping\n")
-                line = self.sock.recv(4096)
-            except ConnectionResetError:
-                return "reset"
-            return "reply" if line.startswith(b"peer=") else f"closed {line!r}"
-
-        return self._worker.call(inside)
-
-    def close(self) -> None:
-        self._worker.call(self.sock.close)
-        self._worker.close()
-
-
 def test_an_l4_deny_refuses_a_same_node_connection_counted_at_both_reporters_and_cuts_a_live_one(
     lab: LabState,
 ) -> None:
-    held = Held(lab)
+    held = HeldConnection(
+        probes.pod(lab, "client-a").netns_path, probes.pod(lab, "server-a").ip, APP_PORT
+    )
     try:
         assert held.exchange() == "reply"
         before = counters(lab)

@@ -7,13 +7,12 @@ those the new policies deny.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 
 import pytest
 
-from agent.netns import NetnsWorker
 from lab import probes
+from tests.support.held import HeldConnection
 from tests.support.inprocess_mesh import APP, Mesh, mesh_fixture, whoami_everywhere
 
 pytestmark = pytest.mark.kernel
@@ -41,34 +40,12 @@ def deny_both(mesh: Mesh) -> list[dict[str, object]]:
     ]  # fmt: skip
 
 
-class Held:
-    """A connection kept open from a pod across a policy change."""
-
-    def __init__(self, mesh: Mesh, pod: str) -> None:
-        self.worker = NetnsWorker(str(mesh.pod(pod).netns_path))
-        server = mesh.pod("server-b").ip
-        self.sock: socket.socket = self.worker.call(
-            lambda: socket.create_connection((server, APP), timeout=5)
-        )
-
-    def exchange(self) -> str:
-        def inside() -> str:
-            try:
-                self.sock.sendall(b"ping\n")
-                line = self.sock.recv(4096)
-            except ConnectionResetError:
-                return "reset"
-            return "reply" if line.startswith(b"peer=") else f"closed {line!r}"
-
-        return self.worker.call(inside)
-
-    def close(self) -> None:
-        self.worker.call(self.sock.close)
-        self.worker.close()
+def held_to_server_b(mesh: Mesh, pod: str) -> HeldConnection:
+    return HeldConnection(mesh.pod(pod).netns_path, mesh.pod("server-b").ip, APP)
 
 
 def test_live_connections_are_kept_by_default_and_cut_when_asked(mesh: Mesh, servers: None) -> None:
-    plaintext, tunnelled = Held(mesh, "outsider"), Held(mesh, "client-a")
+    plaintext, tunnelled = held_to_server_b(mesh, "outsider"), held_to_server_b(mesh, "client-a")
     try:
         assert (plaintext.exchange(), tunnelled.exchange()) == ("reply", "reply")
         mesh.set_policies(deny_both(mesh))
@@ -91,7 +68,7 @@ def test_live_connections_are_kept_by_default_and_cut_when_asked(mesh: Mesh, ser
 
 
 def test_cutting_spares_connections_the_policies_still_allow(mesh: Mesh, servers: None) -> None:
-    held = Held(mesh, "client-a")
+    held = held_to_server_b(mesh, "client-a")
     try:
         assert held.exchange() == "reply"
         mesh.set_policies(deny_both(mesh)[:1])  # only the outsider is denied
