@@ -17,7 +17,7 @@ import contextlib
 import os
 import ssl
 from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import structlog
 
@@ -39,6 +39,8 @@ WRITE_BUFFER_LIMIT = 64 * 1024 * 1024
 # share is bounded by its flow-control window (16 MiB); past the total, connections stop
 # reading until relays catch up.
 MEMORY_BUDGET = 256 * 1024 * 1024
+# Frames below this size are joined into one write; larger ones are written as they are.
+COALESCE_BELOW = 16 * 1024
 
 
 class Refusals:
@@ -83,6 +85,24 @@ class TunnelRefused(Exception):
         self.status = status
 
 
+class StreamSink(Protocol):
+    """Takes a stream's events as they happen, in the connection's callbacks (instead of
+    read() and write() in a task): agent/proxy/tunnel_relay.py."""
+
+    def on_data(self, data: bytes | memoryview, flow_length: int) -> None:
+        """A payload (a view of what was received); flow_length goes back through
+        HboneStream.consumed() once the bytes have left the agent."""
+
+    def on_eof(self) -> None:
+        """The peer half-closed."""
+
+    def on_reset(self) -> None:
+        """The stream was reset (HboneStream.reset_code, reset_error())."""
+
+    def on_writable(self) -> None:
+        """The send window opened, or the connection's write buffer drained."""
+
+
 class HboneStream:
     def __init__(self, connection: HboneConnection, stream_id: int) -> None:
         self._conn = connection
@@ -93,17 +113,23 @@ class HboneStream:
         self._peer_eof = False
         self._reset_code: int | None = None
         self._reset_cause: BaseException | None = None
+        self._sink: StreamSink | None = None
         self.established: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     # -- driven by the connection ----------------------------------------------------------
 
     def _on_data(self, data: bytes | memoryview, flow_length: int) -> None:
+        if self._sink is not None:
+            self._sink.on_data(data, flow_length)
+            return
         self._chunks.append((data, flow_length))
         self._readable.set()
 
     def _on_peer_eof(self) -> None:
         self._peer_eof = True
         self._readable.set()
+        if self._sink is not None:
+            self._sink.on_eof()
 
     def _on_reset(self, code: int, cause: BaseException | None = None) -> None:
         self._reset_code = code
@@ -115,6 +141,11 @@ class HboneStream:
             # Whoever awaits it still gets the error; nobody awaiting is no error to log
             # ("Future exception was never retrieved").
             self.established.exception()
+        if self._sink is not None:
+            self._sink.on_reset()
+
+    def reset_error(self) -> ConnectionResetError:
+        return self._reset_error()
 
     def _reset_error(self) -> ConnectionResetError:
         if self._reset_cause is not None:
@@ -126,10 +157,47 @@ class HboneStream:
 
     def _on_window(self) -> None:
         self._writable.set()
+        if self._sink is not None:
+            self._sink.on_writable()
 
     @property
     def was_reset(self) -> bool:
         return self._reset_code is not None
+
+    @property
+    def reset_code(self) -> int | None:
+        return self._reset_code
+
+    # -- used by a sink (agent/proxy/tunnel_relay.py) ----------------------------------------
+
+    def attach(self, sink: StreamSink) -> None:
+        """From now on the stream's events go to `sink` as they happen; what arrived before
+        is handed to it first, in order."""
+        self._sink = sink
+        while self._chunks:
+            sink.on_data(*self._chunks.popleft())
+        if self._peer_eof:
+            sink.on_eof()
+        if self._reset_code is not None:
+            sink.on_reset()
+
+    def frame_room(self) -> int:
+        """The largest DATA payload send_frame() takes now: 0 while the window is shut or
+        the connection's write buffer is above its mark (on_writable says when to retry)."""
+        conn = self._conn
+        if conn.closed or not conn.writable:
+            return 0
+        return min(conn.proto.sendable(self.stream_id), conn.proto.peer_max_frame)
+
+    def send_frame(self, frame: memoryview) -> bool:
+        """Send one DATA frame built in the caller's buffer (9 bytes of room, then at most
+        frame_room() bytes). True when the connection kept a view of the buffer to write
+        later: the buffer must then not be reused."""
+        return self._conn.send_data_frame(self.stream_id, frame)
+
+    def consumed(self, flow_length: int) -> None:
+        """A payload handed to a sink has left the agent: its window goes back."""
+        self._conn.consumed(self.stream_id, flow_length)
 
     # -- used by the relay -----------------------------------------------------------------
 
@@ -280,6 +348,8 @@ class HboneConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._drained.set()
+        for stream in list(self._streams.values()):
+            stream._on_window()
 
     # -- dispatch --------------------------------------------------------------------------
 
@@ -369,9 +439,21 @@ class HboneConnection(asyncio.Protocol):
         await self._ready
 
     def _flush(self) -> None:
-        data = self.proto.data_to_send()
-        if data and self._transport is not None and not self._transport.is_closing():
-            self._transport.write(data)
+        pieces = self.proto.take_output()
+        if pieces and self._transport is not None and not self._transport.is_closing():
+            # Small frames (settings, window updates, headers) go out joined; a DATA frame
+            # goes as it is, without a copy: one write, one TLS record run, each.
+            small: list[bytes | memoryview] = []
+            for piece in pieces:
+                if len(piece) < COALESCE_BELOW:
+                    small.append(piece)
+                    continue
+                if small:
+                    self._transport.write(b"".join(small))
+                    small = []
+                self._transport.write(piece)
+            if small:
+                self._transport.write(b"".join(small))
             if self._transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
                 self._refusals.count("peer_not_reading")
                 log.warning("hbone peer reads nothing we send, closing", peer=self.peer,
@@ -390,10 +472,22 @@ class HboneConnection(asyncio.Protocol):
         """Wait while the transport's buffer is above its high-water mark."""
         await self._drained.wait()
 
+    @property
+    def writable(self) -> bool:
+        """The transport's write buffer is below its high-water mark."""
+        return self._drained.is_set()
+
     def send_data(self, stream_id: int, data: bytes | memoryview) -> int:
         taken = self.proto.send_data(stream_id, data)
         self._flush()
         return taken
+
+    def send_data_frame(self, stream_id: int, frame: memoryview) -> bool:
+        """One DATA frame built in place; True when the transport still holds (a view of)
+        what was written."""
+        self.proto.send_data_frame(stream_id, frame)
+        self._flush()
+        return self._transport is not None and self._transport.get_write_buffer_size() > 0
 
     def consumed(self, stream_id: int, flow_length: int) -> None:
         self.proto.consumed(stream_id, flow_length)

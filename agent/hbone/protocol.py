@@ -282,6 +282,12 @@ class _HboneProtocol:
         self._out.clear()
         return data
 
+    def take_output(self) -> list[bytes | memoryview]:
+        """What data_to_send() would join, as the pieces queued: a DATA frame built in place
+        (send_data_frame) is one piece, to be written without a copy."""
+        out, self._out = self._out, []
+        return out
+
     # -- receiving ---------------------------------------------------------------------------
 
     def receive_data(self, data: bytes) -> list[Event]:
@@ -627,7 +633,7 @@ class _HboneProtocol:
     def send_data(self, stream_id: int, data: bytes | memoryview) -> int:
         """Queue as much of data as the windows allow, in frames of at most the peer's max
         frame size; returns how many bytes were taken. Send the rest after WindowOpened. The
-        bytes are queued as they are: they must not change until data_to_send()."""
+        bytes are copied into the frames (send_data_frame is the way without a copy)."""
         stream = self._streams.get(stream_id)
         window = self.sendable(stream_id)
         if stream is None or window <= 0:
@@ -636,12 +642,30 @@ class _HboneProtocol:
         taken, total = 0, min(len(view), window)
         while taken < total:
             size = min(total - taken, self._peer_max_frame)
-            self._out.append(wire.data_header(stream_id, size))
-            self._out.append(view[taken : taken + size])
+            # One piece per frame: the shell writes it as one TLS record.
+            header = wire.data_header(stream_id, size)
+            self._out.append(b"".join((header, view[taken : taken + size])))
             taken += size
         self._send_window -= taken
         stream.send_window -= taken
         return taken
+
+    @property
+    def peer_max_frame(self) -> int:
+        return self._peer_max_frame
+
+    def send_data_frame(self, stream_id: int, frame: memoryview) -> None:
+        """Queue one DATA frame built in the caller's buffer: `frame` is 9 bytes of room for
+        the header, then a payload of at most sendable() and peer_max_frame bytes. The
+        header is written into the room; the buffer must not change until it is sent."""
+        length = len(frame) - wire.FRAME_HEADER_SIZE
+        stream = self._streams.get(stream_id)
+        if stream is None or not 0 < length <= min(self.sendable(stream_id), self._peer_max_frame):
+            raise ValueError(f"a DATA frame of {length} bytes does not fit stream {stream_id}")
+        wire.write_data_header(frame, stream_id)
+        self._out.append(frame)
+        self._send_window -= length
+        stream.send_window -= length
 
     def end_stream(self, stream_id: int) -> None:
         """Our half-close (TCP FIN from our side)."""

@@ -85,6 +85,13 @@ def data_header(stream_id: int, length: int, end_stream: bool = False) -> bytes:
     return frame_header(FrameType.DATA, Flag.END_STREAM if end_stream else 0, stream_id, length)
 
 
+def write_data_header(frame: memoryview, stream_id: int) -> None:
+    """A DATA frame built in place: the header written into `frame`'s first 9 bytes, the
+    rest of `frame` being the payload."""
+    length = len(frame) - FRAME_HEADER_SIZE
+    _HEADER.pack_into(frame, 0, length >> 8, length & 0xFF, FrameType.DATA, 0, stream_id)
+
+
 def headers_frames(stream_id: int, block: bytes, end_stream: bool, max_frame: int) -> bytes:
     """HEADERS, with CONTINUATION frames when the block is larger than one frame."""
     first, rest = block[:max_frame], block[max_frame:]

@@ -10,8 +10,6 @@ destination side is agent/proxy/app_connection.py, which same-node delivery
 
 from __future__ import annotations
 
-import asyncio
-
 from agent.hbone import protocol as hbone
 from agent.hbone.connection import HboneConnection, HboneStream
 from agent.identity import tls
@@ -20,8 +18,8 @@ from agent.proxy import report
 from agent.proxy.app_connection import AppConnector, AppRefused, Caller
 from agent.proxy.live_inbound import LiveInbound
 from agent.proxy.pod import Pod, identity_of
-from agent.proxy.relay import SocketStream
 from agent.proxy.tls_contexts import TlsContexts
+from agent.proxy.tunnel_relay import TunnelRelay
 from agent.state.store import StateStore
 from agent.telemetry.connections import ConnectionTelemetry
 from agent.telemetry.istio_labels import Reporter
@@ -91,10 +89,10 @@ class InboundHbone:
             return
         # Allowed by the kernel: 200 only now that the connection to the app exists.
         conn.accept(stream)
-        up_reader, up_writer = await asyncio.open_connection(sock=outcome.sock)
-        relayed = await self._live.relay(
-            pod, client_ip, dst, verified, stream, SocketStream(up_reader, up_writer)
-        )
+        tunnel = TunnelRelay(outcome.sock, stream, app_is_client=False)
+        tunnel.start()
+        with self._live.tracking(pod, client_ip, dst, verified, tunnel.cut):
+            relayed = await tunnel.wait()
         report.finish(self._telemetry, outcome.tracked, outcome.verdict, relayed)
 
 

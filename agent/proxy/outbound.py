@@ -12,13 +12,12 @@ does for destinations outside the mesh; pass-through uses the threaded socket re
 (agent/proxy/socket_relay.py).
 
 The listener hands over connections as accepted sockets (agent/proxy/socket_listener.py):
-the route is decided before anything is read, so a relay can take the socket as it is, and
-the HBONE and DNS paths make asyncio streams of it.
+the route is decided before anything is read, so a relay can take the socket as it is
+(agent/proxy/tunnel_relay.py for HBONE), and the DNS path makes asyncio streams of it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import os
 import ssl
@@ -38,10 +37,10 @@ from agent.proxy.local_delivery import ROUTE as LOCAL_ROUTE
 from agent.proxy.local_delivery import LocalDelivery
 from agent.proxy.pod import Pod, connect_from, identity_of
 from agent.proxy.pod_dns import PodDns
-from agent.proxy.relay import SocketStream, relay, reset
 from agent.proxy.socket_listener import AcceptedSocket
 from agent.proxy.socket_relay import SocketRelays
 from agent.proxy.tls_contexts import TlsContexts
+from agent.proxy.tunnel_relay import TunnelRelay
 from agent.state.store import StateStore
 from agent.state.waypoint import Waypoint
 from agent.state.workload import Workload
@@ -123,8 +122,7 @@ class Outbound:
         if local is not None and self._local is not None:
             await self._local.deliver(state, pod, local, client, src, upstream, conn)
         elif target is not None and hbone is not None:
-            reader, writer = await client.streams()
-            await self._tunnel(pod, target, reader, writer, src, upstream, hbone, conn)
+            await self._tunnel(pod, target, client, src, upstream, hbone, conn)
         else:
             await self._pass_through(pod, client, upstream, conn)
 
@@ -164,8 +162,7 @@ class Outbound:
         self,
         pod: Pod,
         target: Workload,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        client: AcceptedSocket,
         src: report.Endpoint,
         dst: report.Endpoint,
         hbone_addr: report.Endpoint,
@@ -186,17 +183,19 @@ class Outbound:
         try:
             stream, _ = await self.pool.open_tunnel(key, report.address(dst), headers)
         except TunnelRefused as exc:
-            reset(writer)  # the pod sees what a refused connection looks like
+            client.reset()  # the pod sees what a refused connection looks like
             # 401 is the destination's L4 authorization saying no; its log names the policy.
             verdict = PolicyVerdict("deny") if exc.status == 401 else PolicyVerdict("none")
             self._telemetry.done(conn, verdict, error=f"tunnel refused: {exc.status}")
             return
         except (OSError, ssl.SSLError, tls.PeerIdentityError, TimeoutError) as exc:
-            reset(writer)
+            client.reset()
             self._telemetry.done(conn, PolicyVerdict("none"), error=report.failed("tunnel", exc))
             return
         # Allowed by the destination's kernel (it answered 200 only after its connect).
-        relayed = await relay(SocketStream(reader, writer), stream)
+        tunnel = TunnelRelay(client.release(), stream, app_is_client=True)
+        tunnel.start()
+        relayed = await tunnel.wait()
         report.finish(self._telemetry, conn, PolicyVerdict("allow"), relayed)
 
     async def _dial(self, key: PoolKey) -> HboneConnection:

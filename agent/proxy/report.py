@@ -108,8 +108,8 @@ def finish(
     verdict: PolicyVerdict,
     relayed: RelayResult,
 ) -> None:
-    """A relayed connection is complete; relay() is always called with the client's side
-    first."""
+    """A relayed connection is complete; a relay's a_to_b is always the client's bytes to
+    the server (relay() takes the client's side first, TunnelRelay is told)."""
     counts = Relayed(relayed.a_to_b, relayed.b_to_a)
     telemetry.done(conn, verdict, counts, relayed.error)
 
