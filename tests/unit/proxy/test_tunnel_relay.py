@@ -6,7 +6,6 @@ by the window, data that arrived before the relay started."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import socket
 import struct
