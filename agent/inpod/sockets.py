@@ -13,6 +13,7 @@ from agent.dns.server import IP_RECVORIGDSTADDR
 from agent.netns import NetnsWorker
 
 IP_TRANSPARENT = 19  # linux/in.h; not exported by Python's socket module
+IP_BIND_ADDRESS_NO_PORT = 24  # linux/in.h, Linux >= 4.2
 LISTEN_BACKLOG = 4096
 
 
@@ -53,6 +54,10 @@ def configure_upstream(sock: socket.socket, source: tuple[str, int] | None) -> s
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if source is not None:
             sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            # The port is picked at connect(), for the 4-tuple: bind() would search for a
+            # port free of every socket on that address, TIME_WAIT ones included, and with
+            # the thousands a busy client leaves that search cost most of a connection.
+            sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
             sock.bind((source[0], 0))
         sock.setblocking(False)
     except BaseException:

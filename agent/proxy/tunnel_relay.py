@@ -36,6 +36,29 @@ CHUNK = 256 * 1024
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 
+class _Buffers:
+    """Read buffers shared by every relay: a read fills one and hands the frame to TLS at
+    once, so a buffer stays taken only while TLS holds a view of the frame it could not
+    write yet. No allocation per connection or per read, and memory is a few buffers."""
+
+    def __init__(self, keep: int) -> None:
+        self._free: list[bytearray] = []
+        self._keep = keep
+
+    def take(self) -> bytearray:
+        try:
+            return self._free.pop()
+        except IndexError:
+            return bytearray(FRAME_HEADER_SIZE + CHUNK)
+
+    def give(self, buffer: bytearray) -> None:
+        if len(self._free) < self._keep:
+            self._free.append(buffer)
+
+
+_BUFFERS = _Buffers(keep=4)
+
+
 class TunnelRelay:
     """`sock` (connected, never given to an asyncio transport) <-> `stream` (established).
     app_is_client: the app's side is the connection's client (outbound); RelayResult.a_to_b
@@ -47,7 +70,6 @@ class TunnelRelay:
         self._fd = sock.fileno()
         self._stream = stream
         self._app_is_client = app_is_client
-        self._buffer = bytearray(FRAME_HEADER_SIZE + CHUNK)
         self._to_tunnel = 0
         self._to_app = 0
         # Payloads (the rest of each) the app's socket has not taken yet, with their windows.
@@ -63,6 +85,9 @@ class TunnelRelay:
         self._sock.setblocking(False)
         self._stream.attach(self)
         self._want_read()
+        if self._reading:
+            # What the app sent while the tunnel was set up goes now, not a loop turn later.
+            self._read_app()
 
     async def wait(self) -> RelayResult:
         """The result once both directions are done; a cancelled wait cuts the relay."""
@@ -96,30 +121,33 @@ class TunnelRelay:
         if room <= 0:
             self._stop_read()  # until on_writable
             return
-        frame = memoryview(self._buffer)
+        buffer = _BUFFERS.take()
+        frame = memoryview(buffer)
         try:
             got = self._sock.recv_into(frame[FRAME_HEADER_SIZE : FRAME_HEADER_SIZE + room])
         except (BlockingIOError, InterruptedError):
+            _BUFFERS.give(buffer)
             return
         except OSError as exc:
+            _BUFFERS.give(buffer)
             self._end(_describe(exc))
             return
         if got == 0:
+            _BUFFERS.give(buffer)
             self._app_eof = True
             self._stop_read()
             stream.write_eof()
             self._done_if_finished()
             return
         self._to_tunnel += got
-        if stream.send_frame(frame[: FRAME_HEADER_SIZE + got]):
-            # TLS keeps a view of this frame until the socket takes it: read into another.
-            self._buffer = bytearray(len(self._buffer))
+        if not stream.send_frame(frame[: FRAME_HEADER_SIZE + got]):
+            _BUFFERS.give(buffer)  # else TLS holds a view of the frame: the buffer is its own
 
     def _read_after_reset(self) -> None:
         """The peer ended the stream (with NO_ERROR: its data is complete). The app may still
         close its side cleanly; anything it sends now has nowhere to go."""
         try:
-            got = self._sock.recv_into(memoryview(self._buffer)[:FRAME_HEADER_SIZE])
+            got = self._sock.recv_into(bytearray(1))
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
