@@ -17,7 +17,7 @@ import socket
 import ssl
 from dataclasses import dataclass
 
-from agent.identity.ciphersuites import FIRST, prefer_aes_128
+from agent.identity.openssl_tuning import FIRST, prefer_aes_128
 
 TCP_ULP = 31  # linux/tcp.h
 

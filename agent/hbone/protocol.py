@@ -21,6 +21,7 @@ payload is taken in; past one the peer gets GOAWAY ENHANCE_YOUR_CALM.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import time
 from collections.abc import Callable
@@ -180,6 +181,7 @@ Event = (
 )  # fmt: skip
 
 
+@functools.lru_cache(maxsize=4096)  # once per CONNECT at each end; ipaddress is slow
 def parse_authority(authority: str) -> tuple[str, int]:
     """`ip:port` or `[ipv6]:port`, the only authorities HBONE uses. ValueError otherwise."""
     host, sep, port_text = authority.rpartition(":")

@@ -91,9 +91,8 @@ class TlsTransport(asyncio.Transport):
             return
         self._reading = True
         self._loop.add_reader(self._fd, self._read_ready)
-        # OpenSSL may hold decrypted bytes the socket will not signal again.
-        if self._sock.pending():
-            self._loop.call_soon(self._read_ready)
+        # OpenSSL may hold bytes (decrypted, or read ahead) the socket will not signal again.
+        self._loop.call_soon(self._read_ready)
 
     def get_write_buffer_size(self) -> int:
         return self._buffered

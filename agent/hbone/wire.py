@@ -36,7 +36,10 @@ class FrameType(enum.IntEnum):
     CONTINUATION = 0x9
 
 
-class Flag(enum.IntFlag):
+class Flag:
+    """Frame flags as plain ints: `flags & Flag.X` on an IntFlag makes an enum member, a
+    cost paid on every frame."""
+
     END_STREAM = 0x1  # DATA, HEADERS
     ACK = 0x1  # SETTINGS, PING
     END_HEADERS = 0x4

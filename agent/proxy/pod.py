@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 from collections.abc import Coroutine
 from typing import Any, Protocol
@@ -27,7 +28,13 @@ class Pod(Protocol):
 
 
 def identity_of(workload: Workload) -> SpiffeId:
-    return SpiffeId(workload.trust_domain, workload.namespace, workload.service_account)
+    return _identity(workload.trust_domain, workload.namespace, workload.service_account)
+
+
+@functools.lru_cache(maxsize=4096)
+def _identity(trust_domain: str, namespace: str, service_account: str) -> SpiffeId:
+    # Several times per connection, and a SpiffeId checks every part as it is made.
+    return SpiffeId(trust_domain, namespace, service_account)
 
 
 async def connect_from(

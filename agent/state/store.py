@@ -7,6 +7,7 @@ the swap is one reference assignment, no reader can see half of an update.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import threading
 from collections.abc import Callable, Mapping
@@ -27,6 +28,7 @@ log = structlog.get_logger("agent.state")
 Subscriber = Callable[["MeshState", "MeshState"], None]
 
 
+@functools.lru_cache(maxsize=16384)  # on every connection's route: ipaddress is slow
 def _canonical_ip(ip: str) -> str | None:
     """One spelling per address (IPv6 has many), or None for something that is not one."""
     try:

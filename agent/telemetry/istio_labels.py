@@ -76,7 +76,11 @@ def dataplane_mode(
 
 
 def _first_label(workload: Workload, *keys: str) -> str | None:
-    return next((workload.labels[k] for k in keys if workload.labels.get(k)), None)
+    labels = workload.labels
+    for key in keys:  # a loop, not a generator: this runs for both ends of every connection
+        if value := labels.get(key):
+            return value
+    return None
 
 
 def peer_labels(workload: Workload | None, principal: str | None) -> tuple[str, ...]:

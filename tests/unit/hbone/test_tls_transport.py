@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from agent.hbone import protocol as p
 from agent.hbone import tls_transport
 from agent.hbone.connection import HboneConnection
-from agent.identity import tls
+from agent.identity import openssl_tuning, tls
 from agent.identity.ca import CertificateAuthority
 from agent.identity.manager import WorkloadCertificate
 from agent.identity.spiffe import SpiffeId
@@ -217,3 +217,49 @@ def test_hbone_tunnels_run_on_it(ca: CertificateAuthority) -> None:
             server.close()
 
     asyncio.run(main())
+
+
+def test_contexts_read_ahead_and_offer_aes_128_first(ca: CertificateAuthority) -> None:
+    cert = certificate(ca, "client")
+    for context in (tls.client_context(cert, ca.root_pem), tls.server_context(cert, ca.root_pem)):
+        lib = openssl_tuning._libssl()
+        assert lib is not None
+        ctx = openssl_tuning._ssl_ctx(lib, context)
+        assert ctx is not None
+        assert lib.SSL_CTX_ctrl(ctx, openssl_tuning._SSL_CTRL_GET_READ_AHEAD, 0, None) == 1
+        assert context.get_ciphers()[0]["name"] == openssl_tuning.FIRST
+
+
+def test_reading_paused_mid_burst_resumes_with_every_byte(ca: CertificateAuthority) -> None:
+    """With read-ahead, OpenSSL takes in records the socket will not signal again: a reader
+    that pauses after a full batch, ending on a record boundary while the last record is
+    already off the socket, still gets it once it resumes (the peer sends nothing more)."""
+    payload = os.urandom(tls_transport.READ_BATCH + 5000)  # 16 records of 16 KiB, then one
+
+    async def main() -> None:
+        async with tls_pair(ca) as (served, client, _):
+            await until(lambda: served)
+            server = served[0]
+            transport = server.transport
+            assert transport is not None
+            transport.pause_reading()
+            batches: list[int] = []
+            receive = server.data_received
+
+            def pause_after_first(data: bytes) -> None:
+                batches.append(len(data))
+                receive(data)
+                transport.pause_reading()
+
+            server.data_received = pause_after_first  # type: ignore[method-assign]
+            client.write(payload)
+            await asyncio.sleep(0.3)  # all of it in the server's socket
+            transport.resume_reading()
+            await until(lambda: batches)
+            assert batches == [tls_transport.READ_BATCH]
+            await asyncio.sleep(0.3)
+            transport.resume_reading()
+            await until(lambda: len(server.received) == len(payload), timeout=3)
+            assert bytes(server.received) == payload
+
+    asyncio.run(asyncio.wait_for(main(), TIMEOUT))
