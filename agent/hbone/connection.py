@@ -2,11 +2,15 @@
 
 HboneConnection is an asyncio.Protocol: bytes from the transport go into the sans-IO
 protocol object, its events are dispatched to HboneStream objects, and whatever the protocol
-wants to send is written out. HboneStream is what the relay uses: read() / write() /
-write_eof() / reset(), with HTTP/2 flow control as the backpressure:
-- read() hands the window back (consumed) only when the caller takes the bytes, so a slow
-  reader stalls the peer rather than filling our memory;
-- write() waits for WindowOpened when the peer's window is full.
+wants to send is written out. An HboneStream is used one of two ways, with HTTP/2 flow control
+as the backpressure either way:
+- by a sink attached to it (agent/proxy/tunnel_relay.py, the agent's tunnels): events as they
+  happen, DATA frames built in the sink's buffer, the window handed back (consumed) when the
+  sink has passed the bytes on;
+- as a ByteStream (agent/proxy/relay.py), read() / write() / write_eof() / reset() in a task
+  (the tests' peers): read() hands the window back only when the caller takes the bytes, so a slow
+  reader stalls the peer rather than filling our memory; write() waits for WindowOpened when
+  the peer's window is full.
 """
 
 from __future__ import annotations
@@ -137,7 +141,7 @@ class HboneStream:
         self._readable.set()
         self._writable.set()
         if not self.established.done():
-            self.established.set_exception(self._reset_error())
+            self.established.set_exception(self.reset_error())
             # Whoever awaits it still gets the error; nobody awaiting is no error to log
             # ("Future exception was never retrieved").
             self.established.exception()
@@ -145,9 +149,6 @@ class HboneStream:
             self._sink.on_reset()
 
     def reset_error(self) -> ConnectionResetError:
-        return self._reset_error()
-
-    def _reset_error(self) -> ConnectionResetError:
         if self._reset_cause is not None:
             # Say why: "unknown CA" helps an operator; "stream reset (10)" does not.
             error = ConnectionResetError(f"HBONE connection lost: {self._reset_cause}")
@@ -212,7 +213,7 @@ class HboneStream:
             if self._peer_eof or self._reset_code == NO_ERROR:
                 return b""
             if self._reset_code is not None:
-                raise self._reset_error()
+                raise self.reset_error()
             self._readable.clear()
             await self._readable.wait()
         data, flow_length = self._chunks.popleft()
@@ -223,7 +224,7 @@ class HboneStream:
         view = memoryview(data)
         while view:
             if self._reset_code is not None:
-                raise self._reset_error()
+                raise self.reset_error()
             if self._conn.closed:
                 raise ConnectionResetError("HBONE connection closed")
             # Copy only what the flow-control window lets through now, not the whole rest.

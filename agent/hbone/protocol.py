@@ -181,9 +181,19 @@ Event = (
 )  # fmt: skip
 
 
-@functools.lru_cache(maxsize=4096)  # once per CONNECT at each end; ipaddress is slow
 def parse_authority(authority: str) -> tuple[str, int]:
     """`ip:port` or `[ipv6]:port`, the only authorities HBONE uses. ValueError otherwise."""
+    # Once per CONNECT at each end, and ipaddress is slow: the answers for addresses are
+    # kept (a peer's long strings are not: they would make the cache its memory).
+    if len(authority) <= _CACHED_AUTHORITY_LEN:
+        return _parse_authority_cached(authority)
+    return _parse_authority(authority)
+
+
+_CACHED_AUTHORITY_LEN = 64  # "[" + the longest IPv6 text + "]:65535" fits
+
+
+def _parse_authority(authority: str) -> tuple[str, int]:
     host, sep, port_text = authority.rpartition(":")
     if not sep or not port_text.isdigit():
         raise ValueError(f"authority {authority!r} is not ip:port")
@@ -194,6 +204,9 @@ def parse_authority(authority: str) -> tuple[str, int]:
     if not 0 < port < 65536:
         raise ValueError(f"authority {authority!r} has port {port} out of range")
     return str(address), port
+
+
+_parse_authority_cached = functools.lru_cache(maxsize=4096)(_parse_authority)
 
 
 def format_authority(host: str, port: int) -> str:

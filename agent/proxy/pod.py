@@ -45,7 +45,8 @@ async def connect_from(
     sock = await sockets.new_upstream(worker, (source_ip, 0) if source_ip else None)
     try:
         loop = asyncio.get_running_loop()
-        await asyncio.wait_for(loop.sock_connect(sock, dst), CONNECT_TIMEOUT)
+        async with asyncio.timeout(CONNECT_TIMEOUT):  # no task per connect, as wait_for
+            await loop.sock_connect(sock, dst)
     except BaseException:
         sock.close()
         raise
