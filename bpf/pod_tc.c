@@ -13,6 +13,8 @@
  *   - anything else is genuinely inbound: packets of known connections and those to 15008
  *     pass; a new connection to any other port is authorized by L4 policy (lib/authorize.h)
  *     and, if allowed, goes to the inbound listener (15006), else is dropped.
+ *   A new connection's SYN that finds an agent socket of its 4-tuple in TIME_WAIT goes to
+ *   that socket instead, for pod_lookup to hand on to the listener (assign_new).
  * The pod netns routes DELIVER_MARK packets to `lo` (ip rule + local table), so the stack
  * accepts the looped packets, whose destination is remote, as local. */
 
@@ -33,14 +35,17 @@ static __always_inline struct bpf_sock *lookup_tcp(struct __sk_buff *skb,
 }
 
 /* A socket of this exact connection: established, or a request socket mid-handshake.
- * Listeners match by port only and TIME_WAIT sockets must yield to a new SYN. */
+ * Listeners match by port only, and a TIME_WAIT socket yields to a new SYN: *reopens says
+ * the SYN found one (see assign_new). */
 static __always_inline struct bpf_sock *lookup_connection(struct __sk_buff *skb,
-                                                          const struct tcp4_view *v)
+                                                          const struct tcp4_view *v,
+                                                          __u8 *reopens)
 {
     struct bpf_sock *sk = lookup_tcp(skb, v, v->dport);
     if (!sk)
         return 0;
     if (sk->state == BPF_TCP_LISTEN || sk->state == BPF_TCP_TIME_WAIT) {
+        *reopens = sk->state == BPF_TCP_TIME_WAIT && v->syn && !v->ack;
         bpf_sk_release(sk);
         return 0;
     }
@@ -72,6 +77,38 @@ static __always_inline int assign(struct __sk_buff *skb, struct bpf_sock *sk,
     bpf_skb_change_type(skb, PACKET_HOST);
     skb->mark = DELIVER_MARK;
     return verdict(reason, TC_ACT_OK);
+}
+
+/* A new connection's SYN, to `port`'s listener of the pod at pod_addr. When the SYN reopens
+ * the 4-tuple of an agent socket in TIME_WAIT (the agent closed first and the client picked
+ * the same port again), the listener cannot take it: the request socket would duplicate a
+ * 4-tuple in the kernel's table, and the kernel (6.18 here) drops such a SYN without a word,
+ * and every retransmission of it for the rest of TIME_WAIT's 60 s. So the SYN goes to the
+ * TIME_WAIT socket, which retires on a valid new SYN and asks for a listener for the
+ * address; pod_lookup (bpf/pod_lookup.c) answers with this one, through syn_reopens. */
+static __always_inline int assign_new(struct __sk_buff *skb, const struct tcp4_view *v,
+                                      __u8 reopens, __u32 pod_addr, __u16 port,
+                                      enum verdict_reason to_listener,
+                                      enum verdict_reason to_time_wait)
+{
+    struct bpf_sock *listener = lookup_listener(skb, v, port);
+    if (!listener)
+        return drop(DROP_NO_LISTENER);
+    if (reopens) {
+        struct bpf_sock *time_wait = lookup_tcp(skb, v, v->dport);
+        if (time_wait && time_wait->state == BPF_TCP_TIME_WAIT) {
+            bpf_sk_release(listener);
+            struct reopen_key key = {
+                .saddr = v->saddr, .daddr = v->daddr, .sport = v->sport, .dport = v->dport,
+            };
+            struct listener_key chosen = {.addr = pod_addr, .port = port};
+            syn_reopens.update(&key, &chosen);
+            return assign(skb, time_wait, to_time_wait);
+        }
+        if (time_wait)
+            bpf_sk_release(time_wait); /* it went meanwhile: the listener takes the SYN */
+    }
+    return assign(skb, listener, to_listener);
 }
 
 static __always_inline struct pod_info *enrolled(__u32 addr)
@@ -137,18 +174,18 @@ int pod_egress(struct __sk_buff *skb)
 
 static __always_inline int deliver_outbound(struct __sk_buff *skb, const struct tcp4_view *v)
 {
-    struct bpf_sock *sk = lookup_connection(skb, v);
+    __u8 reopens = 0;
+    struct bpf_sock *sk = lookup_connection(skb, v, &reopens);
     if (sk)
         return assign(skb, sk, DELIVER_OUTBOUND_ESTABLISHED);
-    sk = lookup_listener(skb, v, PORT_OUTBOUND);
-    if (!sk)
-        return drop(DROP_NO_LISTENER);
-    return assign(skb, sk, DELIVER_OUTBOUND_LISTENER);
+    return assign_new(skb, v, reopens, v->saddr, PORT_OUTBOUND, DELIVER_OUTBOUND_LISTENER,
+                      DELIVER_OUTBOUND_REOPEN);
 }
 
 static __always_inline int deliver_inbound(struct __sk_buff *skb, const struct tcp4_view *v)
 {
-    struct bpf_sock *sk = lookup_connection(skb, v);
+    __u8 reopens = 0;
+    struct bpf_sock *sk = lookup_connection(skb, v, &reopens);
     if (sk) {
         bpf_sk_release(sk);
         return verdict(PASS_INBOUND_ESTABLISHED, TC_ACT_OK);
@@ -170,10 +207,8 @@ static __always_inline int deliver_inbound(struct __sk_buff *skb, const struct t
     authorize(v->saddr, v->daddr, bpf_ntohs(v->dport), UNAUTHENTICATED_IDENTITY, &decision, 1);
     if (!decision.allow)
         return drop(DROP_POLICY_DENIED);
-    sk = lookup_listener(skb, v, PORT_INBOUND);
-    if (!sk)
-        return drop(DROP_NO_LISTENER);
-    int action = assign(skb, sk, DELIVER_INBOUND_LISTENER);
+    int action = assign_new(skb, v, reopens, v->daddr, PORT_INBOUND, DELIVER_INBOUND_LISTENER,
+                            DELIVER_INBOUND_REOPEN);
     if (action == TC_ACT_OK)
         __sync_fetch_and_add(&pod->inbound_captured, 1);
     return action;

@@ -34,19 +34,9 @@ def _web(state: LabState) -> str:
     return str(state.parsed_topology().service_vip("default", "web"))
 
 
-# Requests sent twice because the first had no answer in 2 s: on this machine about one
-# sequential cross-node request in a few hundred stalls, with or without a waypoint (issue
-# 14's data path work chases it). The split step reports them and allows at most 2%.
-STALLED: list[str] = []
-
-
 def _get(state: LabState, client: str, path: str, headers: dict[str, str] | None = None) -> Any:
     url, netns = f"http://{_web(state)}{path}", probes.pod(state, client).netns_path
-    try:
-        status, body = probes.http_request(netns, url, headers=headers, timeout=2.0)
-    except OSError:
-        STALLED.append(path)
-        status, body = probes.http_request(netns, url, headers=headers)
+    status, body = probes.http_request(netns, url, headers=headers)
     fields = dict(part.split("=", 1) for part in body.split() if "=" in part)
     by_ip = {p.ip: p.name for p in state.pods}
     return status, by_ip.get(fields.get("local", "").split(":")[0], "-"), fields
@@ -96,11 +86,9 @@ def routing(state: LabState) -> Step:
         "apps_saw_peer": sorted(peers),
         "v2_path_served_by": sorted({pod for _, pod, _ in v2}),
         "v2_headers": v2[0][2].get("headers", ""),
-        "requests_sent_twice": len(STALLED),
     }  # fmt: skip
     step.checks = {
         "every request answered 200": statuses == {200: SPLIT_REQUESTS},
-        "at most 2% had to be sent twice (a stall)": len(STALLED) <= SPLIT_REQUESTS // 50,
         "split about 90/10 (v2 within 3 standard deviations of 10%)": served["server-b"] in V2_SHARE
         and served["server-a"] + served["server-b"] == SPLIT_REQUESTS,
         "every request reached the app from the waypoint": peers == {waypoint_ip},

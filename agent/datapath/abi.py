@@ -63,14 +63,18 @@ def installed_bpf_dir() -> Path:
 
 BPF_DIR = installed_bpf_dir()
 
-PROGRAM_FILES = ("pod_tc.c", "agent_connect.c", "policy_probe.c", "sock_telemetry.c")
+PROGRAM_FILES = (
+    "pod_tc.c", "pod_lookup.c", "agent_connect.c", "policy_probe.c", "sock_telemetry.c",
+)  # fmt: skip
 TC_PROGRAMS = ("pod_ingress", "pod_egress")
+POD_LOOKUP_PROGRAM = "pod_lookup"  # sk_lookup on each enrolled pod's netns
 CGROUP_CONNECT4_PROGRAM = "agent_connect4"
 POLICY_PROBE_PROGRAM = "policy_probe"  # BPF_PROG_RUN only
 SOCK_TELEMETRY_PROGRAM = "sock_telemetry"  # sockops on the agent's cgroup
 # The context each program takes, which the program type the loader gives it must match.
 PROGRAM_CONTEXTS: dict[str, str] = {
     **{name: "__sk_buff" for name in TC_PROGRAMS},
+    POD_LOOKUP_PROGRAM: "bpf_sk_lookup",
     CGROUP_CONNECT4_PROGRAM: "bpf_sock_addr",
     POLICY_PROBE_PROGRAM: "__sk_buff",
     SOCK_TELEMETRY_PROGRAM: "bpf_sock_ops",
@@ -176,7 +180,7 @@ class TelemetryStat(enum.IntEnum):
 
 
 class VerdictReason(enum.IntEnum):
-    """Why a tc program passed, steered or dropped a packet: enum verdict_reason in
+    """Why a tc program (or pod_lookup) passed, steered or dropped a packet: enum verdict_reason in
     bpf/lib/reasons.h, which is the authority (checked at import)."""
 
     PASS_NOT_TCP4 = 0
@@ -198,6 +202,10 @@ class VerdictReason(enum.IntEnum):
     REDIRECT_DNS = 16
     DELIVER_DNS = 17
     DROP_NO_DNS_LISTENER = 18
+    DELIVER_OUTBOUND_REOPEN = 19
+    DELIVER_INBOUND_REOPEN = 20
+    REOPEN_LISTENER = 21
+    DROP_REOPEN_NO_LISTENER = 22
 
 
 class PolicyReason(enum.IntEnum):

@@ -36,6 +36,8 @@ HELPER_MIN_KERNEL = {
     "bpf_sock_ops_cb_flags_set": "4.16",
     "bpf_ringbuf_output": "5.8",
 }
+# sk_lookup programs (pod_lookup) and the bpf_link that attaches them to a netns: Linux 5.9.
+PROG_TYPE_SK_LOOKUP = 30  # uapi/linux/bpf.h enum bpf_prog_type; BCC 0.26 does not name it
 
 
 BPF_F_ALLOW_MULTI = 2
@@ -237,6 +239,9 @@ class LoadedDatapath:
                                 name.encode(), BPF.CGROUP_SOCK_ADDR,
                                 attach_type=BPFAttachType.CGROUP_INET4_CONNECT,
                             )  # fmt: skip
+                        elif name == abi.POD_LOOKUP_PROGRAM:
+                            fn = self._bpf.load_func(name.encode(), PROG_TYPE_SK_LOOKUP,
+                                                     attach_type=ATTACH_SK_LOOKUP)  # fmt: skip
                         elif name == abi.SOCK_TELEMETRY_PROGRAM:
                             fn = self._bpf.load_func(name.encode(), BPF.SOCK_OPS)
                         else:
@@ -299,6 +304,20 @@ class LoadedDatapath:
             if only is None or name in only:
                 with contextlib.suppress(maps.MapError):
                     maps.prog_detach(self.program_fds[name], cgroup_fd, attach_type)
+
+    def attach_netns(self, netns_path: str) -> int:
+        """pod_lookup on a pod's network namespace; returns the link's fd. The program stays
+        attached while the fd is open (closing it detaches), so an agent that dies takes it
+        along with the listeners it chooses."""
+        netns_fd = os.open(netns_path, os.O_RDONLY)
+        try:
+            return maps.link_create(self.program_fds[abi.POD_LOOKUP_PROGRAM], netns_fd,
+                                    ATTACH_SK_LOOKUP)  # fmt: skip
+        except maps.MapError as exc:
+            raise DatapathError(f"cannot attach {abi.POD_LOOKUP_PROGRAM} to {netns_path}: "
+                                f"{exc} (sk_lookup needs Linux >= 5.9)") from exc  # fmt: skip
+        finally:
+            os.close(netns_fd)
 
     def open_telemetry_ring(self, on_event: Callable[[bytes], None]) -> int:
         """Deliver each telemetry_events record, as bytes, to on_event during consume_rings.
@@ -368,6 +387,7 @@ class LoadedDatapath:
 # uapi/linux/bpf.h enum bpf_attach_type
 ATTACH_CGROUP_SOCK_OPS = 3
 ATTACH_CGROUP_INET4_CONNECT = 10
+ATTACH_SK_LOOKUP = 36
 CGROUP_PROGRAMS = (
     (abi.CGROUP_CONNECT4_PROGRAM, ATTACH_CGROUP_INET4_CONNECT),
     (abi.SOCK_TELEMETRY_PROGRAM, ATTACH_CGROUP_SOCK_OPS),

@@ -21,12 +21,13 @@ MAP_ARRAY = 2
 MAP_PERCPU_HASH = 5
 MAP_PERCPU_ARRAY = 6
 MAP_LRU_PERCPU_HASH = 10
+MAP_SOCKHASH = 18
 MAP_SK_STORAGE = 24
 MAP_RINGBUF = 27
 PER_CPU_TYPES = (MAP_PERCPU_HASH, MAP_PERCPU_ARRAY, MAP_LRU_PERCPU_HASH)
 ARRAY_TYPES = (MAP_ARRAY, MAP_PERCPU_ARRAY)
 # Their entries belong to sockets or are a stream: nothing to read back or carry over.
-NOT_ITERABLE_TYPES = (MAP_SK_STORAGE, MAP_RINGBUF)
+NOT_ITERABLE_TYPES = (MAP_SOCKHASH, MAP_SK_STORAGE, MAP_RINGBUF)
 
 BPF_ANY = 0
 
@@ -55,6 +56,7 @@ def _libbpf() -> ctypes.CDLL:
         "bpf_map_get_next_key": (c_int, [c_int, c_void_p, c_void_p]),
         "bpf_prog_attach": (c_int, [c_int, c_int, c_int, c_uint]),
         "bpf_prog_detach2": (c_int, [c_int, c_int, c_int]),
+        "bpf_link_create": (c_int, [c_int, c_int, c_int, c_void_p]),
         "ring_buffer__new": (c_void_p, [c_int, RING_CALLBACK, c_void_p, c_void_p]),
         "ring_buffer__consume": (c_int, [c_void_p]),
         "ring_buffer__epoll_fd": (c_int, [c_void_p]),
@@ -275,3 +277,9 @@ def prog_attach(prog_fd: int, target_fd: int, attach_type: int, flags: int) -> N
 
 def prog_detach(prog_fd: int, target_fd: int, attach_type: int) -> None:
     _check(_libbpf().bpf_prog_detach2(prog_fd, target_fd, attach_type), "detaching")
+
+
+def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
+    """A bpf_link attaching the program to the target; the returned fd holds it attached."""
+    return _check(_libbpf().bpf_link_create(prog_fd, target_fd, attach_type, None),
+                  "creating a link")  # fmt: skip

@@ -86,6 +86,8 @@ class EnrolledPod:
     record: EnrollmentRecord
     servers: list[Listening] = field(default_factory=list)
     listen_sockets: list[socket.socket] = field(default_factory=list)
+    # pod_lookup's link on the pod's netns (it hands the listeners SYNs that reopen a 4-tuple)
+    lookup_link: int | None = None
     connections: Drain = field(default_factory=Drain)
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> object:
@@ -101,10 +103,13 @@ class EnrolledPod:
 
 
 def _close_listeners(pod: EnrolledPod) -> None:
+    if pod.lookup_link is not None:
+        os.close(pod.lookup_link)
+        pod.lookup_link = None
     for server in pod.servers:
         server.close()
     for sock in pod.listen_sockets:
-        sock.close()  # those no server took over yet
+        sock.close()  # those no server took over yet (closing takes it out of pod_listeners)
 
 
 def pod_key_addr(ip: str) -> int:
@@ -210,6 +215,8 @@ class PodEnroller:
                 raise OSError(exc.errno, f"cannot listen on {port} in the pod: {exc}") from exc
             pod.listen_sockets.append(sock)
             by_port[port] = sock
+        self._register_listeners(record.ips, by_port)
+        pod.lookup_link = self._datapath.attach_netns(record.netns)
         pod.servers = await self._proxy.serve(pod, by_port)
         record.sysctls = await asyncio.to_thread(
             routing.apply, pod.worker, record.interface, earlier.sysctls if earlier else None
@@ -231,6 +238,14 @@ class PodEnroller:
         )
         record.created_clsact = record.created_clsact or created
         self._save_record(record)
+
+    def _register_listeners(self, ips: list[str], by_port: dict[int, socket.socket]) -> None:
+        """The capture listeners in pod_listeners, for pod_lookup."""
+        listeners = self._datapath.table("pod_listeners")
+        for ip in ips:
+            for port in (abi.PORT_OUTBOUND, abi.PORT_INBOUND):
+                key = listeners.Key(addr=pod_key_addr(ip), port=port)
+                listeners[key] = listeners.Leaf(by_port[port].fileno())
 
     async def update(self, workload: Workload) -> bool:
         """Apply a changed workload to its enrolled pod in place, when the change leaves the

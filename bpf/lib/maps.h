@@ -31,6 +31,23 @@ struct port_rule {
 /* Enrolled pods of this node, keyed by address: the tc programs are shared by all pods. */
 BPF_TABLE("hash", struct pod_key, struct pod_info, pods, 4096);
 
+/* The agent's capture listeners in each pod, for pod_lookup (bpf/pod_lookup.c). */
+struct listener_key {
+    __u32 addr; /* the pod's IPv4 address, network order */
+    __u32 port; /* PORT_OUTBOUND or PORT_INBOUND, host order */
+};
+BPF_TABLE("sockhash", struct listener_key, int, pod_listeners, 8192);
+
+/* SYNs the tc programs gave to an agent socket in TIME_WAIT, by their addresses, each with
+ * the listener pod_lookup is to choose when that socket gives the SYN up. */
+struct reopen_key {
+    __u32 saddr; /* network order */
+    __u32 daddr;
+    __u16 sport; /* network order */
+    __u16 dport;
+};
+BPF_TABLE("lru_hash", struct reopen_key, struct listener_key, syn_reopens, 4096);
+
 /* Destination ports that pod egress never steers (for example a node-local service). */
 BPF_TABLE("hash", struct port_key, struct port_rule, capture_exclude_ports, 256);
 

@@ -22,5 +22,9 @@ enum verdict_reason {
     REDIRECT_DNS = 16,                 /* pod's UDP DNS query looped back for the agent */
     DELIVER_DNS = 17,                  /* UDP DNS query given to the agent's 15053 socket */
     DROP_NO_DNS_LISTENER = 18,         /* DNS capture on, the agent's socket absent */
-    VERDICT_REASON_MAX = 19,
+    DELIVER_OUTBOUND_REOPEN = 19,      /* new outbound SYN given to an agent TIME_WAIT socket */
+    DELIVER_INBOUND_REOPEN = 20,       /* new inbound SYN given to an agent TIME_WAIT socket */
+    REOPEN_LISTENER = 21,              /* pod_lookup chose the agent listener for such a SYN */
+    DROP_REOPEN_NO_LISTENER = 22,      /* ... and found none: fail closed */
+    VERDICT_REASON_MAX = 23,
 };

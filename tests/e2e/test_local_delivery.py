@@ -11,9 +11,8 @@ live local connection it now denies.
 
 from __future__ import annotations
 
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, TypeVar
 
 import pytest
@@ -22,6 +21,7 @@ from lab import control, probes
 from lab.network import LabState
 from tests.support import bulk
 from tests.support.held import HeldConnection
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.kernel
 
@@ -48,14 +48,6 @@ def lab() -> Iterator[LabState]:
             yield state
     finally:
         control.down(name)
-
-
-def eventually(probe: Callable[[], T | None], what: str, timeout: float = 10.0) -> T:
-    deadline = time.monotonic() + timeout
-    while (found := probe()) is None:
-        assert time.monotonic() < deadline, f"not seen in {timeout:.0f}s: {what}"
-        time.sleep(0.1)
-    return found
 
 
 def completed(lab: LabState, client: str, reporter: str) -> dict[str, Any]:

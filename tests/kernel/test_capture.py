@@ -6,6 +6,7 @@ import contextlib
 import socket
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +15,7 @@ from agent.datapath import abi, tc
 from agent.netns import NetnsWorker
 from lab import probes
 from tests.support.inprocess_mesh import APP, Mesh, mesh_fixture, whoami_everywhere
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.kernel
 
@@ -116,6 +118,73 @@ def test_agent_marked_sockets_are_never_captured(mesh: Mesh, servers: None) -> N
     assert f"peer={client} " in reply  # the server saw this very socket: not proxied
     assert not [e for e in mesh.events("connection captured") if e["src.addr"] == client]
     assert mesh.verdicts()["PASS_AGENT_MARK"] > before
+
+
+def _exchange_from_port(netns: Path, port: int, host: str, dport: int) -> tuple[str, int]:
+    """One HTTP request to a whoami server from a socket bound to `port` (the server answers
+    and closes first); the reply and the segments the kernel had to retransmit to connect."""
+
+    def inside() -> tuple[str, int]:
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("0.0.0.0", port))
+            sock.settimeout(5)
+            sock.connect((host, dport))
+            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+            sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            reply = b""
+            while chunk := sock.recv(4096):  # to the server's end: the client closes last
+                reply += chunk
+            return reply.decode(), int.from_bytes(info[TCP_INFO_TOTAL_RETRANS], "little")
+
+    worker = NetnsWorker(str(netns))
+    try:
+        return worker.call(inside)
+    finally:
+        worker.close()
+
+
+# struct tcp_info: tcpi_total_retrans is the u32 at offset 100.
+TCP_INFO_TOTAL_RETRANS = slice(100, 104)
+
+
+def _time_wait_sockets(netns: Path, local_port: int, peer_port: int) -> int:
+    out = subprocess.run(
+        ["nsenter", f"--net={netns}", "ss", "-Htn", "state", "time-wait",
+         f"( sport = :{local_port} and dport = :{peer_port} )"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    return len(out.splitlines())
+
+
+@pytest.mark.parametrize("direction", ["outbound", "inbound"])
+def test_a_new_connection_on_the_4_tuple_of_an_agent_socket_in_time_wait_connects_at_once(
+    mesh: Mesh, servers: None, direction: str
+) -> None:
+    """The server closes first, so the agent's socket facing the client is left in TIME_WAIT;
+    a client that picks the same port again (as Linux's connect() may) is connected on its
+    first SYN, through pod_lookup. The kernel used to drop that SYN and every retransmission
+    of it until TIME_WAIT ended, a minute later."""
+    client, server = (
+        (mesh.pod("client-a"), mesh.pod("outsider"))
+        if direction == "outbound"
+        else (mesh.pod("outsider"), mesh.pod("server-b"))
+    )
+    agent_side = client if direction == "outbound" else server  # the pod holding TIME_WAIT
+    port = 41234 if direction == "outbound" else 41235
+    reason = "DELIVER_OUTBOUND_REOPEN" if direction == "outbound" else "DELIVER_INBOUND_REOPEN"
+    reply, _ = _exchange_from_port(client.netns_path, port, server.ip, APP)
+    assert "peer=" in reply
+
+    eventually(lambda: _time_wait_sockets(agent_side.netns_path, APP, port) or None,
+               "the agent's socket in TIME_WAIT")  # fmt: skip
+    before = mesh.verdicts()
+    reply, retransmitted = _exchange_from_port(client.netns_path, port, server.ip, APP)
+    after = mesh.verdicts()
+    assert "peer=" in reply, reply
+    assert retransmitted == 0  # the first SYN was answered
+    assert after[reason] == before[reason] + 1
+    assert after["REOPEN_LISTENER"] == before["REOPEN_LISTENER"] + 1
 
 
 def _footprint(netns: str) -> dict[str, str]:

@@ -87,8 +87,9 @@ def test_the_values_read_from_the_c() -> None:
 
 def test_maps_are_read_from_their_declarations() -> None:
     assert set(abi.MAPS) == {
-        "pods", "capture_exclude_ports", "verdicts", "pol_config", "pol_workloads", "pol_pages",
-        "pol_identities", "pol_src_ips", "pol_dst_ips", "pol_ports", "pol_terms",
+        "pods", "pod_listeners", "syn_reopens", "capture_exclude_ports", "verdicts",
+        "pol_config", "pol_workloads", "pol_pages", "pol_identities", "pol_src_ips",
+        "pol_dst_ips", "pol_ports", "pol_terms",
         "policy_stats", "upstream_peers", "policy_names", "sock_conns", "telemetry_events",
         "telemetry_stats",
     }  # fmt: skip
