@@ -18,6 +18,7 @@ import yaml
 
 from lab import probes
 from lab.network import LabState, load_state
+from tests.support import kernel_config
 
 pytestmark = pytest.mark.kernel
 
@@ -52,7 +53,8 @@ def test_ready_agents_answer_200_and_dump_their_config(lab: LabState) -> None:
         "spiffe://cluster.local/ns/default/sa/server-a",
     }
     assert sorted(dump["datapath"]["programs"]) == [
-        "agent_connect4", "pod_egress", "pod_ingress", "policy_probe", "sock_telemetry",
+        "agent_connect4", "pod_egress", "pod_ingress", "pod_lookup", "policy_probe",
+        "sock_telemetry",
     ]  # fmt: skip
 
 
@@ -72,12 +74,14 @@ def test_metrics_are_the_kernels_counters(lab: LabState) -> None:
     assert status == 200
     assert 'ambient_datapath_verdicts_total{reason="REDIRECT_OUTBOUND"}' in text
     assert "ambient_enrolled_pods 2.0" in text
-    assert "ambient_programs_loaded 5.0" in text
+    assert "ambient_programs_loaded 6.0" in text
     assert ('ambient_workload_certificate_expiry_timestamp_seconds{identity='
             '"spiffe://cluster.local/ns/default/sa/client-a"}') in text  # fmt: skip
-    # The data path in force, as probed at start (this kernel has no kTLS: CONFIG_TLS unset).
+    # The data path in force, as probed at start; kTLS as the kernel's config says.
     assert 'ambient_hbone_data_path_info{first_cipher="TLS_AES_128_GCM_SHA256"' in text
     assert 'tls="userspace"' in text
+    if (ktls := kernel_config.ktls_expected()) is not None:
+        assert f'ktls="{ktls}"' in text
     status, same = get(lab, "node-1", "http://127.0.0.1:15020/stats/prometheus")
 
     assert status == 200 and "ambient_datapath_verdicts_total" in same
