@@ -2,7 +2,8 @@
 
 pod_ingress authorized its SYN before it reached 15006 (a denial never gets here). The app
 is connected to with the client's own address as source (IP_TRANSPARENT), so it sees who
-called.
+called. The bytes go through the agent's socket relays (agent/proxy/socket_relay.py), as
+the pod's other plain connections do.
 """
 
 from __future__ import annotations
@@ -10,12 +11,15 @@ from __future__ import annotations
 import asyncio
 
 from agent.proxy import report
-from agent.proxy.live_inbound import LiveInbound
-from agent.proxy.pod import Pod, identity_of, plain_upstream
-from agent.proxy.relay import SocketStream, reset
+from agent.proxy.live_inbound import POLICY_CUT, LiveInbound
+from agent.proxy.pod import Pod, connect_from, identity_of
+from agent.proxy.relay import RelayResult
+from agent.proxy.socket_listener import AcceptedSocket
+from agent.proxy.socket_relay import SocketRelays, ended
 from agent.proxy.waypoint_bypass import WaypointBypasses
 from agent.state.store import StateStore
 from agent.telemetry.connections import ConnectionTelemetry, PolicyVerdict
+from agent.telemetry.events import socket_cookie
 from agent.telemetry.istio_labels import Reporter, dataplane_mode
 
 
@@ -26,31 +30,43 @@ class InboundPlaintext:
         telemetry: ConnectionTelemetry,
         live: LiveInbound,
         bypasses: WaypointBypasses,
+        relays: SocketRelays,
     ) -> None:
         self._store = store
         self._bypasses = bypasses
         self._telemetry = telemetry
         self._live = live
+        self._relays = relays
 
-    async def handle(
-        self, pod: Pod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        src, dst = report.endpoints(writer)
+    async def handle(self, pod: Pod, client: AcceptedSocket) -> None:
+        src, dst = report.socket_endpoints(client.sock)
         state = self._store.current
         source = state.workload_by_ip(src[0])
         report.captured(pod, "inbound", src, dst, dataplane_mode(False, pod.workload))
-        conn = self._telemetry.open(report.cookie(writer), report.connection_report(
+        conn = self._telemetry.open(socket_cookie(client.sock), report.connection_report(
             state, Reporter.DESTINATION, False, (report.address(src), source, None),
             (report.address(dst), dst[1], pod.workload, identity_of(pod.workload).uri),
         ))  # fmt: skip
         self._bypasses.check(state, pod.workload, None, "plaintext", report.address(src))
         verdict = PolicyVerdict("allow")
         try:
-            upstream = await plain_upstream(pod.worker, dst, src[0])
+            upstream = await connect_from(pod.worker, dst, src[0])
         except (OSError, TimeoutError) as exc:
-            reset(writer)
+            client.reset()
             self._telemetry.done(conn, verdict, error=report.failed("upstream connect", exc))
             return
-        client = SocketStream(reader, writer)
-        relayed = await self._live.relay(pod, src[0], dst, None, client, upstream)
-        report.finish(self._telemetry, conn, verdict, relayed)
+        relaying = await self._relays.start(client.release(), upstream)
+
+        def cut() -> None:  # a policy re-check (--cut-denied-connections) denies it now
+            relaying.cut(POLICY_CUT)
+
+        relayed: RelayResult | None = None
+        try:
+            with self._live.tracking(pod, src[0], dst, None, cut):
+                relayed = await relaying.wait()
+        except asyncio.CancelledError:
+            relayed = ended(relaying)  # the pod's drain reset it: the report still completes
+            raise
+        finally:
+            if relayed is not None:
+                report.finish(self._telemetry, conn, verdict, relayed)

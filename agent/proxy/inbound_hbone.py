@@ -16,7 +16,7 @@ from agent.identity import tls
 from agent.identity.spiffe import SpiffeId
 from agent.proxy import report
 from agent.proxy.app_connection import AppConnector, AppRefused, Caller
-from agent.proxy.live_inbound import LiveInbound
+from agent.proxy.live_inbound import POLICY_CUT, LiveInbound
 from agent.proxy.pod import Pod, identity_of
 from agent.proxy.tls_contexts import TlsContexts
 from agent.proxy.tunnel_relay import TunnelRelay
@@ -91,7 +91,7 @@ class InboundHbone:
         conn.accept(stream)
         tunnel = TunnelRelay(outcome.sock, stream, app_is_client=False)
         tunnel.start()
-        with self._live.tracking(pod, client_ip, dst, verified, tunnel.cut):
+        with self._live.tracking(pod, client_ip, dst, verified, lambda: tunnel.cut(POLICY_CUT)):
             relayed = await tunnel.wait()
         report.finish(self._telemetry, outcome.tracked, outcome.verdict, relayed)
 

@@ -31,7 +31,6 @@ from agent.identity.manager import IdentityManager
 from agent.identity.spiffe import SpiffeId
 from agent.identity.tls import TlsSession
 from agent.inpod.enrollment import Listening
-from agent.inpod.sockets import LISTEN_BACKLOG
 from agent.policy.engine import PolicyEngine
 from agent.policy.live import LiveConnection
 from agent.proxy.app_connection import AGENT_POD_PORTS, AppConnector
@@ -42,7 +41,6 @@ from agent.proxy.local_delivery import LocalDelivery
 from agent.proxy.outbound import HANDSHAKE_TIMEOUT, Outbound
 from agent.proxy.pod import Pod, identity_of
 from agent.proxy.pod_dns import MeshNamesCache, PodDns
-from agent.proxy.relay import reset
 from agent.proxy.socket_listener import AcceptedSocket, SocketListener
 from agent.proxy.socket_relay import SocketRelays
 from agent.proxy.tls_contexts import TlsContexts
@@ -53,7 +51,6 @@ from agent.telemetry.events import socket_cookie
 
 log = structlog.get_logger("agent.proxy")
 
-Handler = Callable[[Pod, asyncio.StreamReader, asyncio.StreamWriter], Coroutine[Any, Any, None]]
 SocketHandler = Callable[[Pod, AcceptedSocket], Coroutine[Any, Any, None]]
 
 
@@ -92,7 +89,8 @@ class InPodProxy:
         self._outbound = Outbound(store, self._contexts, telemetry, self._pods_by_ip.get,
                                   self.hbone_refusals, self._budget, self._dns.get,
                                   self._relays, local)  # fmt: skip
-        self._inbound = InboundPlaintext(store, telemetry, self._live, self.waypoint_bypasses)
+        self._inbound = InboundPlaintext(store, telemetry, self._live, self.waypoint_bypasses,
+                                         self._relays)  # fmt: skip
         self._inbound_hbone = InboundHbone(store, self._contexts, connector, telemetry,
                                            self._live)  # fmt: skip
 
@@ -128,11 +126,6 @@ class InPodProxy:
             self._pods_by_ip[ip] = pod
         conns = self._hbone_connections.setdefault(workload.uid, set())
 
-        def accept(handler: Handler) -> Any:
-            return lambda reader, writer: pod.spawn(
-                _guarded(handler(pod, reader, writer), lambda: reset(writer))
-            )
-
         def take(handler: SocketHandler) -> Callable[[AcceptedSocket], Coroutine[Any, Any, None]]:
             return lambda client: _guarded(handler(pod, client), client.reset)
 
@@ -161,11 +154,10 @@ class InPodProxy:
         if self._dns_capture and workload.uid not in self._dns:
             self._dns[workload.uid] = await PodDns.start(pod, self._names, self.dns_counts)
         return [
-            # Sockets as accepted: the route is decided before anything is read from one.
+            # Sockets as accepted: the route is decided before anything is read from one,
+            # and the relays take them as they are.
             SocketListener(outbound, take(self._outbound.handle), pod.spawn),
-            # backlog: asyncio calls listen() again, with 100 unless told.
-            await asyncio.start_server(accept(self._inbound.handle), sock=inbound,
-                                       backlog=LISTEN_BACKLOG),
+            SocketListener(inbound, take(self._inbound.handle), pod.spawn),
             TlsServer(listeners[abi.PORT_HBONE], self._contexts.server(workload.uid, cert),
                       hbone_connection, HANDSHAKE_TIMEOUT, pod.spawn),
         ]  # fmt: skip

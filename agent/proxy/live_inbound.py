@@ -10,7 +10,9 @@ from collections.abc import Callable, Iterator
 from agent.identity.spiffe import SpiffeId
 from agent.policy.live import LiveConnection
 from agent.proxy.pod import Pod
-from agent.proxy.relay import ByteStream, RelayResult, SocketStream, relay
+
+# Why a connection a policy re-check denies ends.
+POLICY_CUT = "connection cut by a policy change"
 
 
 class LiveInbound:
@@ -36,21 +38,3 @@ class LiveInbound:
             yield live
         finally:
             self._live.discard(live)
-
-    async def relay(
-        self,
-        pod: Pod,
-        client_ip: str,
-        dst: tuple[str, int],
-        peer: SpiffeId | None,
-        client: ByteStream,
-        upstream: SocketStream,
-    ) -> RelayResult:
-        """relay(), with the connection known as live for the while."""
-
-        def cut() -> None:
-            client.reset()
-            upstream.reset()
-
-        with self.tracking(pod, client_ip, dst, peer, cut):
-            return await relay(client, upstream)

@@ -24,11 +24,11 @@ import collections
 
 from agent.proxy import report
 from agent.proxy.app_connection import AppConnector, AppRefused, Caller
-from agent.proxy.live_inbound import LiveInbound
+from agent.proxy.live_inbound import POLICY_CUT, LiveInbound
 from agent.proxy.pod import Pod, identity_of
 from agent.proxy.relay import RelayResult
 from agent.proxy.socket_listener import AcceptedSocket
-from agent.proxy.socket_relay import Relaying, SocketRelays
+from agent.proxy.socket_relay import Relaying, SocketRelays, ended
 from agent.state.store import MeshState
 from agent.telemetry.connections import ConnectionTelemetry, TrackedConnection
 from agent.telemetry.istio_labels import Reporter
@@ -91,7 +91,7 @@ class LocalDelivery:
         destination.spawn(_held(relaying))
 
         def cut() -> None:  # a policy re-check (--cut-denied-connections) denies it now
-            relaying.cut("connection cut by a policy change")
+            relaying.cut(POLICY_CUT)
 
         relayed: RelayResult | None = None
         try:
@@ -100,19 +100,13 @@ class LocalDelivery:
         except asyncio.CancelledError:
             # The source pod's drain: the relay was reset; both reports still complete (the
             # bytes are the kernel's, the relay's counts only stand in without them).
-            relayed = _ended(relaying)
+            relayed = ended(relaying)
             raise
         finally:
             if relayed is not None:
                 # One relay, both reports: each side's kernel record has its own socket's bytes.
                 report.finish(self._telemetry, source_report, outcome.verdict, relayed)
                 report.finish(self._telemetry, outcome.tracked, outcome.verdict, relayed)
-
-
-def _ended(relaying: Relaying) -> RelayResult:
-    if relaying.result.done() and not relaying.result.cancelled():
-        return relaying.result.result()
-    return RelayResult(0, 0, "relay cancelled (drain)")
 
 
 async def _held(relaying: Relaying) -> None:

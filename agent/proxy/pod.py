@@ -11,7 +11,6 @@ from typing import Any, Protocol
 from agent.identity.spiffe import SpiffeId
 from agent.inpod import sockets
 from agent.netns import NetnsWorker
-from agent.proxy.relay import SocketStream
 from agent.state.workload import Workload
 
 CONNECT_TIMEOUT = 10.0
@@ -51,11 +50,3 @@ async def connect_from(
         sock.close()
         raise
     return sock
-
-
-async def plain_upstream(
-    worker: NetnsWorker, dst: tuple[str, int], source_ip: str | None = None
-) -> SocketStream:
-    """connect_from(), as a stream for the relay: plain TCP from inside the pod's netns."""
-    reader, writer = await asyncio.open_connection(sock=await connect_from(worker, dst, source_ip))
-    return SocketStream(reader, writer)

@@ -49,13 +49,34 @@ class SocketStream:
         self.writer.close()
 
 
+_LINGER_RESET = struct.pack("ii", 1, 0)
+# Why a relay whose wait was cancelled (its pod draining) ended.
+DRAINED = "relay cancelled (drain)"
+
+
 def reset(writer: asyncio.StreamWriter) -> None:
     """Close with RST (SO_LINGER 0): what the peer of an unreachable upstream should see."""
     sock = writer.get_extra_info("socket")
     if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        linger_reset(sock)
     writer.transport.abort()
+
+
+def linger_reset(sock: socket.socket) -> None:
+    """Make the socket's close send RST (SO_LINGER 0); a socket already gone is left be."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+
+
+def reset_socket(sock: socket.socket) -> None:
+    """Close the socket with RST."""
+    linger_reset(sock)
+    sock.close()
+
+
+def describe(exc: BaseException) -> str:
+    """An error's text for a relay's result, never empty."""
+    return str(exc) or type(exc).__name__
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +107,7 @@ async def relay(a: ByteStream, b: ByteStream) -> RelayResult:
         b_to_a.cancel()
         a.reset()
         b.reset()
-        error = str(exc) or type(exc).__name__
+        error = describe(exc)
     finally:
         a.close()
         b.close()

@@ -3,7 +3,6 @@ fields at open, and how it ended (agent/telemetry/connections.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import socket
 from typing import Any
 
@@ -22,7 +21,6 @@ from agent.telemetry.connections import (
     Relayed,
     TrackedConnection,
 )
-from agent.telemetry.events import socket_cookie
 from agent.telemetry.istio_labels import (
     Reporter,
     SecurityPolicy,
@@ -39,22 +37,11 @@ def address(endpoint: Endpoint) -> str:
     return hbone.format_authority(endpoint[0], endpoint[1])
 
 
-def endpoints(writer: asyncio.StreamWriter) -> tuple[Endpoint, Endpoint]:
-    """(peer, local) of an accepted connection; for a captured one, local is the original
-    destination."""
-    peer, local = writer.get_extra_info("peername"), writer.get_extra_info("sockname")
-    return (peer[0], peer[1]), (local[0], local[1])
-
-
 def socket_endpoints(sock: socket.socket) -> tuple[Endpoint, Endpoint]:
-    """endpoints() of an accepted socket that no transport holds (yet)."""
+    """(peer, local) of an accepted socket; for a captured one, local is the original
+    destination."""
     peer, local = sock.getpeername(), sock.getsockname()
     return (peer[0], peer[1]), (local[0], local[1])
-
-
-def cookie(writer: asyncio.StreamWriter) -> int | None:
-    sock = writer.get_extra_info("socket")
-    return socket_cookie(sock) if sock is not None else None
 
 
 def captured(pod: Pod, direction: str, src: Endpoint, dst: Endpoint, mode: str) -> None:

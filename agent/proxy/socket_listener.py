@@ -11,16 +11,14 @@ asyncio streams of it (`streams()`) for the paths that need them (HBONE, TCP DNS
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import socket
-import struct
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 import structlog
 
-from agent.proxy.relay import reset
+from agent.proxy.relay import reset, reset_socket
 
 log = structlog.get_logger("agent.proxy")
 
@@ -57,9 +55,7 @@ class AcceptedSocket:
         if self._writer is not None:
             reset(self._writer)
         elif not self._released:
-            with contextlib.suppress(OSError):
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            self.sock.close()
+            reset_socket(self.sock)
 
 
 Handler = Callable[[AcceptedSocket], Coroutine[Any, Any, None]]

@@ -34,13 +34,19 @@ import fcntl
 import os
 import select
 import socket
-import struct
 import threading
 from typing import Protocol
 
 import structlog
 
-from agent.proxy.relay import RelayResult, SocketStream, relay
+from agent.proxy.relay import (
+    DRAINED,
+    RelayResult,
+    SocketStream,
+    describe,
+    linger_reset,
+    relay,
+)
 
 log = structlog.get_logger("agent.proxy")
 
@@ -55,7 +61,6 @@ COPY_CHUNK = 256 * 1024  # a direction's buffer where splice is not used
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # linux/fcntl.h; Python >= 3.10 has it
 SPLICE_AVAILABLE = hasattr(os, "splice")
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
-_LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 class Relaying(Protocol):
@@ -121,7 +126,7 @@ class ThreadedRelay:
         try:
             return await asyncio.shield(self.result)
         except asyncio.CancelledError:
-            self.cut("relay cancelled (drain)")
+            self.cut(DRAINED)
             with contextlib.suppress(asyncio.CancelledError, TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self.result), 1.0)
             raise
@@ -152,7 +157,7 @@ class ThreadedRelay:
         except _Stopped:
             pass
         except OSError as exc:
-            self._stop(str(exc) or type(exc).__name__)
+            self._stop(describe(exc))
         except BaseException as exc:  # a bug: still end the relay, and say so
             log.exception("threaded relay failed")
             self._stop(f"relay failed: {type(exc).__name__}: {exc}")
@@ -241,8 +246,7 @@ class ThreadedRelay:
             os.close(self._wake)
         for sock in self._sockets:
             if error is not None:  # a reset on either side, a cut: the other side is reset
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+                linger_reset(sock)
             sock.close()
         result = RelayResult(self._moved[0], self._moved[1], error)
         with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
@@ -276,10 +280,17 @@ class StreamRelay:
         except asyncio.CancelledError:
             # The reset streams end the pumps; the task is not cancelled, as another may
             # wait for it (the destination pod's hold, agent/proxy/local_delivery.py).
-            self.cut("relay cancelled (drain)")
+            self.cut(DRAINED)
             raise
         # Reset streams may end the pumps without an error of their own: say why it ended.
         return dataclasses.replace(result, error=self._cut) if self._cut else result
+
+
+def ended(relaying: Relaying) -> RelayResult:
+    """What a relay moved, for a handler whose wait was cancelled (the relay was cut)."""
+    if relaying.result.done() and not relaying.result.cancelled():
+        return relaying.result.result()
+    return RelayResult(0, 0, DRAINED)
 
 
 class SocketRelays:

@@ -22,18 +22,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import socket
-import struct
 
 from agent.hbone.connection import HboneStream
 from agent.hbone.wire import FRAME_HEADER_SIZE, ErrorCode
-from agent.proxy.relay import RelayResult
+from agent.proxy.relay import DRAINED, RelayResult, describe, reset_socket
 
 # The most read from the app per DATA frame (less when the window or the peer's frame size
 # is smaller).
 CHUNK = 256 * 1024
-_LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 class _Buffers:
@@ -94,7 +91,7 @@ class TunnelRelay:
         try:
             return await asyncio.shield(self.result)
         except asyncio.CancelledError:
-            self.cut("cancelled")
+            self.cut(DRAINED)
             raise
 
     def cut(self, reason: str = "cut") -> None:
@@ -130,7 +127,7 @@ class TunnelRelay:
             return
         except OSError as exc:
             _BUFFERS.give(buffer)
-            self._end(_describe(exc))
+            self._end(describe(exc))
             return
         if got == 0:
             _BUFFERS.give(buffer)
@@ -151,7 +148,7 @@ class TunnelRelay:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            self._end(_describe(exc))
+            self._end(describe(exc))
             return
         if got:
             self._end(str(self._stream.reset_error()))
@@ -174,7 +171,7 @@ class TunnelRelay:
                 sent = 0
             except OSError as exc:
                 self._stream.consumed(flow_length)
-                self._end(_describe(exc))
+                self._end(describe(exc))
                 return
             self._to_app += sent
             if sent == len(view):
@@ -194,7 +191,7 @@ class TunnelRelay:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                self._end(_describe(exc))
+                self._end(describe(exc))
                 return
             self._to_app += sent
             if sent < len(view):
@@ -230,7 +227,7 @@ class TunnelRelay:
         try:
             self._sock.shutdown(socket.SHUT_WR)
         except OSError as exc:
-            self._end(_describe(exc))
+            self._end(describe(exc))
             return
         self._done_if_finished()
 
@@ -256,9 +253,7 @@ class TunnelRelay:
             self._stream.consumed(self._pending.popleft()[1])
         if reset_stream:
             self._stream.reset()
-        with contextlib.suppress(OSError):
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-        self._sock.close()
+        reset_socket(self._sock)
         self._stream.close()
         self._finish(error)
 
@@ -267,7 +262,3 @@ class TunnelRelay:
             self.result.set_result(RelayResult(self._to_tunnel, self._to_app, error))
         else:
             self.result.set_result(RelayResult(self._to_app, self._to_tunnel, error))
-
-
-def _describe(exc: OSError) -> str:
-    return str(exc) or type(exc).__name__

@@ -7,13 +7,16 @@ those the new policies deny.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import pytest
 
+from agent.proxy.live_inbound import POLICY_CUT
 from lab import probes
 from tests.support.held import HeldConnection
 from tests.support.inprocess_mesh import APP, Mesh, mesh_fixture, whoami_everywhere
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.kernel
 
@@ -40,6 +43,14 @@ def deny_both(mesh: Mesh) -> list[dict[str, object]]:
     ]  # fmt: skip
 
 
+def completed(mesh: Mesh, client: str) -> dict[str, object] | None:
+    """server-b's agent's access log line of the last connection from `client`, if any."""
+    ip = mesh.pod(client).ip
+    lines = [e for e in mesh.events("connection complete", reporter="destination")
+             if str(e["src.addr"]).split(":")[0] == ip]  # fmt: skip
+    return lines[-1] if lines else None
+
+
 def held_to_server_b(mesh: Mesh, pod: str) -> HeldConnection:
     return HeldConnection(mesh.pod(pod).netns_path, mesh.pod("server-b").ip, APP)
 
@@ -61,6 +72,10 @@ def test_live_connections_are_kept_by_default_and_cut_when_asked(mesh: Mesh, ser
         assert (plaintext.exchange(), tunnelled.exchange()) == ("reset", "reset")
         cut = mesh.events("connection cut by a policy change")
         assert {e["policy"] for e in cut} == {"default/deny-outsider", "default/deny-client-a"}
+        # And each connection's access log line says so, the plaintext one too.
+        for client in ("outsider", "client-a"):
+            line = eventually(functools.partial(completed, mesh, client), f"{client}'s line")
+            assert line["error"] == POLICY_CUT, line
     finally:
         plaintext.close()
         tunnelled.close()

@@ -6,8 +6,9 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import struct
 from collections.abc import Iterator
+
+from agent.proxy.relay import reset_socket
 
 
 def tcp_pair(buffer: int | None = None) -> tuple[socket.socket, socket.socket]:
@@ -37,9 +38,7 @@ def receive_outcome(sock: socket.socket) -> str:
     return "eof"
 
 
-def reset(sock: socket.socket) -> None:
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
+reset = reset_socket  # close with RST
 
 
 def open_fds() -> int:

@@ -18,7 +18,7 @@ import pytest
 from agent.hbone import protocol as p
 from agent.hbone.connection import HboneConnection, HboneStream
 from agent.hbone.wire import ErrorCode
-from agent.proxy.relay import RelayResult
+from agent.proxy.relay import DRAINED, RelayResult
 from agent.proxy.tunnel_relay import CHUNK, TunnelRelay
 
 
@@ -219,7 +219,7 @@ def test_a_cancelled_wait_cuts_the_relay() -> None:
             waiting.cancel()
             with pytest.raises(ConnectionResetError):
                 await asyncio.wait_for(read_all(ends.server_app), 5)
-            assert ends.client_relay.result.result().error == "cancelled"
+            assert ends.client_relay.result.result().error == DRAINED
 
     asyncio.run(main())
 
