@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
@@ -25,7 +25,6 @@ from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.kernel
 
-T = TypeVar("T")
 APP_PORT = 8080
 CLIENT_A = "spiffe://cluster.local/ns/default/sa/client-a"
 SERVER_A = "spiffe://cluster.local/ns/default/sa/server-a"

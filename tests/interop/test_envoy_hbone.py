@@ -2,7 +2,9 @@
 
 Both directions: Envoy as HBONE client (tcp_proxy tunneling) to our HboneServer, and our
 HboneClient to Envoy as a CONNECT terminator (HTTP connection manager). Identities are SPIFFE
-URI SANs issued by our CA; each side must verify the other's. See docs/interop.md.
+URI SANs issued by our CA; each side must verify the other's. Our side runs on the agent's
+own TLS transport (tls_transport.connect, TlsServer) and carries bytes with its TunnelRelay.
+See docs/interop.md.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -20,15 +23,18 @@ import pytest
 
 from agent.hbone import connection as connection_module
 from agent.hbone import protocol as p
+from agent.hbone import tls_transport
 from agent.hbone.connection import HboneConnection, HboneStream, TunnelRefused
+from agent.hbone.tls_transport import TlsServer
 from agent.identity import tls
 from agent.identity.ca import CertificateAuthority
 from agent.identity.manager import WorkloadCertificate
 from agent.identity.spiffe import SpiffeId
-from agent.proxy.relay import SocketStream, relay
+from agent.proxy.tunnel_relay import TunnelRelay
 from agent.waypoint.envoy_process import find_envoy
 from bench.envoy_hbone import (
     ACCESS_LOG,
+    HBONE_SERVER_LISTENER,
     HboneEndpoint,
     Tunnel,
     envoy_as_hbone_client,
@@ -179,16 +185,16 @@ class OurHboneServer:
         self.refused_peers: list[Exception] = []
         self.requests: list[p.TunnelRequested] = []
         self.tunnel_peers: list[object] = []
-        self._server: asyncio.Server | None = None
+        self._server: TlsServer | None = None
         self._conns: set[HboneConnection] = set()
         self._tasks: set[asyncio.Future[Any]] = set()
 
     async def start(self) -> int:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            self._connection, "127.0.0.1", 0, ssl=self.context, ssl_handshake_timeout=10
-        )
-        return int(self._server.sockets[0].getsockname()[1])
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        self._server = TlsServer(listener, self.context, self._connection, 10, self._spawn)
+        return int(listener.getsockname()[1])
 
     def _connection(self) -> HboneConnection:
         conn = HboneConnection(
@@ -225,14 +231,19 @@ class OurHboneServer:
         if request.authority != self.expected_authority:
             conn.refuse(stream, 400)
             return
+        upstream = socket.socket()
+        upstream.setblocking(False)
         try:
-            reader, writer = await asyncio.open_connection(request.host, request.port)
+            await asyncio.get_running_loop().sock_connect(upstream, (request.host, request.port))
         except OSError:
+            upstream.close()
             conn.refuse(stream, 503)
             return
         conn.accept(stream)
-        with contextlib.suppress(ConnectionError, OSError):
-            await relay(stream, SocketStream(reader, writer))
+        # The agent's own relay (inbound_hbone does the same), not a test copy of one.
+        tunnel = TunnelRelay(upstream, stream, app_is_client=False)
+        tunnel.start()
+        await tunnel.wait()
 
     async def close(self) -> None:
         if self._server is not None:
@@ -242,8 +253,6 @@ class OurHboneServer:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._server is not None:
-            await self._server.wait_closed()
 
 
 async def dial_hbone(
@@ -262,24 +271,47 @@ async def dial_hbone(
             refusals.append(exc)
             raise
 
-    loop = asyncio.get_running_loop()
-    _, conn = await loop.create_connection(
-        lambda: HboneConnection(p.HboneClient(), verify_peer=verify),
-        "127.0.0.1",
-        port,
-        ssl=tls.client_context(cert, roots_pem),
-        server_hostname="",
-        ssl_handshake_timeout=10,
+    context = tls.client_context(cert, roots_pem)
+    conn = await tls_connect(
+        port, context, lambda: HboneConnection(p.HboneClient(), verify_peer=verify)
     )
     return conn, refusals
+
+
+async def tls_connect(
+    port: int, context: ssl.SSLContext, factory: Callable[[], HboneConnection]
+) -> HboneConnection:
+    """A connection to 127.0.0.1:port on the agent's own TLS transport, as the outbound path
+    dials."""
+    sock = socket.socket()
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    _, conn = await tls_transport.connect(sock, context, factory, timeout=10)
+    assert isinstance(conn, HboneConnection)
+    return conn
 
 
 # ---- byte helpers -------------------------------------------------------------------------
 
 
-async def tcp_exchange(port: int, payload: bytes) -> bytes:
+Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+async def tcp(port: int) -> Streams:
+    return await asyncio.open_connection("127.0.0.1", port)
+
+
+async def through_relay(stream: HboneStream) -> Streams:
+    """An app's socket whose bytes the agent's TunnelRelay carries over `stream`, as the
+    outbound path does for a captured connection."""
+    app, relayed = socket.socketpair()
+    TunnelRelay(relayed, stream, app_is_client=True).start()
+    return await asyncio.open_connection(sock=app)
+
+
+async def exchange(streams: Streams, payload: bytes) -> bytes:
     """Send payload, half-close, read until EOF."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    reader, writer = streams
     try:
         writer.write(payload)
         await writer.drain()
@@ -289,21 +321,11 @@ async def tcp_exchange(port: int, payload: bytes) -> bytes:
         writer.close()
 
 
-async def stream_exchange(stream: HboneStream, payload: bytes) -> bytes:
-    await stream.write(payload)
-    stream.write_eof()
-    received = bytearray()
-    while chunk := await asyncio.wait_for(stream.read(), IO_TIMEOUT):
-        received += chunk
-    stream.close()
-    return bytes(received)
-
-
-async def bulk_tcp(port: int, size: int, suffix: bytes) -> tuple[str, str, int]:
+async def bulk(streams: Streams, size: int, suffix: bytes) -> tuple[str, str, int]:
     """`size` random bytes out while reading the echo back: (sha256 expected back, i.e. of
     the payload then `suffix`; sha256 received; bytes received)."""
     payload = os.urandom(size)
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    reader, writer = streams
     digest, received = hashlib.sha256(), 0
 
     async def read_all() -> None:
@@ -322,28 +344,6 @@ async def bulk_tcp(port: int, size: int, suffix: bytes) -> tuple[str, str, int]:
     finally:
         reading.cancel()
         writer.close()
-    return hashlib.sha256(payload + suffix).hexdigest(), digest.hexdigest(), received
-
-
-async def bulk_stream(stream: HboneStream, size: int, suffix: bytes) -> tuple[str, str, int]:
-    payload = os.urandom(size)
-    digest, received = hashlib.sha256(), 0
-
-    async def read_all() -> None:
-        nonlocal received
-        while chunk := await asyncio.wait_for(stream.read(), IO_TIMEOUT):
-            digest.update(chunk)
-            received += len(chunk)
-
-    reading = asyncio.ensure_future(read_all())
-    try:
-        for offset in range(0, size, 1 << 20):
-            await stream.write(payload[offset : offset + (1 << 20)])
-        stream.write_eof()
-        await reading
-    finally:
-        reading.cancel()
-        stream.close()
     return hashlib.sha256(payload + suffix).hexdigest(), digest.hexdigest(), received
 
 
@@ -387,7 +387,7 @@ def test_envoy_client_tunnels_to_our_server(ca: CertificateAuthority, envoys: En
             server,
             authority,
         ):
-            got = await tcp_exchange(envoy.port("tunnel_out"), b"hello through envoy")
+            got = await exchange(await tcp(envoy.port("tunnel_out")), b"hello through envoy")
             assert got == b"hello through envoy"
 
             # Ours saw Envoy's SPIFFE identity, both at the handshake and on the tunnel.
@@ -418,8 +418,8 @@ def test_envoy_client_refuses_our_server_with_the_wrong_san(
             _,
         ):
             try:
-                got = await tcp_exchange(envoy.port("tunnel_out"), b"must not arrive")
-            except ConnectionResetError:
+                got = await exchange(await tcp(envoy.port("tunnel_out")), b"must not arrive")
+            except OSError:  # reset by Envoy, before or after our FIN
                 got = b""
             assert got == b""
             assert server.requests == []
@@ -438,11 +438,11 @@ def test_envoy_client_bulk_and_half_close(ca: CertificateAuthority, envoys: Envo
         echo = EchoServer(farewell=FAREWELL)
         async with envoy_client_to_our_server(ca, envoys, SERVER_ID, echo) as (envoy, _, _):
             port = envoy.port("tunnel_out")
-            expected, received, count = await bulk_tcp(port, BULK, FAREWELL)
+            expected, received, count = await bulk(await tcp(port), BULK, FAREWELL)
             assert count == BULK + len(FAREWELL)
             assert received == expected
 
-            got = await tcp_exchange(port, b"half")
+            got = await exchange(await tcp(port), b"half")
             assert got == b"half" + FAREWELL
             assert echo.eofs == 2
 
@@ -462,7 +462,7 @@ def test_our_refusal_reaches_envoys_client_as_a_reset(
             authority,
         ):
             try:
-                got = await tcp_exchange(envoy.port("tunnel_out"), b"nobody home")
+                got = await exchange(await tcp(envoy.port("tunnel_out")), b"nobody home")
             except ConnectionResetError:
                 got = b""
             assert got == b""
@@ -485,7 +485,7 @@ def test_our_client_tunnels_through_envoy(ca: CertificateAuthority, envoys: Envo
                 envoy_as_hbone_server(issue_workload_certificate(ca, ENVOY_SERVER_ID), ca.root_pem)
             )
             conn, refusals = await dial_hbone(
-                envoy.port("hbone_in"),
+                envoy.port(HBONE_SERVER_LISTENER),
                 issue_workload_certificate(ca, CLIENT_ID),
                 ca.root_pem,
                 ENVOY_SERVER_ID,
@@ -495,7 +495,7 @@ def test_our_client_tunnels_through_envoy(ca: CertificateAuthority, envoys: Envo
                 assert refusals == []
                 assert conn.peer_identity == ENVOY_SERVER_ID
                 stream = await conn.open_tunnel(f"127.0.0.1:{echo_port}", {})
-                assert await stream_exchange(stream, b"hello envoy") == b"hello envoy"
+                assert await exchange(await through_relay(stream), b"hello envoy") == b"hello envoy"
 
                 # An upstream that refuses: Envoy answers 503, never 200.
                 with pytest.raises(TunnelRefused) as refused:
@@ -526,7 +526,7 @@ def test_our_client_bulk_and_half_close_through_envoy(
                 envoy_as_hbone_server(issue_workload_certificate(ca, ENVOY_SERVER_ID), ca.root_pem)
             )
             conn, _ = await dial_hbone(
-                envoy.port("hbone_in"),
+                envoy.port(HBONE_SERVER_LISTENER),
                 issue_workload_certificate(ca, CLIENT_ID),
                 ca.root_pem,
                 ENVOY_SERVER_ID,
@@ -534,12 +534,12 @@ def test_our_client_bulk_and_half_close_through_envoy(
             try:
                 await conn.ready()
                 stream = await conn.open_tunnel(f"127.0.0.1:{echo_port}", {})
-                expected, received, count = await bulk_stream(stream, BULK, FAREWELL)
+                expected, received, count = await bulk(await through_relay(stream), BULK, FAREWELL)
                 assert count == BULK + len(FAREWELL)
                 assert received == expected
 
                 stream = await conn.open_tunnel(f"127.0.0.1:{echo_port}", {})
-                assert await stream_exchange(stream, b"half") == b"half" + FAREWELL
+                assert await exchange(await through_relay(stream), b"half") == b"half" + FAREWELL
                 assert echo.eofs == 2
             finally:
                 conn.close()
@@ -573,21 +573,17 @@ def test_envoy_answers_our_keepalive_pings(
             envoy = await envoys.astart(
                 envoy_as_hbone_server(issue_workload_certificate(ca, ENVOY_SERVER_ID), ca.root_pem)
             )
-            loop = asyncio.get_running_loop()
-            _, conn = await loop.create_connection(
-                lambda: PingCountingConnection(p.HboneClient()),
-                "127.0.0.1",
-                envoy.port("hbone_in"),
-                ssl=tls.client_context(issue_workload_certificate(ca, CLIENT_ID), ca.root_pem),
-                server_hostname="",
-            )
+            context = tls.client_context(issue_workload_certificate(ca, CLIENT_ID), ca.root_pem)
+            conn = await tls_connect(envoy.port(HBONE_SERVER_LISTENER), context,
+                                     lambda: PingCountingConnection(p.HboneClient()))  # fmt: skip
+            assert isinstance(conn, PingCountingConnection)
             try:
                 await conn.ready()
                 await asyncio.sleep(1.5)
                 assert conn.pings_acked >= 5
                 assert not conn.closed
                 stream = await conn.open_tunnel(f"127.0.0.1:{echo_port}", {})
-                assert await stream_exchange(stream, b"still alive") == b"still alive"
+                assert await exchange(await through_relay(stream), b"still alive") == b"still alive"
             finally:
                 conn.close()
         finally:
@@ -610,7 +606,7 @@ def test_our_client_refuses_envoy_with_an_unexpected_identity(
                 envoy_as_hbone_server(issue_workload_certificate(ca, ENVOY_SERVER_ID), ca.root_pem)
             )
             conn, refusals = await dial_hbone(
-                envoy.port("hbone_in"),
+                envoy.port(HBONE_SERVER_LISTENER),
                 issue_workload_certificate(ca, CLIENT_ID),
                 ca.root_pem,
                 SOMEONE_ELSE,
@@ -623,8 +619,8 @@ def test_our_client_refuses_envoy_with_an_unexpected_identity(
             assert conn.peer_identity is None
             assert conn.closed and not conn.can_open_stream()
             assert echo.connections == 0
-            stats = await asyncio.to_thread(envoy.stats, "http.hbone_in.")
-            assert stats.get("http.hbone_in.downstream_rq_total", 0) == 0, stats
+            stats = await asyncio.to_thread(envoy.stats, f"http.{HBONE_SERVER_LISTENER}.")
+            assert stats.get(f"http.{HBONE_SERVER_LISTENER}.downstream_rq_total", 0) == 0, stats
         finally:
             await echo.close()
 
@@ -646,7 +642,7 @@ def test_envoy_server_refuses_a_client_certificate_from_another_ca(
             impostor = issue_workload_certificate(other_ca, CLIENT_ID)
             with pytest.raises((ConnectionError, ssl.SSLError)):
                 conn, _ = await dial_hbone(
-                    envoy.port("hbone_in"), impostor, ca.root_pem, ENVOY_SERVER_ID
+                    envoy.port(HBONE_SERVER_LISTENER), impostor, ca.root_pem, ENVOY_SERVER_ID
                 )
                 try:
                     await conn.ready()
@@ -656,9 +652,9 @@ def test_envoy_server_refuses_a_client_certificate_from_another_ca(
                 finally:
                     conn.close()
             assert echo.connections == 0
-            stats = await asyncio.to_thread(envoy.stats, "listener.hbone_in.")
-            assert stats["listener.hbone_in.ssl.fail_verify_error"] >= 1, stats
-            assert stats.get("listener.hbone_in.ssl.handshake", 0) == 0, stats
+            stats = await asyncio.to_thread(envoy.stats, f"listener.{HBONE_SERVER_LISTENER}.")
+            assert stats[f"listener.{HBONE_SERVER_LISTENER}.ssl.fail_verify_error"] >= 1, stats
+            assert stats.get(f"listener.{HBONE_SERVER_LISTENER}.ssl.handshake", 0) == 0, stats
         finally:
             await echo.close()
 

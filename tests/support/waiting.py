@@ -10,8 +10,8 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Return once `condition()` holds; fail the test after `timeout` seconds."""
+async def until(condition: Callable[[], object], timeout: float = 5.0) -> None:
+    """Return once `condition()` is true; fail the test after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+from tests.support import kernel_config
+
 
 def test_ebpf_prints_the_source_handed_to_bcc_with_its_flags() -> None:
     done = subprocess.run(
@@ -30,4 +32,6 @@ def test_data_path_names_the_tls_in_force_and_the_kernels_ktls() -> None:
     found = json.loads(done.stdout)
     assert found["tls"] == "userspace"
     assert found["first_cipher"] == "TLS_AES_128_GCM_SHA256"
+    # The kernel's own config says what the probe must have found, where it is readable.
+    assert found["ktls"] == (kernel_config.ktls_expected() or found["ktls"])
     assert found["ktls"] in ("available", "unavailable", "unknown")

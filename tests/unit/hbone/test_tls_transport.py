@@ -9,8 +9,8 @@ import hashlib
 import os
 import socket
 import ssl
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from datetime import timedelta
 
 import pytest
@@ -23,6 +23,7 @@ from agent.identity import openssl_tuning, tls
 from agent.identity.ca import CertificateAuthority
 from agent.identity.manager import WorkloadCertificate
 from agent.identity.spiffe import SpiffeId
+from tests.support.waiting import until
 from tests.unit.hbone.test_connection import echo
 
 TD = "cluster.local"
@@ -72,10 +73,9 @@ class Recorder(asyncio.Protocol):
             self.done.set_result(None)
 
 
-@asynccontextmanager
-async def tls_pair(
-    ca: CertificateAuthority, client_ca: CertificateAuthority | None = None
-) -> AsyncIterator[tuple[list[Recorder], tls_transport.TlsTransport, Recorder]]:
+@contextmanager
+def tls_server(ca: CertificateAuthority) -> Iterator[tuple[tuple[str, int], list[Recorder]]]:
+    """A TlsServer on loopback: its address, and the protocols of the connections it made."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(8)
@@ -87,21 +87,31 @@ async def tls_pair(
 
     context = tls.server_context(certificate(ca, "server"), ca.root_pem)
     server = tls_transport.TlsServer(listener, context, on_server, 5.0, asyncio.ensure_future)
-    client_context = tls.client_context(certificate(client_ca or ca, "client"), ca.root_pem)
-    sock = socket.create_connection(listener.getsockname())
     try:
-        transport, protocol = await tls_transport.connect(sock, client_context, Recorder, 5.0)
-        assert isinstance(protocol, Recorder)
-        yield served, transport, protocol
+        yield listener.getsockname(), served
     finally:
         server.close()
 
 
-async def until(condition: object, timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not (condition() if callable(condition) else condition):
-        assert asyncio.get_running_loop().time() < deadline, "timed out"
-        await asyncio.sleep(0.01)
+async def tls_client(
+    ca: CertificateAuthority, address: tuple[str, int], client_ca: CertificateAuthority
+) -> tuple[tls_transport.TlsTransport, Recorder]:
+    """A client with a certificate from `client_ca`, trusting `ca`."""
+    context = tls.client_context(certificate(client_ca, "client"), ca.root_pem)
+    transport, protocol = await tls_transport.connect(
+        socket.create_connection(address), context, Recorder, 5.0
+    )
+    assert isinstance(protocol, Recorder)
+    return transport, protocol
+
+
+@asynccontextmanager
+async def tls_pair(
+    ca: CertificateAuthority,
+) -> AsyncIterator[tuple[list[Recorder], tls_transport.TlsTransport, Recorder]]:
+    with tls_server(ca) as (address, served):
+        transport, protocol = await tls_client(ca, address, ca)
+        yield served, transport, protocol
 
 
 def test_bytes_arrive_exact_and_close_flushes_first(ca: CertificateAuthority) -> None:
@@ -129,11 +139,17 @@ def test_a_peer_that_stops_reading_pauses_the_writer(ca: CertificateAuthority) -
             assert server_transport is not None
             server_transport.pause_reading()
             chunk = b"x" * 65536
-            while not client_protocol.paused:
-                client.write(chunk)
-                await asyncio.sleep(0)
+
+            async def fill() -> None:
+                while not client_protocol.paused:
+                    client.write(chunk)
+                    await asyncio.sleep(0)
+
+            await asyncio.wait_for(fill(), TIMEOUT)
             # The transport holds a bounded amount beyond its high-water mark.
             assert client.get_write_buffer_size() <= tls_transport.HIGH_WATER + len(chunk)
+            await asyncio.sleep(0.1)
+            assert not served[0].received  # the paused reader was given nothing
             server_transport.resume_reading()
             await until(lambda: client_protocol.resumed)
             assert client.get_write_buffer_size() <= tls_transport.LOW_WATER
@@ -149,12 +165,21 @@ def test_a_failed_handshake_makes_no_protocol_and_the_server_goes_on(
     other = CertificateAuthority.create(TD)
 
     async def main() -> None:
-        with pytest.raises((ssl.SSLError, ConnectionError)):
-            async with tls_pair(ca, client_ca=other) as (served, _, client_protocol):
-                # TLS 1.3: the client may finish before the server refuses its certificate.
-                await asyncio.wait_for(client_protocol.done, TIMEOUT)
-                assert not served
-                raise ConnectionResetError("refused after the handshake")
+        with tls_server(ca) as (address, served):
+            try:
+                _, protocol = await tls_client(ca, address, client_ca=other)
+            except (ssl.SSLError, ConnectionError):
+                pass  # refused within the handshake
+            else:
+                # TLS 1.3: the client may finish before the server refuses its certificate;
+                # the server then ends the connection.
+                await asyncio.wait_for(protocol.done, TIMEOUT)
+                assert not protocol.received
+            assert not served
+            transport, _ = await tls_client(ca, address, client_ca=ca)
+            transport.write(b"after the refusal")
+            await until(lambda: served and served[0].received == b"after the refusal")
+            transport.abort()
 
     asyncio.run(main())
 
