@@ -49,10 +49,12 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO, TypeVar
 
+from agent.datapath.abi import PORT_HBONE
 from agent.identity.ca import CertificateAuthority
 from agent.identity.manager import WorkloadCertificate
 from agent.identity.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeId
 from agent.netns import NetnsWorker
+from agent.waypoint.envoy_process import EnvoyError
 from bench import envoy_hbone
 from bench.envoy_hbone import Envoy, HboneEndpoint, Tunnel
 from lab import agents, control, probes
@@ -406,13 +408,11 @@ def _envoys(
     try:
         for server in (same, cross):
             config = envoy_hbone.envoy_as_hbone_server(
-                identities.certificate(server), roots, (server.ip, envoy_hbone.HBONE_PORT)
+                identities.certificate(server), roots, (server.ip, PORT_HBONE)
             )
             started[server.name] = _start_envoy(config, workdir / server.name, server)
         endpoints = [
-            HboneEndpoint(
-                server.name, (server.ip, envoy_hbone.HBONE_PORT), identities.identity(server)
-            )
+            HboneEndpoint(server.name, (server.ip, PORT_HBONE), identities.identity(server))
             for server in (cross, same)
         ]
         loopback = ("127.0.0.1", 0)
@@ -443,7 +443,7 @@ def _start_envoy(config: envoy_hbone.JsonObject, workdir: Path, pod: PodState) -
     envoy = Envoy(config, workdir, netns=pod.netns_path, concurrency=None, log_level="warning")
     try:
         envoy.start()
-    except envoy_hbone.EnvoyError as exc:
+    except EnvoyError as exc:
         raise BenchError(f"the Envoy in {pod.name} did not start: {exc}") from None
     return envoy
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
-import random
 import re
 import signal
 import socket
@@ -38,23 +37,22 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from agent.identity.ca import CertificateAuthority
 from agent.identity.manager import WorkloadCertificate
 from agent.identity.spiffe import SpiffeId
-from agent.waypoint.envoy_process import find_envoy
+from agent.waypoint.envoy_config import (
+    any_message,
+    file_access_log,
+    hbone_tls,
+    http2_options,
+    router,
+)
+from agent.waypoint.envoy_process import EnvoyError, find_envoy
 
 JsonObject = dict[str, Any]
 
-HBONE_PORT = 15008
 ACCESS_LOG = "access.log"  # in the Envoy's work directory
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
-# Envoy keys its hot-restart shared memory and domain sockets by base id (times 10 plus the
-# restart epoch): pick from a range no default-configured Envoy (base id 0) uses.
-_BASE_ID_RANGE = (1_000, 400_000_000)
 # Startup lines listing extensions and header maps: noise in a failure message.
 _BANNER = re.compile(r"\]\s{3}\S|header map|\[main\] \[source/server/server\.cc:\d+\] +\S+:$")
-
-
-class EnvoyError(Exception):
-    """Envoy did not start, or did not become ready; the message ends with its log."""
 
 
 class AdminStatusError(EnvoyError):
@@ -81,21 +79,11 @@ def socket_address(host: str, port: int) -> JsonObject:
     return {"socket_address": {"address": host, "port_value": port}}
 
 
-def any_message(type_name: str, **fields: Any) -> JsonObject:
-    """A google.protobuf.Any in JSON: `type_name` (without the type URL prefix) and its
-    fields."""
-    return {"@type": f"type.googleapis.com/{type_name}", **fields}
-
-
 def tls_common(cert: WorkloadCertificate, roots_pem: bytes, peer_san: JsonObject) -> JsonObject:
     """HBONE TLS on either side: TLS 1.3 only, ALPN h2, our workload certificate, our root,
     and the peer's URI SAN checked with `peer_san` (a StringMatcher)."""
     return {
-        "tls_params": {
-            "tls_minimum_protocol_version": "TLSv1_3",
-            "tls_maximum_protocol_version": "TLSv1_3",
-        },
-        "alpn_protocols": ["h2"],
+        **hbone_tls(),
         "tls_certificates": [
             {
                 "certificate_chain": {"inline_string": cert.chain_pem().decode()},
@@ -107,21 +95,6 @@ def tls_common(cert: WorkloadCertificate, roots_pem: bytes, peer_san: JsonObject
             "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": peer_san}],
         },
     }
-
-
-def file_access_log(fields: dict[str, str], path: str = ACCESS_LOG) -> list[JsonObject]:
-    """One JSON line per connection (tcp_proxy) or request (HTTP connection manager) in
-    `path`; relative paths are in the Envoy's work directory, where it runs."""
-    return [
-        {
-            "name": "envoy.access_loggers.file",
-            "typed_config": any_message(
-                "envoy.extensions.access_loggers.file.v3.FileAccessLog",
-                path=path,
-                log_format={"json_format": fields},
-            ),
-        }
-    ]
 
 
 @dataclass(frozen=True)
@@ -183,7 +156,8 @@ def envoy_as_hbone_client(
                     "flags": "%RESPONSE_FLAGS%",
                     "sent": "%BYTES_SENT%",
                     "received": "%BYTES_RECEIVED%",
-                }
+                },
+                ACCESS_LOG,
             ),
         )
         return {
@@ -217,7 +191,7 @@ def envoy_as_hbone_client(
             "typed_extension_protocol_options": {
                 "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": any_message(
                     "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                    explicit_http_config={"http2_protocol_options": {}},
+                    explicit_http_config={"http2_protocol_options": http2_options()},
                 )
             },
             "transport_socket": {
@@ -248,7 +222,7 @@ def envoy_as_hbone_server(
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         stat_prefix=HBONE_SERVER_LISTENER,
         codec_type="HTTP2",
-        http2_protocol_options={},
+        http2_protocol_options=http2_options(),
         route_config={
             "name": "hbone",
             "virtual_hosts": [
@@ -269,12 +243,7 @@ def envoy_as_hbone_server(
                 }
             ],
         },
-        http_filters=[
-            {
-                "name": "envoy.filters.http.router",
-                "typed_config": any_message("envoy.extensions.filters.http.router.v3.Router"),
-            }
-        ],
+        http_filters=[router()],
         access_log=file_access_log(
             {
                 "downstream_peer": "%DOWNSTREAM_PEER_URI_SAN%",
@@ -285,7 +254,8 @@ def envoy_as_hbone_server(
                 "flags": "%RESPONSE_FLAGS%",
                 "sent": "%BYTES_SENT%",
                 "received": "%BYTES_RECEIVED%",
-            }
+            },
+            ACCESS_LOG,
         ),
     )
     trust_domain = cert.identity.trust_domain
@@ -368,7 +338,6 @@ class Envoy:
         workdir: Path,
         *,
         log_level: str = "info",
-        component_log_level: str | None = None,
         binary: Path | None = None,
         netns: Path | None = None,
         concurrency: int | None = 1,
@@ -386,7 +355,6 @@ class Envoy:
         self.netns = netns
         self.concurrency = concurrency
         self.log_level = log_level
-        self.component_log_level = component_log_level
         self.admin_socket: Path | None = workdir / "admin.sock" if netns is not None else None
         bootstrap = dict(config)
         if self.admin_socket is not None:
@@ -394,7 +362,6 @@ class Envoy:
         else:
             bootstrap["admin"] = {"address": socket_address("127.0.0.1", 0)}
         self.config: JsonObject = bootstrap
-        self.base_id = 0
         self.admin: str | None = None  # "127.0.0.1:port" or the socket's path once started
         self.listeners: dict[str, tuple[str, int]] = {}
         self._process: subprocess.Popen[bytes] | None = None
@@ -415,25 +382,18 @@ class Envoy:
         self.stop()
 
     def start(self, timeout: float = START_TIMEOUT) -> None:
-        """Start Envoy and wait until it is live and every configured listener is bound.
-        A base id that happens to be taken is retried with another one."""
+        """Start Envoy and wait until it is live and every configured listener is bound."""
         self.config_path.write_text(json.dumps(self.config, indent=2))
-        for _ in range(5):
-            self.base_id = random.randint(*_BASE_ID_RANGE)
-            self._spawn()
-            try:
-                self._wait_ready(timeout)
-                return
-            except BaseException as exc:
-                self.stop()  # whatever happened, no Envoy outlives a failed start
-                if isinstance(exc, EnvoyError) and "with base_id=" in self.log_tail():
-                    continue
-                raise
-        raise EnvoyError(f"no free base id after 5 tries\n{self.log_tail()}")
+        self._spawn()
+        try:
+            self._wait_ready(timeout)
+        except BaseException:
+            self.stop()  # whatever happened, no Envoy outlives a failed start
+            raise
 
     def _spawn(self) -> None:
         self.admin_address_path.unlink(missing_ok=True)
-        self.stdout_path.unlink(missing_ok=True)  # so an old base id clash is not read again
+        self.stdout_path.unlink(missing_ok=True)
         if self.admin_socket is not None:
             self.admin_socket.unlink(missing_ok=True)
         self.admin = None
@@ -441,7 +401,9 @@ class Envoy:
         args = [
             str(self.binary),
             "--config-path", str(self.config_path),
-            "--base-id", str(self.base_id),
+            # No hot-restart shared memory or domain sockets, which Envoys started with the
+            # same base id would share (as the waypoint's agent/waypoint/envoy_process.py).
+            "--disable-hot-restart",
             "--admin-address-path", str(self.admin_address_path),
             "--log-path", str(self.log_path),
             "--log-level", self.log_level,
@@ -452,8 +414,6 @@ class Envoy:
         ]  # fmt: skip
         if self.concurrency is not None:
             args += ["--concurrency", str(self.concurrency)]
-        if self.component_log_level:
-            args += ["--component-log-level", self.component_log_level]
         if self.netns is not None:
             # nsenter rather than `ip netns exec`, which also remounts /sys: not needed here.
             args = ["nsenter", f"--net={self.netns}", "--", *args]

@@ -85,8 +85,21 @@ class Resources:
     allow_policies: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
-def _any(type_name: str, **fields: Any) -> JsonObject:
+def any_message(type_name: str, **fields: Any) -> JsonObject:
+    """A google.protobuf.Any in JSON: `type_name` (without the type URL prefix) and its
+    fields."""
     return {"@type": f"type.googleapis.com/{type_name}", **fields}
+
+
+def hbone_tls() -> JsonObject:
+    """What HBONE's TLS is on either side, whoever's certificates: TLS 1.3 only, ALPN h2."""
+    return {
+        "tls_params": {
+            "tls_minimum_protocol_version": "TLSv1_3",
+            "tls_maximum_protocol_version": "TLSv1_3",
+        },
+        "alpn_protocols": ["h2"],
+    }
 
 
 def _sds(secrets: Secrets, name: str) -> JsonObject:
@@ -107,11 +120,7 @@ def _tls_context(secrets: Secrets, peer: str | None = None) -> JsonObject:
     any identity of the trust domain when None (clients, on connect_terminate)."""
     matcher = {"exact": peer} if peer else {"prefix": f"spiffe://{secrets.trust_domain}/"}
     return {
-        "tls_params": {
-            "tls_minimum_protocol_version": "TLSv1_3",
-            "tls_maximum_protocol_version": "TLSv1_3",
-        },
-        "alpn_protocols": ["h2"],
+        **hbone_tls(),
         "tls_certificate_sds_secret_configs": [_sds(secrets, CERTIFICATE_SECRET)],
         "combined_validation_context": {
             "default_validation_context": {
@@ -122,7 +131,8 @@ def _tls_context(secrets: Secrets, peer: str | None = None) -> JsonObject:
     }
 
 
-def _http2_options() -> JsonObject:
+def http2_options() -> JsonObject:
+    """HTTP/2 windows as the agents' own (agent/hbone/protocol.py)."""
     return {
         "initial_stream_window_size": STREAM_WINDOW,
         "initial_connection_window_size": CONNECTION_WINDOW,
@@ -148,12 +158,14 @@ def _internal_upstream() -> JsonObject:
     """The transport to an internal listener, passing the endpoint's original_dst metadata."""
     return {
         "name": "envoy.transport_sockets.internal_upstream",
-        "typed_config": _any(
+        "typed_config": any_message(
             "envoy.extensions.transport_sockets.internal_upstream.v3.InternalUpstreamTransport",
             passthrough_metadata=[{"kind": {"host": {}}, "name": ORIGINAL_DST}],
             transport_socket={
                 "name": "envoy.transport_sockets.raw_buffer",
-                "typed_config": _any("envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"),
+                "typed_config": any_message(
+                    "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"
+                ),
             },
         ),
     }
@@ -162,14 +174,16 @@ def _internal_upstream() -> JsonObject:
 def _original_dst_filter() -> JsonObject:
     return {
         "name": ORIGINAL_DST,
-        "typed_config": _any("envoy.extensions.filters.listener.original_dst.v3.OriginalDst"),
+        "typed_config": any_message(
+            "envoy.extensions.filters.listener.original_dst.v3.OriginalDst"
+        ),
     }
 
 
 def _tcp_proxy(stat_prefix: str, cluster: str, **extra: Any) -> JsonObject:
     return {
         "name": "envoy.filters.network.tcp_proxy",
-        "typed_config": _any(
+        "typed_config": any_message(
             "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
             stat_prefix=stat_prefix,
             cluster=cluster,
@@ -223,11 +237,13 @@ _TUNNEL_FIELDS = {
 }
 
 
-def _access_log(fields: dict[str, str], path: Path) -> list[JsonObject]:
+def file_access_log(fields: dict[str, str], path: str | Path) -> list[JsonObject]:
+    """One JSON line per connection (tcp_proxy) or request (HTTP connection manager) in
+    `path` (a relative one is in Envoy's working directory)."""
     return [
         {
             "name": "envoy.access_loggers.file",
-            "typed_config": _any(
+            "typed_config": any_message(
                 "envoy.extensions.access_loggers.file.v3.FileAccessLog",
                 path=str(path),
                 log_format={"json_format": fields},
@@ -236,19 +252,19 @@ def _access_log(fields: dict[str, str], path: Path) -> list[JsonObject]:
     ]
 
 
-def _router() -> JsonObject:
+def router() -> JsonObject:
     return {
         "name": "envoy.filters.http.router",
-        "typed_config": _any("envoy.extensions.filters.http.router.v3.Router"),
+        "typed_config": any_message("envoy.extensions.filters.http.router.v3.Router"),
     }
 
 
 def _connect_terminate(secrets: Secrets, access_log: Path) -> JsonObject:
-    hcm = _any(
+    hcm = any_message(
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         stat_prefix="connect_terminate",
         codec_type="HTTP2",
-        http2_protocol_options=_http2_options(),
+        http2_protocol_options=http2_options(),
         route_config={
             "name": "connect_terminate",
             "virtual_hosts": [
@@ -272,7 +288,7 @@ def _connect_terminate(secrets: Secrets, access_log: Path) -> JsonObject:
         http_filters=[
             {
                 "name": "envoy.filters.http.set_filter_state",
-                "typed_config": _any(
+                "typed_config": any_message(
                     "envoy.extensions.filters.http.set_filter_state.v3.Config",
                     on_request_headers=[
                         _shared_state(f"{ORIGINAL_DST}.local_ip", "%REQ(:AUTHORITY)%"),
@@ -281,11 +297,11 @@ def _connect_terminate(secrets: Secrets, access_log: Path) -> JsonObject:
                     ],
                 ),
             },
-            _router(),
+            router(),
         ],
-        access_log=_access_log(_TUNNEL_FIELDS, access_log),
+        access_log=file_access_log(_TUNNEL_FIELDS, access_log),
     )
-    downstream_tls = _any(
+    downstream_tls = any_message(
         "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
         require_client_certificate=True,
         common_tls_context=_tls_context(secrets),
@@ -327,7 +343,7 @@ def _main_internal(chains: list[JsonObject], access_log: Path) -> JsonObject:
         "default_filter_chain": {
             "name": NO_CHAIN,
             "filters": [
-                _tcp_proxy(NO_CHAIN, NO_CHAIN, access_log=_access_log(_TCP_FIELDS, access_log))
+                _tcp_proxy(NO_CHAIN, NO_CHAIN, access_log=file_access_log(_TCP_FIELDS, access_log))
             ],
         },
     }
@@ -370,14 +386,14 @@ def _connect_originate_cluster(secrets: Secrets, name: str, peer: str) -> JsonOb
         "connect_timeout": "10s",
         "original_dst_lb_config": {"upstream_port_override": HBONE_PORT},
         "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _any(
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": any_message(
                 "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                explicit_http_config={"http2_protocol_options": _http2_options()},
+                explicit_http_config={"http2_protocol_options": http2_options()},
             )
         },
         "transport_socket": {
             "name": "envoy.transport_sockets.tls",
-            "typed_config": _any(
+            "typed_config": any_message(
                 "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
                 common_tls_context=_tls_context(secrets, peer),
             ),
@@ -428,7 +444,9 @@ def _service_cluster(state: MeshState, service: Service, port: int) -> JsonObjec
         ],
         "transport_socket": {
             "name": "envoy.transport_sockets.raw_buffer",
-            "typed_config": _any("envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"),
+            "typed_config": any_message(
+                "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"
+            ),
         },
     }
 
@@ -624,7 +642,7 @@ def _http_filters(name: str, policies: list[WaypointPolicy]) -> list[JsonObject]
         config = rbac.http_filter(name, action, [p for p in policies if p.action is action])
         if config is not None:
             filters.append(config)
-    return [*filters, _router()]
+    return [*filters, router()]
 
 
 def _http_chain(
@@ -633,11 +651,11 @@ def _http_chain(
     policies: list[WaypointPolicy],
     access_log: Path,
 ) -> list[JsonObject]:
-    hcm = _any(
+    hcm = any_message(
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         stat_prefix=name,
         codec_type="AUTO",
-        http2_protocol_options=_http2_options(),
+        http2_protocol_options=http2_options(),
         # The client (restored by original_dst) is the peer; never trust its XFF for that.
         use_remote_address=True,
         route_config={
@@ -646,7 +664,7 @@ def _http_chain(
             "validate_clusters": False,
         },
         http_filters=_http_filters(name, policies),
-        access_log=_access_log(_HTTP_FIELDS, access_log),
+        access_log=file_access_log(_HTTP_FIELDS, access_log),
     )
     return [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]
 
@@ -660,7 +678,7 @@ def _tcp_chain(
         if config is not None:
             filters.append(config)
     proxy = _tcp_proxy(name, cluster)
-    proxy["typed_config"]["access_log"] = _access_log(_TCP_FIELDS, access_log)
+    proxy["typed_config"]["access_log"] = file_access_log(_TCP_FIELDS, access_log)
     return [*filters, proxy]
 
 
@@ -748,7 +766,7 @@ def render(
                         "direct-tcp",
                         clusters.tunnel_to(workload),
                         tunneling_config={"hostname": "%DOWNSTREAM_LOCAL_ADDRESS%"},
-                        access_log=_access_log(_TCP_FIELDS, access_log),
+                        access_log=file_access_log(_TCP_FIELDS, access_log),
                     )
                 ],
             }
@@ -781,7 +799,7 @@ def _common_bootstrap(node: str) -> JsonObject:
             "resource_monitors": [
                 {
                     "name": "envoy.resource_monitors.global_downstream_max_connections",
-                    "typed_config": _any(
+                    "typed_config": any_message(
                         "envoy.extensions.resource_monitors.downstream_connections.v3."
                         "DownstreamConnectionsConfig",
                         max_active_downstream_connections=MAX_DOWNSTREAM_CONNECTIONS,
@@ -792,7 +810,7 @@ def _common_bootstrap(node: str) -> JsonObject:
         "bootstrap_extensions": [
             {
                 "name": "envoy.bootstrap.internal_listener",
-                "typed_config": _any(
+                "typed_config": any_message(
                     "envoy.extensions.bootstrap.internal_listener.v3.InternalListener"
                 ),
             }

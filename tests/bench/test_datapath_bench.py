@@ -58,14 +58,8 @@ def assert_nothing_left(name: str) -> None:
     assert agents.lab_agent_pids(name) == []
     assert not agents.lab_pin_root(name).exists()
     assert not agents.lab_dir(name).exists()
-    assert bench_envoys(name) == []
+    assert bench.envoy_pids(name) == []
     assert marked_processes(name) == []
-
-
-def bench_envoys(name: str) -> list[int]:
-    """The bench's Envoys of this lab, found by their config path (kept in their cmdline
-    even once the lab's run dir is gone)."""
-    return bench.envoy_pids(name)
 
 
 def test_quick_bench_measures_all_modes_and_cleans_up(
@@ -151,7 +145,7 @@ def test_interrupted_bench_tears_everything_down(lab_name: str, signum: int, mod
         progress = wait_for_line(proc, f"{mode}: client-a -> server-b".encode(), timeout=120)
         assert marked_processes(lab_name), "no proxies or servers running when interrupted"
         if mode == "envoy":
-            assert len(bench_envoys(lab_name)) == 3, progress
+            assert len(bench.envoy_pids(lab_name)) == 3, progress
         else:
             assert len(agents.lab_agent_pids(lab_name)) == 2, progress
         proc.send_signal(signum)

@@ -1,9 +1,9 @@
 """The Envoy harness for interop tests: bench/envoy_hbone.py's `Envoy` (shared with the
 data-path bench) plus what only tests need.
 
-Each instance gets its own work directory (config, log, admin address file), its own
-`--base-id` (so several Envoys, ours or anyone else's, never share hot-restart shared memory
-or domain sockets), an admin listener on 127.0.0.1 with a kernel-chosen port, and listeners
+Each instance gets its own work directory (config, log, admin address file), no hot restart
+(`--disable-hot-restart`: several Envoys never share its shared memory or domain sockets), an
+admin listener on 127.0.0.1 with a kernel-chosen port, and listeners
 that may bind port 0: the ports they got are read back from the admin API once Envoy is
 ready. `stop()` terminates, then kills; `Envoy` is a context manager so a test cannot leave
 one running.
@@ -15,9 +15,9 @@ import socket
 import time
 
 from bench import envoy_hbone
-from bench.envoy_hbone import EnvoyError, JsonObject, socket_address
+from bench.envoy_hbone import JsonObject
 
-__all__ = ["Envoy", "EnvoyError", "JsonObject", "free_port", "socket_address"]
+__all__ = ["Envoy", "JsonObject", "free_port"]
 
 
 def free_port() -> int:
