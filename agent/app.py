@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -30,12 +31,13 @@ from agent.proxy.inpod_proxy import InPodProxy
 from agent.reconcile import CniAnswers, Reconciler
 from agent.sources.cni_pods import CniPods, with_cni_pods
 from agent.sources.cni_server import CniServer
-from agent.sources.kube_source import KubeSource, api_client_from
 from agent.sources.local_source import LocalConfigSource
 from agent.state.store import StateStore
 from agent.telemetry.connections import ConnectionTelemetry
-from agent.telemetry.otlp import OtlpExport
 from agent.telemetry.ring import RingReader
+
+if TYPE_CHECKING:
+    from agent.sources.kube_source import KubeSource
 
 log = structlog.get_logger("agent")
 
@@ -75,6 +77,11 @@ class NodeAgent:
             raise loader.DatapathError(f"cannot open the admin ports: {exc}") from exc
         undo("admin ports", admin.close)
         if cfg.otlp_endpoint:
+            # Imported only when used, as the Kubernetes source below: OpenTelemetry's SDK
+            # and gRPC, and the Kubernetes client, are tens of MiB an agent without them
+            # does not hold.
+            from agent.telemetry.otlp import OtlpExport
+
             # The very figures /metrics shows, pushed (agent/telemetry/otlp.py).
             otlp = OtlpExport(AgentCollector(status), cfg.otlp_endpoint, cfg.otlp_protocol,
                               cfg.otlp_interval, {"k8s.node.name": cfg.node})  # fmt: skip
@@ -87,6 +94,8 @@ class NodeAgent:
         config_store = StateStore()
         source: LocalConfigSource | KubeSource
         if cfg.kubernetes:
+            from agent.sources.kube_source import KubeSource, api_client_from
+
             source = KubeSource(config_store, cfg.node, api_client_from(cfg.kubeconfig),
                                 trust_domain=cfg.trust_domain)  # fmt: skip
             await asyncio.to_thread(source.load_initial)  # a full first list, or no start
@@ -114,7 +123,7 @@ class NodeAgent:
         undo("certificates", identities.close)
 
         datapath = await asyncio.to_thread(
-            loader.LoadedDatapath, cfg.pin_dir, cfg.node_state_dir / "datapath.json"
+            loader.load, cfg.pin_dir, cfg.node_state_dir / "datapath.json"
         )
         handing_over = cfg.on_exit == "keep"
         undo("programs and pins", lambda: datapath.close(unpin=not handing_over))

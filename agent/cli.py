@@ -140,9 +140,9 @@ def _run(args: argparse.Namespace) -> int:
     from agent.datapath import abi
     from agent.datapath.loader import DatapathError
     from agent.identity.ca import CaError
-    from agent.sources.kube_source import KubeSourceError
+    from agent.sources.kube_errors import KubeSourceError
     from agent.sources.local_config import ConfigError
-    from agent.telemetry.otlp import OtlpError
+    from agent.telemetry.otlp_endpoint import OtlpError
 
     if args.kubeconfig and not args.kubernetes:
         print("ambient-agent: --kubeconfig needs --kubernetes", file=sys.stderr)
@@ -182,7 +182,7 @@ def _run(args: argparse.Namespace) -> int:
 def _waypoint(args: argparse.Namespace) -> int:
     from agent import logs
     from agent.identity.ca import CaError
-    from agent.sources.kube_source import KubeSourceError
+    from agent.sources.kube_errors import KubeSourceError
     from agent.sources.local_config import ConfigError
     from agent.waypoint_app import WaypointConfig, WaypointError, parse_gateway, run_waypoint
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -82,14 +84,14 @@ def preflight() -> None:
     """Fail early, with the fix named, on what would otherwise be an obscure BCC error."""
     if os.geteuid() != 0:
         raise DatapathError("the datapath needs root (CAP_BPF, CAP_NET_ADMIN): run as root")
-    try:
-        import bcc  # noqa: F401
-    except ImportError as exc:
+    # Found, not imported: the agent adopts what a child compiles (load()), and importing
+    # bcc would load libbcc and LLVM into it.
+    if importlib.util.find_spec("bcc") is None:
         raise DatapathError(
-            f"bcc is not importable ({exc}): install Debian's python3-bpfcc and run from a "
+            "bcc is not importable: install Debian's python3-bpfcc and run from a "
             "venv made with `/usr/bin/python3 -m venv --system-site-packages` (`make demo` "
             "does both)"
-        ) from exc
+        )
     release = os.uname().release
     build = Path(f"/lib/modules/{release}/build")
     if not (build / "Makefile").exists():
@@ -151,6 +153,34 @@ def _explain(log: str, what: str) -> DatapathError:
     return DatapathError(f"{what} failed:\n{tail}")
 
 
+class NotAdoptable(DatapathError):
+    """No pins of this programs' version that the record vouches for."""
+
+
+def load(pin_dir: Path, layout_file: Path) -> LoadedDatapath:
+    """The agent's datapath, adopted from pins; what needs compiling is compiled and pinned
+    by a short-lived child process (`python -m agent.datapath.build`). A compile touches
+    about 200 MiB of BCC's LLVM, code and heap, which a process keeps for its lifetime: in
+    the child, it goes when the child does."""
+    try:
+        return LoadedDatapath(pin_dir, layout_file, compile_here=False)
+    except NotAdoptable:
+        pass
+    built = subprocess.run(
+        [sys.executable, "-m", "agent.datapath.build", str(pin_dir), str(layout_file)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    if built.returncode != 0:
+        raise DatapathError(built.stderr.strip() or f"the compiler child exited {built.returncode}")
+    datapath = LoadedDatapath(pin_dir, layout_file, compile_here=False)
+    # What the child did, for the agent's log: compiled for this start, not an earlier
+    # agent's programs adopted.
+    report = json.loads(built.stdout)
+    datapath.adopted = False
+    datapath.carried_over, datapath.refilled = report["carried_over"], report["refilled"]
+    return datapath
+
+
 class LoadedDatapath:
     """Programs and maps in the kernel, pinned under `pin_dir`.
 
@@ -163,7 +193,10 @@ class LoadedDatapath:
     programs are always compiled afresh.
     """
 
-    def __init__(self, pin_dir: Path, layout_file: Path | None = None) -> None:
+    def __init__(
+        self, pin_dir: Path, layout_file: Path | None = None, compile_here: bool = True
+    ) -> None:
+        """compile_here=False: adopt or fail (NotAdoptable), never compile in this process."""
         self.pin_dir = pin_dir
         self.layout_file = layout_file
         self.source = render_source()
@@ -180,6 +213,8 @@ class LoadedDatapath:
         earlier = PinnedLayout.read(layout_file) if layout_file is not None else None
         if earlier is not None and earlier.version == self.version and self._adopt(earlier):
             return
+        if not compile_here:
+            raise NotAdoptable(f"no pinned programs of this version under {pin_dir} to adopt")
         self._compile()
         try:
             self._carry_over(earlier)

@@ -159,10 +159,61 @@ def possible_cpus() -> int:
     return count
 
 
-def _ctype(desc: Any) -> Any:
-    from bcc import BPF
+# BCC's names of C scalar types in its type descriptions.
+_SCALARS: dict[str, Any] = {
+    "_Bool": ctypes.c_bool, "char": ctypes.c_char, "wchar_t": ctypes.c_wchar,
+    "unsigned char": ctypes.c_ubyte, "short": ctypes.c_short,
+    "unsigned short": ctypes.c_ushort, "int": ctypes.c_int, "unsigned int": ctypes.c_uint,
+    "long": ctypes.c_long, "unsigned long": ctypes.c_ulong, "long long": ctypes.c_longlong,
+    "unsigned long long": ctypes.c_ulonglong, "float": ctypes.c_float,
+    "double": ctypes.c_double, "long double": ctypes.c_longdouble,
+    "__int128": ctypes.c_int64 * 2, "unsigned __int128": ctypes.c_uint64 * 2,
+}  # fmt: skip
 
-    return BPF._decode_table_type(desc)
+
+def _ctype(desc: Any) -> Any:
+    """The ctype of a BCC type description (the JSON its compiler gives per map key and
+    value): a scalar's name, or [name, [fields], "struct" | "struct_packed" | "union"], each
+    field [name, type] or [name, type, [length]] (an array) or [name, type, bits]. Decoded
+    here rather than by BCC's Python module, which would load libbcc, and LLVM with it, into
+    a process that never compiles."""
+    if isinstance(desc, str):
+        return _SCALARS[desc]
+    anonymous: list[str] = []
+    fields: list[tuple[Any, ...]] = []
+    for member in desc[1]:
+        name, kind = member[0], member[1]
+        extra = member[2] if len(member) == 3 else None
+        if extra is None:
+            fields.append((name, _ctype(kind)))
+        elif isinstance(extra, list):
+            fields.append((name, _ctype(kind) * extra[0]))
+        elif isinstance(extra, int):
+            fields.append((name, _ctype(kind), extra))
+        elif extra in ("struct", "struct_packed", "union"):
+            if name == "":
+                name = f"__anon{len(anonymous)}"
+                anonymous.append(name)
+            fields.append((name, _ctype(member)))
+        else:
+            raise MapError(f"cannot decode the type description {member!r}")
+    kind = desc[2] if len(desc) > 2 else "struct"
+    base = ctypes.Union if kind == "union" else ctypes.Structure
+    namespace: dict[str, Any] = {"_anonymous_": anonymous, "_fields_": fields}
+    if kind == "struct_packed":
+        namespace["_pack_"] = 1
+    return type(str(desc[0]), (base,), namespace)
+
+
+def update(fd: int, key: Any, value: Any, what: str) -> None:
+    """Write one entry of the map behind fd (ctypes key and value)."""
+    result = _libbpf().bpf_map_update_elem(fd, ctypes.byref(key), ctypes.byref(value), BPF_ANY)
+    _check(result, what)
+
+
+def lookup(fd: int, key: Any, value: Any) -> bool:
+    """Read one entry into `value`; False when there is none."""
+    return bool(_libbpf().bpf_map_lookup_elem(fd, ctypes.byref(key), ctypes.byref(value)) >= 0)
 
 
 class KernelMap:

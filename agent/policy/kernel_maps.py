@@ -11,7 +11,7 @@ import ctypes
 import socket
 from typing import Any
 
-from agent.datapath import abi, packets
+from agent.datapath import abi, maps, packets
 from agent.datapath.loader import DatapathError, LoadedDatapath
 from agent.datapath.prog_run import run_tc
 from agent.policy.compiler import MASK_WORDS, TERMS_PER_PAGE, CompiledPolicies, WorkloadTables
@@ -19,7 +19,6 @@ from agent.policy.compiler import MASK_WORDS, TERMS_PER_PAGE, CompiledPolicies, 
 _WORD = (1 << 64) - 1  # struct policy_mask's words are __u64 (checked in abi)
 # Every map whose key carries a policy generation, read from the C.
 _GENERATION_MAPS = abi.maps_keyed_by("gen")
-_BPF_ANY = 0
 
 # The members of each struct this module names, all of them in the C's order: a ctypes
 # struct takes a name it lacks without a word (as an attribute or keyword), so they are
@@ -190,20 +189,16 @@ class PolicyMaps:
         connect to the app: agent_connect4 authorizes that connect() with it."""
         key = ctypes.c_int(sock.fileno())
         value = _UpstreamPeer(identity, addr_key(client_ip))
-        from bcc import libbcc
-
-        fd = self._dp.map_fd("upstream_peers")
-        if libbcc.lib.bpf_update_elem(fd, ctypes.byref(key), ctypes.byref(value), _BPF_ANY) != 0:
-            raise DatapathError(f"cannot tag upstream socket: errno {ctypes.get_errno()}")
+        try:
+            maps.update(self._dp.map_fd("upstream_peers"), key, value, "tagging an upstream socket")
+        except maps.MapError as exc:
+            raise DatapathError(str(exc)) from exc
 
     def upstream_decision(self, sock: socket.socket) -> tuple[int, int] | None:
         """(policy number, reason) agent_connect4 wrote back on the socket, if it decided."""
-        from bcc import libbcc
-
         key = ctypes.c_int(sock.fileno())
         value = _UpstreamPeer()
-        fd = self._dp.map_fd("upstream_peers")
-        if libbcc.lib.bpf_lookup_elem(fd, ctypes.byref(key), ctypes.byref(value)) != 0:
+        if not maps.lookup(self._dp.map_fd("upstream_peers"), key, value):
             return None
         return int(value.policy), int(value.reason)
 

@@ -53,6 +53,7 @@ from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
 from agent.drain import Drain, stopped_within
+from agent.sources.kube_errors import KubeSourceError
 from agent.sources.kube_objects import (
     Kind,
     KubeObject,
@@ -70,10 +71,6 @@ DEFAULT_CLUSTER_ID = "Kubernetes"  # Istio's default cluster id
 HTTP_NOT_FOUND, HTTP_GONE = 404, 410
 
 _T = TypeVar("_T")
-
-
-class KubeSourceError(Exception):
-    """The API server cannot be reached or read (at start, or the client cannot be built)."""
 
 
 @dataclass(frozen=True, slots=True)

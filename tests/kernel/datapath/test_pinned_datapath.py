@@ -5,14 +5,17 @@ same, and never trusted when the pins are not the objects the record describes."
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from agent.datapath import abi, maps
-from agent.datapath.loader import LoadedDatapath, PinnedLayout, remove_pins
+from agent.datapath.loader import DatapathError, LoadedDatapath, PinnedLayout, load, remove_pins
 from agent.inpod.enrollment import pod_key_addr
 
 pytestmark = pytest.mark.kernel
@@ -119,3 +122,49 @@ def test_without_a_record_the_programs_are_compiled_afresh(places: tuple[Path, P
         assert not second.adopted and entry(second) is None
     finally:
         second.close(unpin=True)
+
+
+LOAD_IN_A_FRESH_PROCESS = """
+import json, sys
+from pathlib import Path
+from typing import Any
+from agent.datapath import loader
+datapath = loader.load(Path(sys.argv[1]), Path(sys.argv[2]))
+print(json.dumps({"adopted": datapath.adopted, "bcc_imported": "bcc" in sys.modules,
+                  "programs": sorted(datapath.program_fds), "refilled": datapath.refilled}))
+datapath.close(unpin=False)
+"""
+
+
+def test_the_agent_compiles_in_a_child_and_never_loads_bcc_itself(
+    places: tuple[Path, Path],
+) -> None:
+    """loader.load, as the agent starts: the first time a child compiles and pins, and the
+    caller adopts what it pinned; the next time there is nothing to compile. Neither time
+    does the caller import bcc (and with it libbcc and LLVM)."""
+    pin_dir, record = places
+
+    def load() -> dict[str, Any]:
+        done = subprocess.run(
+            [sys.executable, "-c", LOAD_IN_A_FRESH_PROCESS, str(pin_dir), str(record)],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        loaded: dict[str, Any] = json.loads(done.stdout)
+        return loaded
+
+    first = load()
+    assert first["adopted"] is False and first["bcc_imported"] is False
+    assert first["programs"] == sorted(abi.PROGRAMS)
+    assert "pods" in first["refilled"]  # nothing pinned before: every map starts empty
+    again = load()
+    assert again == {**first, "adopted": True, "refilled": []}
+
+
+def test_a_failed_compile_in_the_child_is_the_agents_error(
+    places: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pin_dir, record = places
+    monkeypatch.setattr(sys, "executable", "/bin/false")
+    with pytest.raises(DatapathError, match="the compiler child exited 1"):
+        load(pin_dir, record)
+    assert not pin_dir.exists()

@@ -28,7 +28,8 @@ import kubernetes.client
 import pytest
 from structlog.testing import capture_logs
 
-from agent.sources.kube_source import Backoff, KubeSource, KubeSourceError, Timings
+from agent.sources.kube_errors import KubeSourceError
+from agent.sources.kube_source import Backoff, KubeSource, Timings
 from agent.state.store import MeshState, StateStore
 from agent.state.workload import Protocol, Workload
 from tests.support.fake_kube_api import (

@@ -21,13 +21,8 @@ import pytest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from agent.telemetry.otlp import (
-    PROTOCOLS,
-    OtlpError,
-    OtlpExport,
-    grpc_target,
-    http_metrics_url,
-)
+from agent.telemetry.otlp import PROTOCOLS, OtlpExport
+from agent.telemetry.otlp_endpoint import OtlpError, grpc_target, http_metrics_url
 from tests.support.otlp_receiver import DataPoint, OtlpReceiver
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
