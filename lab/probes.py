@@ -120,7 +120,7 @@ def agent_events(state: LabState, node: str) -> list[dict[str, Any]]:
 
 
 def wait_for_event(
-    state: LabState, node: str, timeout: float = 5.0, since: int = 0, **match: str
+    state: LabState, node: str, timeout: float = 5.0, since: int = 0, **match: object
 ) -> dict[str, Any] | None:
     """The first event of the node's agent whose fields equal `match` (dots in keys as
     __, e.g. src__addr="10.0.0.1:4000"), waiting up to `timeout` seconds for it. `since`:
@@ -151,26 +151,24 @@ def apply_policies(
     state: LabState, documents: list[dict[str, Any]], nodes: tuple[str, ...], timeout: float = 10
 ) -> None:
     """Replace the policies in the lab's config, as a user edits the file (atomically), and
-    wait until the agents of `nodes` have written them into the kernel."""
+    wait until the agents of `nodes` have written them into the kernel: each has logged
+    "policies applied" with as many policies since the write. Any later line would not do:
+    an agent still applying an earlier edit logs one too (the demo met it, with the DENY
+    it waited for not yet in force)."""
     config = Path(f"/run/ambient-lab/{state.name}/mesh.yaml")
     document = yaml.safe_load(config.read_text())
-    applied = {node: _count(state, node, "policies applied") for node in nodes}
+    since = {node: len(agent_events(state, node)) for node in nodes}
     if document.get("policies") == documents:
         return  # an unchanged file is not reloaded
     document["policies"] = documents
     partial = config.with_suffix(".partial")
     partial.write_text(yaml.safe_dump(document, sort_keys=False))
     partial.replace(config)
-    deadline = time.monotonic() + timeout
     for node in nodes:
-        while _count(state, node, "policies applied") <= applied[node]:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the agent on {node} did not apply the policies")
-            time.sleep(0.05)
-
-
-def _count(state: LabState, node: str, event: str) -> int:
-    return sum(e.get("event") == event for e in agent_events(state, node))
+        applied = wait_for_event(state, node, timeout, since[node], event="policies applied",
+                                 policies=len(documents))  # fmt: skip
+        if applied is None:
+            raise TimeoutError(f"the agent on {node} did not apply the {len(documents)} policies")
 
 
 def try_connect(netns: Path, host: str, port: int, timeout: float) -> tuple[str, str]:
