@@ -236,9 +236,7 @@ class KernelMap:
 
     def _lookup(self, key: Any) -> Any | None:
         value = self.Leaf()
-        if _libbpf().bpf_map_lookup_elem(self.fd, ctypes.byref(key), ctypes.byref(value)) < 0:
-            return None
-        return value
+        return value if lookup(self.fd, key, value) else None
 
     def __getitem__(self, key: Any) -> Any:
         value = self._lookup(key)
@@ -251,9 +249,7 @@ class KernelMap:
         return default if value is None else value
 
     def __setitem__(self, key: Any, value: Any) -> None:
-        result = _libbpf().bpf_map_update_elem(self.fd, ctypes.byref(key), ctypes.byref(value),
-                                               BPF_ANY)  # fmt: skip
-        _check(result, f"writing to map {self.name}")
+        update(self.fd, key, value, f"writing to map {self.name}")
 
     def __delitem__(self, key: Any) -> None:
         if self.layout.type in ARRAY_TYPES:

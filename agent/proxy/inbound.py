@@ -8,14 +8,11 @@ the pod's other plain connections do.
 
 from __future__ import annotations
 
-import asyncio
-
 from agent.proxy import report
-from agent.proxy.live_inbound import POLICY_CUT, LiveInbound
+from agent.proxy.live_inbound import LiveInbound
 from agent.proxy.pod import Pod, connect_from, identity_of
-from agent.proxy.relay import RelayResult
 from agent.proxy.socket_listener import AcceptedSocket
-from agent.proxy.socket_relay import SocketRelays, ended
+from agent.proxy.socket_relay import SocketRelays
 from agent.proxy.waypoint_bypass import WaypointBypasses
 from agent.state.store import StateStore
 from agent.telemetry.connections import ConnectionTelemetry, PolicyVerdict
@@ -56,17 +53,6 @@ class InboundPlaintext:
             self._telemetry.done(conn, verdict, error=report.failed("upstream connect", exc))
             return
         relaying = await self._relays.start(client.release(), upstream)
-
-        def cut() -> None:  # a policy re-check (--cut-denied-connections) denies it now
-            relaying.cut(POLICY_CUT)
-
-        relayed: RelayResult | None = None
-        try:
-            with self._live.tracking(pod, src[0], dst, None, cut):
-                relayed = await relaying.wait()
-        except asyncio.CancelledError:
-            relayed = ended(relaying)  # the pod's drain reset it: the report still completes
-            raise
-        finally:
-            if relayed is not None:
-                report.finish(self._telemetry, conn, verdict, relayed)
+        await self._live.relayed(relaying, pod, src[0], dst, None,
+                                 lambda relayed: report.finish(self._telemetry, conn, verdict,
+                                                               relayed))  # fmt: skip

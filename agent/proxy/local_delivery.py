@@ -19,16 +19,15 @@ connection and is recorded with its policy at both reporters (as a 401 is).
 
 from __future__ import annotations
 
-import asyncio
 import collections
 
 from agent.proxy import report
 from agent.proxy.app_connection import AppConnector, AppRefused, Caller
-from agent.proxy.live_inbound import POLICY_CUT, LiveInbound
+from agent.proxy.live_inbound import LiveInbound
 from agent.proxy.pod import Pod, identity_of
 from agent.proxy.relay import RelayResult
 from agent.proxy.socket_listener import AcceptedSocket
-from agent.proxy.socket_relay import Relaying, SocketRelays, ended
+from agent.proxy.socket_relay import Relaying, SocketRelays
 from agent.state.store import MeshState
 from agent.telemetry.connections import ConnectionTelemetry, TrackedConnection
 from agent.telemetry.istio_labels import Reporter
@@ -90,23 +89,13 @@ class LocalDelivery:
         # shutdown), as it ends the tunnels into the pod; the source's runs this handler.
         destination.spawn(_held(relaying))
 
-        def cut() -> None:  # a policy re-check (--cut-denied-connections) denies it now
-            relaying.cut(POLICY_CUT)
+        def finish(relayed: RelayResult) -> None:
+            # One relay, both reports: each side's kernel record has its own socket's bytes
+            # (on the source pod's drain, the relay's counts only stand in without them).
+            report.finish(self._telemetry, source_report, outcome.verdict, relayed)
+            report.finish(self._telemetry, outcome.tracked, outcome.verdict, relayed)
 
-        relayed: RelayResult | None = None
-        try:
-            with self._live.tracking(destination, caller.ip, dst, peer, cut):
-                relayed = await relaying.wait()
-        except asyncio.CancelledError:
-            # The source pod's drain: the relay was reset; both reports still complete (the
-            # bytes are the kernel's, the relay's counts only stand in without them).
-            relayed = ended(relaying)
-            raise
-        finally:
-            if relayed is not None:
-                # One relay, both reports: each side's kernel record has its own socket's bytes.
-                report.finish(self._telemetry, source_report, outcome.verdict, relayed)
-                report.finish(self._telemetry, outcome.tracked, outcome.verdict, relayed)
+        await self._live.relayed(relaying, destination, caller.ip, dst, peer, finish)
 
 
 async def _held(relaying: Relaying) -> None:

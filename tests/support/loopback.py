@@ -8,8 +8,6 @@ import os
 import socket
 from collections.abc import Iterator
 
-from agent.proxy.relay import reset_socket
-
 
 def tcp_pair(buffer: int | None = None) -> tuple[socket.socket, socket.socket]:
     """(connecting side, accepted side) of one loopback connection; with `buffer`, both
@@ -36,9 +34,6 @@ def receive_outcome(sock: socket.socket) -> str:
     except ConnectionResetError:
         return "reset"
     return "eof"
-
-
-reset = reset_socket  # close with RST
 
 
 def open_fds() -> int:

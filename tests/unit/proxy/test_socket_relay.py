@@ -17,9 +17,9 @@ from typing import Any, TypeVar
 import pytest
 
 from agent.drain import Drain
-from agent.proxy.relay import RelayResult
+from agent.proxy.relay import RelayResult, reset_socket
 from agent.proxy.socket_relay import SPLICE_AVAILABLE, SocketRelays
-from tests.support.loopback import closing, open_fds, receive_outcome, reset, tcp_pair
+from tests.support.loopback import closing, open_fds, receive_outcome, tcp_pair
 
 T = TypeVar("T")
 # Threads splicing, threads copying, and the asyncio relay past the cap (here 0).
@@ -138,7 +138,7 @@ def test_a_reset_on_either_side_resets_the_other_and_keeps_the_counts(
     def send_then_reset() -> None:
         resetter.sendall(b"x" * 1000)
         time.sleep(0.2)  # the bytes reach the other app before the reset does
-        reset(resetter)
+        reset_socket(resetter)
 
     def read_1000_then_wait() -> str:
         got = b""
@@ -295,7 +295,7 @@ def test_no_fd_is_left_behind(mode: str) -> None:
                     asyncio.to_thread(send_and_receive, app_b, b"b" * 100_000),
                 )
             elif how == "reset":
-                reset(app_a)
+                reset_socket(app_a)
             else:
                 relaying.cut()
             await relaying.wait()
