@@ -130,6 +130,8 @@ METRICS = (
     Metric("rr_latency_p50", "1 KiB RR latency p50 (us)", "us", 0),
     Metric("rr_latency_p99", "1 KiB RR latency p99 (us)", "us", 0),
     Metric("connections_per_second", "new connections/s", "conn/s", 0),
+    # connect to the reply's last byte: what a new connection's first request waits
+    Metric("connection_latency_p50", "new connection + 64 B RR p50 (us)", "us", 0),
 )
 THROUGHPUT_METRICS = ("cross_node_throughput", "same_node_throughput")
 
@@ -307,16 +309,20 @@ def _measure_run(
             file=log,
         )
         before = _cpu_reading(pids, mode)
-        count, seconds = _in_pod(client, lambda stop: _conn_client(host, port, settings, stop))
+        count, seconds, durations = _in_pod(
+            client, lambda stop: _conn_client(host, port, settings, stop)
+        )
         time.sleep(SETTLE_SECONDS)
         used = _cpu_reading(pids, mode).since(before)
         result.connections, result.connection_seconds = count, seconds
         result.connection_cpu_system_seconds = used.system
         result.connection_cpu_proxies_seconds = used.proxies
         values["connections_per_second"] = count / seconds
+        values["connection_latency_p50"] = percentile(durations, 50) / 1000
         print(
             f"{mode}: {count} connections in {seconds:.1f} s, "
-            f"{values['connections_per_second']:.0f}/s",
+            f"{values['connections_per_second']:.0f}/s, "
+            f"p50 {values['connection_latency_p50']:.0f} us each",
             file=log,
         )
         expected["echo"] = 1 + count  # the RR connection, then the new ones
@@ -685,24 +691,28 @@ def _rr_client(host: str, port: int, settings: Settings, stop: threading.Event) 
 
 def _conn_client(
     host: str, port: int, settings: Settings, stop: threading.Event
-) -> tuple[int, float]:
-    """Sequential connect + one small exchange + close until the time or count limit."""
+) -> tuple[int, float, list[int]]:
+    """Sequential connect + one small exchange + close until the time or count limit; the
+    count, the seconds it took and each connection's nanoseconds from connect to reply."""
     payload = b"c" * CONN_SIZE
     count = 0
+    durations: list[int] = []
     start = time.monotonic()
     end = start + settings.conn_seconds
     try:
         while count < settings.conn_max and time.monotonic() < end and not stop.is_set():
+            began = time.perf_counter_ns()
             with _connect(host, port) as sock:
                 sock.sendall(payload)
                 _recv_exactly(sock, CONN_SIZE)
+                durations.append(time.perf_counter_ns() - began)
             count += 1
     except OSError as exc:
         raise BenchError(f"connection {count + 1} to {host}:{port} failed: {exc}") from None
     elapsed = time.monotonic() - start
     if count == 0:
         raise BenchError(f"no connection to {host}:{port} completed")
-    return count, elapsed
+    return count, elapsed, durations
 
 
 def percentile(samples: list[int], pct: float) -> float:

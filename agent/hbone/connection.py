@@ -166,6 +166,12 @@ class HboneStream:
         return self._reset_code is not None
 
     @property
+    def answered(self) -> bool:
+        """The CONNECT was answered 200 (by the peer, or by us on the server side)."""
+        done = self.established
+        return done.done() and not done.cancelled() and done.exception() is None
+
+    @property
     def reset_code(self) -> int | None:
         return self._reset_code
 
@@ -530,6 +536,8 @@ class HboneConnection(asyncio.Protocol):
     def accept(self, stream: HboneStream) -> None:
         assert isinstance(self.proto, p.HboneServer)
         self.proto.accept(stream.stream_id)
+        if not stream.established.done():
+            stream.established.set_result(None)  # answered: as a client's on its 200
         self._flush()
 
     def refuse(self, stream: HboneStream, status: int) -> None:
@@ -547,15 +555,21 @@ class HboneConnection(asyncio.Protocol):
             and self.proto.can_open_stream()
         )
 
-    async def open_tunnel(self, authority: str, headers: dict[str, str]) -> HboneStream:
-        """CONNECT; returns once the peer answered 200. TunnelRefused for other answers."""
+    def open_stream(self, authority: str, headers: dict[str, str]) -> HboneStream:
+        """CONNECT sent; the answer comes as `stream.established` (TunnelRefused for other
+        than 200). DATA may go at once, within the window: the peer holds it until it
+        answers, and drops it with a refusal."""
         assert isinstance(self.proto, p.HboneClient)
         if self.closed:
             reason = f": {self.close_reason}" if self.close_reason else ""
             raise ConnectionResetError(f"HBONE connection to {self.peer} is closed{reason}")
-        stream_id = self.proto.open_tunnel(authority, headers)
-        stream = self._new_stream(stream_id)
+        stream = self._new_stream(self.proto.open_tunnel(authority, headers))
         self._flush()
+        return stream
+
+    async def open_tunnel(self, authority: str, headers: dict[str, str]) -> HboneStream:
+        """CONNECT; returns once the peer answered 200. TunnelRefused for other answers."""
+        stream = self.open_stream(authority, headers)
         await stream.established
         return stream
 

@@ -51,9 +51,11 @@ class HboneClientPool:
                 return conn
         return None
 
-    async def open_tunnel(
+    async def open_stream(
         self, key: PoolKey, authority: str, headers: dict[str, str]
     ) -> tuple[HboneStream, HboneConnection]:
+        """A CONNECT sent on a pooled (or new) connection; its answer is the stream's
+        `established` (HboneConnection.open_stream)."""
         if self._reaper is None:
             self._reaper = asyncio.ensure_future(self._reap_idle())
         conn = self._pick(key)
@@ -64,9 +66,9 @@ class HboneClientPool:
                 if conn is None:
                     conn = await self._dial(key)
                     self._connections.setdefault(key, []).append(conn)
-        # open_tunnel() claims its stream slot before its first await, so the check above
-        # cannot be raced by another tunnel on this event loop.
-        return await conn.open_tunnel(authority, headers), conn
+        # open_stream() claims its stream slot at once, so the check above cannot be raced by
+        # another tunnel on this event loop.
+        return conn.open_stream(authority, headers), conn
 
     async def _reap_idle(self) -> None:
         with contextlib.suppress(asyncio.CancelledError):

@@ -18,6 +18,7 @@ the route is decided before anything is read, so a relay can take the socket as 
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import os
 import ssl
@@ -37,6 +38,7 @@ from agent.proxy.local_delivery import ROUTE as LOCAL_ROUTE
 from agent.proxy.local_delivery import LocalDelivery
 from agent.proxy.pod import Pod, connect_from, identity_of
 from agent.proxy.pod_dns import PodDns
+from agent.proxy.relay import DRAINED
 from agent.proxy.socket_listener import AcceptedSocket
 from agent.proxy.socket_relay import SocketRelays
 from agent.proxy.tls_contexts import TlsContexts
@@ -181,20 +183,31 @@ class Outbound:
             hbone.TRACEPARENT: f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01",
         }
         try:
-            stream, _ = await self.pool.open_tunnel(key, report.address(dst), headers)
-        except TunnelRefused as exc:
-            client.reset()  # the pod sees what a refused connection looks like
-            # 401 is the destination's L4 authorization saying no; its log names the policy.
-            verdict = PolicyVerdict("deny") if exc.status == 401 else PolicyVerdict("none")
-            self._telemetry.done(conn, verdict, error=f"tunnel refused: {exc.status}")
-            return
+            stream, _ = await self.pool.open_stream(key, report.address(dst), headers)
         except (OSError, ssl.SSLError, tls.PeerIdentityError, TimeoutError) as exc:
             client.reset()
             self._telemetry.done(conn, PolicyVerdict("none"), error=report.failed("tunnel", exc))
             return
-        # Allowed by the destination's kernel (it answered 200 only after its connect).
+        # The app's bytes go before the answer (agent/proxy/tunnel_relay.py).
         tunnel = TunnelRelay(client.release(), stream, app_is_client=True)
         tunnel.start()
+        try:
+            await stream.established
+        except asyncio.CancelledError:
+            tunnel.cut(DRAINED)
+            raise
+        except (TunnelRefused, OSError) as exc:
+            tunnel.cut(str(exc))  # the pod sees what a refused connection looks like
+            await tunnel.wait()
+            # 401 is the destination's L4 authorization saying no; its log names the policy.
+            if isinstance(exc, TunnelRefused):
+                verdict = PolicyVerdict("deny") if exc.status == 401 else PolicyVerdict("none")
+                error = f"tunnel refused: {exc.status}"
+            else:
+                verdict, error = PolicyVerdict("none"), report.failed("tunnel", exc)
+            self._telemetry.done(conn, verdict, error=error)
+            return
+        # Allowed by the destination's kernel (it answered 200 only after its connect).
         relayed = await tunnel.wait()
         report.finish(self._telemetry, conn, PolicyVerdict("allow"), relayed)
 

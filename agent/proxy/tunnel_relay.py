@@ -10,6 +10,12 @@ take this path instead (docs/performance.md):
 - tunnel -> app: each DATA payload (a view of what TLS decrypted) is sent to the socket from
   the callback that parsed it; what the socket does not take waits for it to be writable.
 
+On the client side the relay starts as soon as the CONNECT is sent, not once it is answered:
+what the app sends goes with it, within the stream's window, and the destination holds it
+until its connect to the app is allowed (or drops it with its refusal). That is one round
+trip between the agents less before the app's first byte arrives. The owner awaits the
+answer and cuts the relay on a refusal; nothing from the peer reaches the app before it.
+
 Backpressure is HTTP/2's, as with relay(): the app is read only while the stream's window
 is open and the TLS connection's write buffer is below its mark; a payload's window goes
 back only once the app's socket has taken all of it. So a connection holds at most one
@@ -210,8 +216,9 @@ class TunnelRelay:
             self._shut_app()
 
     def on_reset(self) -> None:
-        if self._stream.reset_code == ErrorCode.NO_ERROR:
-            # What the peer sent before a NO_ERROR reset is complete (HboneStream.read).
+        if self._stream.reset_code == ErrorCode.NO_ERROR and self._stream.answered:
+            # What the peer sent before a NO_ERROR reset is complete (HboneStream.read); a
+            # reset instead of an answer is a refusal, whatever its code.
             self.on_eof()
             self._want_read()  # to see the app's close, or data that cannot go anywhere
         else:

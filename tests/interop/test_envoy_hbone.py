@@ -515,6 +515,57 @@ def test_our_client_tunnels_through_envoy(ca: CertificateAuthority, envoys: Envo
     envoys.run(main)
 
 
+def test_envoy_takes_what_our_client_sends_before_it_answers(
+    ca: CertificateAuthority, envoys: Envoys
+) -> None:
+    """Our relay sends the app's bytes and FIN with the CONNECT, before any answer
+    (agent/proxy/tunnel_relay.py): Envoy delivers them once its upstream connect is up, and
+    to an upstream that refuses it still answers 503."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        echo = EchoServer()
+        echo_port = await echo.start()
+        try:
+            envoy = await envoys.astart(
+                envoy_as_hbone_server(issue_workload_certificate(ca, ENVOY_SERVER_ID), ca.root_pem)
+            )
+            conn, _ = await dial_hbone(
+                envoy.port(HBONE_SERVER_LISTENER),
+                issue_workload_certificate(ca, CLIENT_ID),
+                ca.root_pem,
+                ENVOY_SERVER_ID,
+            )
+            try:
+                await conn.ready()
+                for port, refused_with in ((echo_port, None), (free_port(), 503)):
+                    app, relayed = socket.socketpair()
+                    app.sendall(b"sent with the CONNECT")
+                    app.shutdown(socket.SHUT_WR)
+                    app.setblocking(False)
+                    stream = conn.open_stream(f"127.0.0.1:{port}", {})
+                    # start() reads the app at once: DATA and END_STREAM follow the HEADERS in
+                    # this same loop turn, before Envoy can have answered.
+                    TunnelRelay(relayed, stream, app_is_client=True).start()
+                    if refused_with is None:
+                        await asyncio.wait_for(stream.established, IO_TIMEOUT)
+                        received = b""
+                        while chunk := await asyncio.wait_for(loop.sock_recv(app, 4096), 5):
+                            received += chunk
+                        assert received == b"sent with the CONNECT"
+                    else:
+                        with pytest.raises(TunnelRefused) as refused:
+                            await asyncio.wait_for(stream.established, IO_TIMEOUT)
+                        assert refused.value.status == refused_with
+                    app.close()
+            finally:
+                conn.close()
+        finally:
+            await echo.close()
+
+    envoys.run(main)
+
+
 def test_our_client_bulk_and_half_close_through_envoy(
     ca: CertificateAuthority, envoys: Envoys
 ) -> None:

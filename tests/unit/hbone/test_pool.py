@@ -43,7 +43,8 @@ def test_200_concurrent_tunnels_share_two_connections() -> None:
 
         async def one(i: int) -> bytes:
             nonlocal established
-            stream, _ = await pool.open_tunnel(KEY, "10.0.0.2:80", {})
+            stream, _ = await pool.open_stream(KEY, "10.0.0.2:80", {})
+            await stream.established
             established += 1
             if established == 200:
                 opened.set()
@@ -73,7 +74,8 @@ def test_different_keys_never_share_and_idle_connections_are_released() -> None:
         other = PoolKey("spiffe://td/ns/a/sa/other", KEY.destination_identities, KEY.destination,
                         KEY.source_ip)  # fmt: skip
         for key in (KEY, other, KEY):
-            stream, _ = await pool.open_tunnel(key, "10.0.0.2:80", {})
+            stream, _ = await pool.open_stream(key, "10.0.0.2:80", {})
+            await stream.established
             stream.write_eof()
             while await stream.read():
                 pass

@@ -1,7 +1,9 @@
 """The callback relay between an app's socket and an HBONE stream, over loopback: two agents'
 relays (client side and server side) with real sockets as the apps, HBONE over TCP between
 them. Byte-exact bulk both ways, half-close, resets both ways, cut, a stalled app bounded
-by the window, data that arrived before the relay started."""
+by the window, data that arrived before the relay started; a client relay started before
+its CONNECT is answered (the app's bytes held by the server until it accepts, dropped with a
+refusal, the app reset)."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 import pytest
 
 from agent.hbone import protocol as p
-from agent.hbone.connection import HboneConnection, HboneStream
+from agent.hbone.connection import HboneConnection, HboneStream, TunnelHandler, TunnelRefused
 from agent.hbone.wire import ErrorCode
 from agent.proxy.relay import DRAINED, RelayResult
 from agent.proxy.tunnel_relay import CHUNK, TunnelRelay
@@ -47,6 +49,27 @@ def _pair(buffers: int | None) -> tuple[socket.socket, socket.socket]:
 
 
 @asynccontextmanager
+async def hbone_client(on_tunnel: TunnelHandler) -> AsyncIterator[HboneConnection]:
+    """A ready HBONE client connected to a server on loopback that hands each CONNECT to
+    `on_tunnel`; both closed at the end."""
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: HboneConnection(p.HboneServer(), on_tunnel=on_tunnel), "127.0.0.1", 0
+    )
+    port = server.sockets[0].getsockname()[1]
+    _, client = await loop.create_connection(lambda: HboneConnection(p.HboneClient()),
+                                             "127.0.0.1", port)  # fmt: skip
+    assert isinstance(client, HboneConnection)
+    try:
+        await client.ready()
+        yield client
+    finally:
+        client.close()
+        server.close()
+        await server.wait_closed()
+
+
+@asynccontextmanager
 async def tunnel(early: bytes = b"", buffers: int | None = None) -> AsyncIterator[Ends]:
     """Client app <-> relay <-> HBONE <-> relay <-> server app. `early`: what the server's
     side sends on the stream before its relay starts."""
@@ -65,28 +88,18 @@ async def tunnel(early: bytes = b"", buffers: int | None = None) -> AsyncIterato
         server_conn.set_result(conn)
         server_relay.set_result(relay)
 
-    server = await loop.create_server(
-        lambda: HboneConnection(p.HboneServer(), on_tunnel=on_tunnel), "127.0.0.1", 0
-    )
-    port = server.sockets[0].getsockname()[1]
-    _, client = await loop.create_connection(lambda: HboneConnection(p.HboneClient()),
-                                             "127.0.0.1", port)  # fmt: skip
-    assert isinstance(client, HboneConnection)
     try:
-        await client.ready()
-        stream = await client.open_tunnel("10.0.0.2:80", {})
-        await server_relay
-        if early:
-            await asyncio.sleep(0.1)  # in before the client's relay attaches
-        relay = TunnelRelay(client_relay_end, stream, app_is_client=True)
-        relay.start()
-        yield Ends(client_app, server_app, relay, server_relay, client, server_conn)
+        async with hbone_client(on_tunnel) as client:
+            stream = await client.open_tunnel("10.0.0.2:80", {})
+            await server_relay
+            if early:
+                await asyncio.sleep(0.1)  # in before the client's relay attaches
+            relay = TunnelRelay(client_relay_end, stream, app_is_client=True)
+            relay.start()
+            yield Ends(client_app, server_app, relay, server_relay, client, server_conn)
     finally:
         client_app.close()
         server_app.close()
-        client.close()
-        server.close()
-        await server.wait_closed()
 
 
 async def read_all(sock: socket.socket) -> bytes:
@@ -252,5 +265,114 @@ def test_what_arrived_before_the_relay_started_is_delivered_first() -> None:
             await loop.sock_sendall(ends.server_app, b"late")
             ends.server_app.shutdown(socket.SHUT_WR)
             assert await asyncio.wait_for(read_all(ends.client_app), 5) == b"early late"
+
+    asyncio.run(main())
+
+
+@dataclass
+class Unanswered:
+    """A client relay started on a CONNECT the server has not answered yet."""
+
+    client_app: socket.socket
+    client_relay: TunnelRelay
+    stream: HboneStream  # the client's
+    server: HboneConnection
+    server_stream: HboneStream
+    server_relay_end: socket.socket  # for the server's relay, once it accepts
+    server_app: socket.socket
+
+
+@asynccontextmanager
+async def unanswered() -> AsyncIterator[Unanswered]:
+    loop = asyncio.get_running_loop()
+    requested: asyncio.Future[tuple[HboneStream, HboneConnection]] = loop.create_future()
+    server_app, server_relay_end = _pair(None)
+    client_app, client_relay_end = _pair(None)
+
+    async def on_tunnel(stream: HboneStream, _: p.TunnelRequested, conn: HboneConnection) -> None:
+        requested.set_result((stream, conn))  # the test answers
+
+    try:
+        async with hbone_client(on_tunnel) as client:
+            stream = client.open_stream("10.0.0.2:80", {})
+            relay = TunnelRelay(client_relay_end, stream, app_is_client=True)
+            relay.start()
+            server_stream, server_conn = await asyncio.wait_for(requested, 5)
+            yield Unanswered(client_app, relay, stream, server_conn, server_stream,
+                             server_relay_end, server_app)  # fmt: skip
+    finally:
+        for sock in (client_app, server_app, server_relay_end):
+            sock.close()
+
+
+async def refused(ends: Unanswered) -> str:
+    """What the agent's outbound does when the answer is not 200: cut the relay."""
+    try:
+        await asyncio.wait_for(ends.stream.established, 5)
+    except (TunnelRefused, ConnectionResetError) as exc:
+        ends.client_relay.cut(str(exc))
+        return str(exc)
+    raise AssertionError("the CONNECT was answered 200")
+
+
+def test_what_the_app_sends_before_the_answer_waits_at_the_server_until_it_accepts() -> None:
+    """The client's relay sends the app's bytes (and FIN) before the CONNECT is answered; the
+    server's stream holds them, in order, and its relay delivers them once it accepts."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        async with unanswered() as ends:
+            await loop.sock_sendall(ends.client_app, b"sent before the answer")
+            ends.client_app.shutdown(socket.SHUT_WR)
+            await asyncio.sleep(0.1)
+            assert not ends.stream.answered
+            assert ends.server.proto.sendable(ends.server_stream.stream_id) > 0  # open, held
+            ends.server.accept(ends.server_stream)
+            server_relay = TunnelRelay(ends.server_relay_end, ends.server_stream, False)
+            server_relay.start()
+            await asyncio.wait_for(ends.stream.established, 5)
+            got = await asyncio.wait_for(read_all(ends.server_app), 5)
+            assert got == b"sent before the answer"
+            await loop.sock_sendall(ends.server_app, b"answer")
+            ends.server_app.shutdown(socket.SHUT_WR)
+            assert await asyncio.wait_for(read_all(ends.client_app), 5) == b"answer"
+            result = await asyncio.wait_for(ends.client_relay.wait(), 5)
+            assert result == RelayResult(len(got), len(b"answer"), None)
+
+    asyncio.run(main())
+
+
+def test_a_refused_connect_resets_the_app_and_drops_what_it_sent_early() -> None:
+    """A 401 after the app sent: the client app is reset (never a FIN), and the server gives
+    the stream's bytes back to its windows and budget without delivering them."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        async with unanswered() as ends:
+            await loop.sock_sendall(ends.client_app, b"x" * 100_000)
+            await asyncio.sleep(0.1)
+            ends.server.refuse(ends.server_stream, 401)
+            assert await refused(ends) == "HBONE CONNECT answered 401"
+            with pytest.raises(ConnectionResetError):
+                await asyncio.wait_for(read_all(ends.client_app), 5)
+            result = await asyncio.wait_for(ends.client_relay.wait(), 5)
+            assert result.error == "HBONE CONNECT answered 401"
+            assert ends.server.active_streams == 0
+            assert ends.server._unconsumed == 0
+
+    asyncio.run(main())
+
+
+def test_a_no_error_reset_instead_of_an_answer_is_a_refusal_not_an_end() -> None:
+    """RST_STREAM(NO_ERROR) ends an answered tunnel cleanly; before the answer, the client
+    app is reset as for any refusal."""
+
+    async def main() -> None:
+        async with unanswered() as ends:
+            ends.server.proto.reset_stream(ends.server_stream.stream_id, ErrorCode.NO_ERROR)
+            ends.server._flush()
+            assert "reset" in await refused(ends)
+            with pytest.raises(ConnectionResetError):
+                await asyncio.wait_for(read_all(ends.client_app), 5)
 
     asyncio.run(main())
