@@ -138,7 +138,10 @@ def test_quick_bench_measures_all_modes_and_cleans_up(
     ids=["SIGINT-during-envoy", "SIGTERM-during-mesh"],
 )
 def test_interrupted_bench_tears_everything_down(lab_name: str, signum: int, mode: str) -> None:
+    # A parent that ignores SIGINT (a shell's background job) passes that on, and Python then
+    # installs no KeyboardInterrupt handler: restore it, as a terminal's Ctrl-C would find it.
     code = (
+        "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
         "from bench.datapath import run_bench; "
         f"raise SystemExit(run_bench({lab_name!r}, True, True))"
     )
