@@ -6,16 +6,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 
 import h2.errors
 import pytest
 
 from agent.hbone import protocol as p
 from agent.hbone.connection import HboneConnection, HboneStream, TunnelRefused
-
-Handler = Callable[[HboneStream, p.TunnelRequested, HboneConnection], Awaitable[None]]
+from tests.support.hbone_pair import hbone_pair
 
 
 async def echo(stream: HboneStream, request: p.TunnelRequested, conn: HboneConnection) -> None:
@@ -26,27 +23,9 @@ async def echo(stream: HboneStream, request: p.TunnelRequested, conn: HboneConne
     stream.close()
 
 
-@asynccontextmanager
-async def hbone_pair(handler: Handler = echo) -> AsyncIterator[HboneConnection]:
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(
-        lambda: HboneConnection(p.HboneServer(), on_tunnel=handler), "127.0.0.1", 0
-    )
-    port = server.sockets[0].getsockname()[1]
-    _, client = await loop.create_connection(lambda: HboneConnection(p.HboneClient()),
-                                             "127.0.0.1", port)  # fmt: skip
-    try:
-        await client.ready()
-        yield client
-    finally:
-        client.close()
-        server.close()
-        await server.wait_closed()
-
-
 def test_tunnel_round_trip_with_half_close() -> None:
     async def main() -> None:
-        async with hbone_pair() as client:
+        async with hbone_pair(echo) as client:
             stream = await client.open_tunnel("10.0.0.2:80", {"forwarded": 'for="1.2.3.4"'})
             await stream.write(b"ping")
             stream.write_eof()
@@ -93,7 +72,7 @@ def test_many_streams_byte_exact_in_both_directions() -> None:
         assert digest.hexdigest() == hashlib.sha256(payload).hexdigest()
 
     async def main() -> None:
-        async with hbone_pair() as client:
+        async with hbone_pair(echo) as client:
             await asyncio.gather(*(one(client) for _ in range(4)))
 
     asyncio.run(main())
@@ -184,7 +163,7 @@ def test_another_reset_after_the_data_is_an_abort() -> None:
 
 def test_open_tunnel_on_a_lost_connection_fails_at_once_with_the_reason() -> None:
     async def main() -> None:
-        async with hbone_pair() as client:
+        async with hbone_pair(echo) as client:
             client.abort()
             await asyncio.wait_for(client.closed_event.wait(), 5)
             with pytest.raises(ConnectionResetError, match="is closed"):

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 import pytest
 
 from agent.hbone import protocol as p
-from agent.hbone.connection import HboneConnection, HboneStream, TunnelHandler, TunnelRefused
+from agent.hbone.connection import HboneConnection, HboneStream, TunnelRefused
 from agent.hbone.wire import ErrorCode
 from agent.proxy.relay import DRAINED, RelayResult
 from agent.proxy.tunnel_relay import CHUNK, TunnelRelay
+from tests.support.hbone_pair import hbone_pair
 
 
 @dataclass
@@ -49,27 +50,6 @@ def _pair(buffers: int | None) -> tuple[socket.socket, socket.socket]:
 
 
 @asynccontextmanager
-async def hbone_client(on_tunnel: TunnelHandler) -> AsyncIterator[HboneConnection]:
-    """A ready HBONE client connected to a server on loopback that hands each CONNECT to
-    `on_tunnel`; both closed at the end."""
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(
-        lambda: HboneConnection(p.HboneServer(), on_tunnel=on_tunnel), "127.0.0.1", 0
-    )
-    port = server.sockets[0].getsockname()[1]
-    _, client = await loop.create_connection(lambda: HboneConnection(p.HboneClient()),
-                                             "127.0.0.1", port)  # fmt: skip
-    assert isinstance(client, HboneConnection)
-    try:
-        await client.ready()
-        yield client
-    finally:
-        client.close()
-        server.close()
-        await server.wait_closed()
-
-
-@asynccontextmanager
 async def tunnel(early: bytes = b"", buffers: int | None = None) -> AsyncIterator[Ends]:
     """Client app <-> relay <-> HBONE <-> relay <-> server app. `early`: what the server's
     side sends on the stream before its relay starts."""
@@ -89,7 +69,7 @@ async def tunnel(early: bytes = b"", buffers: int | None = None) -> AsyncIterato
         server_relay.set_result(relay)
 
     try:
-        async with hbone_client(on_tunnel) as client:
+        async with hbone_pair(on_tunnel) as client:
             stream = await client.open_tunnel("10.0.0.2:80", {})
             await server_relay
             if early:
@@ -293,7 +273,7 @@ async def unanswered() -> AsyncIterator[Unanswered]:
         requested.set_result((stream, conn))  # the test answers
 
     try:
-        async with hbone_client(on_tunnel) as client:
+        async with hbone_pair(on_tunnel) as client:
             stream = client.open_stream("10.0.0.2:80", {})
             relay = TunnelRelay(client_relay_end, stream, app_is_client=True)
             relay.start()
