@@ -25,7 +25,8 @@ def configure(json_lines: bool = True, level: int = logging.INFO) -> None:
         # format_exc_info: log.exception()'s traceback as text, not `"exc_info": true`.
         processors=[*shared, structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stdout),
+        # One write per line (print() makes two: the line, then its newline).
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stdout),
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(sys.stdout)

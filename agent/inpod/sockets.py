@@ -39,12 +39,12 @@ def listener(port: int, transparent: bool) -> socket.socket:
     return sock
 
 
-async def new_upstream(worker: NetnsWorker, source: tuple[str, int] | None = None) -> socket.socket:
+def new_upstream(worker: NetnsWorker, source: tuple[str, int] | None = None) -> socket.socket:
     """An unconnected client socket in the worker's namespace; with `source`, bound
     transparently to that foreign address so the peer sees the original client (used toward
-    the pod's own app). From the worker's socket stock: no thread hop on a new connection's
-    path (options and the bind work from any thread; only creation does not)."""
-    return configure_upstream(await worker.tcp_socket(), source)
+    the pod's own app). Made without a hop to the worker's thread (NetnsWorker.tcp_socket):
+    options and the bind work from any thread, only creation does not."""
+    return configure_upstream(worker.tcp_socket(), source)
 
 
 def configure_upstream(sock: socket.socket, source: tuple[str, int] | None) -> socket.socket:

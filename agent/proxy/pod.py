@@ -41,7 +41,7 @@ async def connect_from(
 ) -> socket.socket:
     """A connected agent socket inside the pod's netns; with source_ip, bound to that
     (foreign) address so the peer sees the original client."""
-    sock = await sockets.new_upstream(worker, (source_ip, 0) if source_ip else None)
+    sock = sockets.new_upstream(worker, (source_ip, 0) if source_ip else None)
     try:
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(CONNECT_TIMEOUT):  # no task per connect, as wait_for

@@ -176,3 +176,45 @@ def test_malformed_authority_is_refused_before_sending() -> None:
     client = p.HboneClient()
     with pytest.raises(ValueError, match="not ip:port"):
         client.open_tunnel("10.0.0.2")
+
+
+def test_the_connect_and_the_data_sent_in_its_turn_go_in_one_write() -> None:
+    async def main() -> None:
+        async with hbone_pair(echo) as client:
+            transport = client._transport
+            assert transport is not None
+            writes: list[bytes] = []
+            real_write = transport.write
+
+            def counted(data: bytes | bytearray | memoryview) -> None:
+                writes.append(bytes(data))
+                real_write(data)
+
+            transport.write = counted  # type: ignore[method-assign]
+            stream = client.open_stream("10.0.0.2:80", {})
+            assert writes == []  # the CONNECT waits for the end of this turn
+            frame = memoryview(bytearray(9 + 5))
+            frame[9:] = b"hello"
+            stream.send_frame(frame)
+            assert len(writes) == 1 and writes[0].endswith(b"hello")
+            stream.write_eof()
+            await stream.established
+            received = b""
+            while chunk := await stream.read():
+                received += chunk
+            assert received == b"hello"
+            stream.close()
+
+    asyncio.run(main())
+
+
+def test_a_connect_with_nothing_after_it_goes_at_the_end_of_the_turn() -> None:
+    async def main() -> None:
+        async with hbone_pair(echo) as client:
+            stream = client.open_stream("10.0.0.2:80", {})
+            await asyncio.wait_for(stream.established, 5)
+            stream.write_eof()
+            assert await stream.read() == b""
+            stream.close()
+
+    asyncio.run(main())
