@@ -476,41 +476,60 @@ def test_our_refusal_reaches_envoys_client_as_a_reset(
 # ---- 2. our HBONE client -> Envoy as CONNECT terminator -----------------------------------
 
 
+@contextlib.asynccontextmanager
+async def our_client_to_envoy_server(
+    ca: CertificateAuthority,
+    envoys: Envoys,
+    echo: EchoServer,
+    expected_server: SpiffeId = ENVOY_SERVER_ID,
+) -> AsyncIterator[tuple[Envoy, HboneConnection, list[Exception], int]]:
+    """Our HBONE client dialling Envoy as CONNECT terminator, behind which `echo` listens,
+    and expecting `expected_server`. Yields Envoy, the connection (awaiting its ready() is the
+    caller's: it may expect a refusal), what our verify_peer raised, and echo's port."""
+    echo_port = await echo.start()
+    try:
+        envoy = await envoys.astart(
+            envoy_as_hbone_server(issue_workload_certificate(ca, ENVOY_SERVER_ID), ca.root_pem)
+        )
+        conn, refusals = await dial_hbone(
+            envoy.port(HBONE_SERVER_LISTENER),
+            issue_workload_certificate(ca, CLIENT_ID),
+            ca.root_pem,
+            expected_server,
+        )
+        try:
+            yield envoy, conn, refusals, echo_port
+        finally:
+            conn.close()
+    finally:
+        await echo.close()
+
+
 def test_our_client_tunnels_through_envoy(ca: CertificateAuthority, envoys: Envoys) -> None:
     async def main() -> None:
-        echo = EchoServer()
-        echo_port = await echo.start()
-        try:
-            envoy = await envoys.astart(
-                envoy_as_hbone_server(issue_workload_certificate(ca, ENVOY_SERVER_ID), ca.root_pem)
-            )
-            conn, refusals = await dial_hbone(
-                envoy.port(HBONE_SERVER_LISTENER),
-                issue_workload_certificate(ca, CLIENT_ID),
-                ca.root_pem,
-                ENVOY_SERVER_ID,
-            )
-            try:
-                await conn.ready()
-                assert refusals == []
-                assert conn.peer_identity == ENVOY_SERVER_ID
-                stream = await conn.open_tunnel(f"127.0.0.1:{echo_port}", {})
-                assert await exchange(await through_relay(stream), b"hello envoy") == b"hello envoy"
+        async with our_client_to_envoy_server(ca, envoys, EchoServer()) as (
+            envoy,
+            conn,
+            refusals,
+            echo_port,
+        ):
+            await conn.ready()
+            assert refusals == []
+            assert conn.peer_identity == ENVOY_SERVER_ID
+            stream = await conn.open_tunnel(f"127.0.0.1:{echo_port}", {})
+            assert await exchange(await through_relay(stream), b"hello envoy") == b"hello envoy"
 
-                # An upstream that refuses: Envoy answers 503, never 200.
-                with pytest.raises(TunnelRefused) as refused:
-                    await conn.open_tunnel(f"127.0.0.1:{free_port()}", {})
-                assert refused.value.status == 503
-            finally:
-                conn.close()
+            # An upstream that refuses: Envoy answers 503, never 200.
+            with pytest.raises(TunnelRefused) as refused:
+                await conn.open_tunnel(f"127.0.0.1:{free_port()}", {})
+            assert refused.value.status == 503
+            conn.close()
             # Envoy verified our client certificate and saw our SPIFFE ID.
             line = await asyncio.to_thread(
                 envoy.wait_for_file_line, ACCESS_LOG, f"127.0.0.1:{echo_port}"
             )
             assert CLIENT_ID.uri in line, line
             assert '"method":"CONNECT"' in line, line
-        finally:
-            await echo.close()
 
     envoys.run(main)
 
@@ -524,44 +543,28 @@ def test_envoy_takes_what_our_client_sends_before_it_answers(
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        echo = EchoServer()
-        echo_port = await echo.start()
-        try:
-            envoy = await envoys.astart(
-                envoy_as_hbone_server(issue_workload_certificate(ca, ENVOY_SERVER_ID), ca.root_pem)
-            )
-            conn, _ = await dial_hbone(
-                envoy.port(HBONE_SERVER_LISTENER),
-                issue_workload_certificate(ca, CLIENT_ID),
-                ca.root_pem,
-                ENVOY_SERVER_ID,
-            )
-            try:
-                await conn.ready()
-                for port, refused_with in ((echo_port, None), (free_port(), 503)):
-                    app, relayed = socket.socketpair()
-                    app.sendall(b"sent with the CONNECT")
-                    app.shutdown(socket.SHUT_WR)
-                    app.setblocking(False)
-                    stream = conn.open_stream(f"127.0.0.1:{port}", {})
-                    # start() reads the app at once: DATA and END_STREAM follow the HEADERS in
-                    # this same loop turn, before Envoy can have answered.
-                    TunnelRelay(relayed, stream, app_is_client=True).start()
-                    if refused_with is None:
+        async with our_client_to_envoy_server(ca, envoys, EchoServer()) as (_, conn, _, echo_port):
+            await conn.ready()
+            for port, refused_with in ((echo_port, None), (free_port(), 503)):
+                app, relayed = socket.socketpair()
+                app.sendall(b"sent with the CONNECT")
+                app.shutdown(socket.SHUT_WR)
+                app.setblocking(False)
+                stream = conn.open_stream(f"127.0.0.1:{port}", {})
+                # start() reads the app at once: DATA and END_STREAM follow the HEADERS in
+                # this same loop turn, before Envoy can have answered.
+                TunnelRelay(relayed, stream, app_is_client=True).start()
+                if refused_with is None:
+                    await asyncio.wait_for(stream.established, IO_TIMEOUT)
+                    received = b""
+                    while chunk := await asyncio.wait_for(loop.sock_recv(app, 4096), 5):
+                        received += chunk
+                    assert received == b"sent with the CONNECT"
+                else:
+                    with pytest.raises(TunnelRefused) as refused:
                         await asyncio.wait_for(stream.established, IO_TIMEOUT)
-                        received = b""
-                        while chunk := await asyncio.wait_for(loop.sock_recv(app, 4096), 5):
-                            received += chunk
-                        assert received == b"sent with the CONNECT"
-                    else:
-                        with pytest.raises(TunnelRefused) as refused:
-                            await asyncio.wait_for(stream.established, IO_TIMEOUT)
-                        assert refused.value.status == refused_with
-                    app.close()
-            finally:
-                conn.close()
-        finally:
-            await echo.close()
+                    assert refused.value.status == refused_with
+                app.close()
 
     envoys.run(main)
 
@@ -571,31 +574,16 @@ def test_our_client_bulk_and_half_close_through_envoy(
 ) -> None:
     async def main() -> None:
         echo = EchoServer(farewell=FAREWELL)
-        echo_port = await echo.start()
-        try:
-            envoy = await envoys.astart(
-                envoy_as_hbone_server(issue_workload_certificate(ca, ENVOY_SERVER_ID), ca.root_pem)
-            )
-            conn, _ = await dial_hbone(
-                envoy.port(HBONE_SERVER_LISTENER),
-                issue_workload_certificate(ca, CLIENT_ID),
-                ca.root_pem,
-                ENVOY_SERVER_ID,
-            )
-            try:
-                await conn.ready()
-                stream = await conn.open_tunnel(f"127.0.0.1:{echo_port}", {})
-                expected, received, count = await bulk(await through_relay(stream), BULK, FAREWELL)
-                assert count == BULK + len(FAREWELL)
-                assert received == expected
+        async with our_client_to_envoy_server(ca, envoys, echo) as (_, conn, _, echo_port):
+            await conn.ready()
+            stream = await conn.open_tunnel(f"127.0.0.1:{echo_port}", {})
+            expected, received, count = await bulk(await through_relay(stream), BULK, FAREWELL)
+            assert count == BULK + len(FAREWELL)
+            assert received == expected
 
-                stream = await conn.open_tunnel(f"127.0.0.1:{echo_port}", {})
-                assert await exchange(await through_relay(stream), b"half") == b"half" + FAREWELL
-                assert echo.eofs == 2
-            finally:
-                conn.close()
-        finally:
-            await echo.close()
+            stream = await conn.open_tunnel(f"127.0.0.1:{echo_port}", {})
+            assert await exchange(await through_relay(stream), b"half") == b"half" + FAREWELL
+            assert echo.eofs == 2
 
     envoys.run(main)
 
@@ -651,17 +639,12 @@ def test_our_client_refuses_envoy_with_an_unexpected_identity(
 ) -> None:
     async def main() -> None:
         echo = EchoServer()
-        await echo.start()
-        try:
-            envoy = await envoys.astart(
-                envoy_as_hbone_server(issue_workload_certificate(ca, ENVOY_SERVER_ID), ca.root_pem)
-            )
-            conn, refusals = await dial_hbone(
-                envoy.port(HBONE_SERVER_LISTENER),
-                issue_workload_certificate(ca, CLIENT_ID),
-                ca.root_pem,
-                SOMEONE_ELSE,
-            )
+        async with our_client_to_envoy_server(ca, envoys, echo, SOMEONE_ELSE) as (
+            envoy,
+            conn,
+            refusals,
+            _,
+        ):
             # ready() raises the refusal itself, naming who Envoy really is.
             with pytest.raises(tls.PeerIdentityError, match=ENVOY_SERVER_ID.uri):
                 await asyncio.wait_for(conn.ready(), IO_TIMEOUT)
@@ -672,8 +655,6 @@ def test_our_client_refuses_envoy_with_an_unexpected_identity(
             assert echo.connections == 0
             stats = await asyncio.to_thread(envoy.stats, f"http.{HBONE_SERVER_LISTENER}.")
             assert stats.get(f"http.{HBONE_SERVER_LISTENER}.downstream_rq_total", 0) == 0, stats
-        finally:
-            await echo.close()
 
     envoys.run(main)
 
