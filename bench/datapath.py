@@ -309,9 +309,8 @@ def _measure_run(
             file=log,
         )
         before = _cpu_reading(pids, mode)
-        count, seconds, durations = _in_pod(
-            client, lambda stop: _conn_client(host, port, settings, stop)
-        )
+        seconds, durations = _in_pod(client, lambda stop: _conn_client(host, port, settings, stop))
+        count = len(durations)
         time.sleep(SETTLE_SECONDS)
         used = _cpu_reading(pids, mode).since(before)
         result.connections, result.connection_seconds = count, seconds
@@ -691,28 +690,28 @@ def _rr_client(host: str, port: int, settings: Settings, stop: threading.Event) 
 
 def _conn_client(
     host: str, port: int, settings: Settings, stop: threading.Event
-) -> tuple[int, float, list[int]]:
+) -> tuple[float, list[int]]:
     """Sequential connect + one small exchange + close until the time or count limit; the
-    count, the seconds it took and each connection's nanoseconds from connect to reply."""
+    seconds it took and each connection's nanoseconds from connect to reply."""
     payload = b"c" * CONN_SIZE
-    count = 0
     durations: list[int] = []
     start = time.monotonic()
     end = start + settings.conn_seconds
     try:
-        while count < settings.conn_max and time.monotonic() < end and not stop.is_set():
+        while len(durations) < settings.conn_max and time.monotonic() < end and not stop.is_set():
             began = time.perf_counter_ns()
             with _connect(host, port) as sock:
                 sock.sendall(payload)
                 _recv_exactly(sock, CONN_SIZE)
                 durations.append(time.perf_counter_ns() - began)
-            count += 1
     except OSError as exc:
-        raise BenchError(f"connection {count + 1} to {host}:{port} failed: {exc}") from None
+        raise BenchError(
+            f"connection {len(durations) + 1} to {host}:{port} failed: {exc}"
+        ) from None
     elapsed = time.monotonic() - start
-    if count == 0:
+    if not durations:
         raise BenchError(f"no connection to {host}:{port} completed")
-    return count, elapsed, durations
+    return elapsed, durations
 
 
 def percentile(samples: list[int], pct: float) -> float:

@@ -14,9 +14,6 @@ destination report under the cookie of the socket to the app, whose bytes are th
 
 from __future__ import annotations
 
-import asyncio
-import errno
-import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +23,7 @@ from agent.identity.spiffe import SpiffeId
 from agent.inpod import sockets
 from agent.policy.engine import PolicyEngine
 from agent.proxy import report
-from agent.proxy.pod import CONNECT_TIMEOUT, Pod
+from agent.proxy.pod import Pod, connect_socket
 from agent.proxy.waypoint_bypass import WaypointBypasses
 from agent.state.store import MeshState
 from agent.telemetry.connections import (
@@ -73,51 +70,6 @@ def _never() -> bool:
     return False
 
 
-async def _connect(sock: socket.socket, dst: tuple[str, int]) -> None:
-    """Connect the non-blocking `sock` to the app at `dst`, raising as socket.connect()
-    does (the kernel's denial in agent_connect4 is PermissionError), or TimeoutError after
-    CONNECT_TIMEOUT. The app is in the socket's own netns: the handshake (or the refusal)
-    runs over loopback inside connect() itself, so it is usually over when connect() says
-    EINPROGRESS, and waiting for the socket to be writable would cost two turns of the event
-    loop for nothing."""
-    try:
-        sock.connect(dst)
-        return
-    except BlockingIOError:
-        pass
-    if _connect_over(sock):
-        return
-    loop = asyncio.get_running_loop()
-    writable: asyncio.Future[None] = loop.create_future()
-    fd = sock.fileno()
-    loop.add_writer(fd, _settle, writable)
-    try:
-        async with asyncio.timeout(CONNECT_TIMEOUT):  # no task per connect, as wait_for
-            await writable
-    finally:
-        loop.remove_writer(fd)
-    if not _connect_over(sock):
-        raise OSError(errno.ENOTCONN, "writable but not connected")
-
-
-def _settle(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
-def _connect_over(sock: socket.socket) -> bool:
-    """True once the connect succeeded; its error if it failed; False while in progress."""
-    if err := sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
-        raise OSError(err, os.strerror(err))
-    try:
-        sock.getpeername()
-    except OSError as exc:
-        if exc.errno == errno.ENOTCONN:
-            return False
-        raise
-    return True
-
-
 class AppConnector:
     def __init__(
         self,
@@ -157,7 +109,7 @@ class AppConnector:
                 # The kernel decides this connect (agent_connect4) with the caller's identity;
                 # userspace holds no copy of the policy logic.
                 self._authorizer.tag_upstream(up, caller.identity, caller.ip)
-            await _connect(up, dst)
+            await connect_socket(up, dst)
         except PermissionError:
             verdict = self._verdict(up, allowed=False)
             up.close()

@@ -1,4 +1,4 @@
-"""The connect to a pod's app: over at once when loopback finished it inside connect(),
+"""An agent socket's connect: over at once when loopback finished it inside connect(),
 else a wait for the socket to be writable, with errors as socket.connect() raises them."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from agent.proxy import app_connection
+from agent.proxy import pod
 
 
 def _nonblocking() -> socket.socket:
@@ -23,7 +23,7 @@ def test_a_loopback_connect_is_over_inside_connect() -> None:
         with socket.create_server(("127.0.0.1", 0)) as server, _nonblocking() as sock:
             loop = asyncio.get_running_loop()
             writers_before = len(loop._selector.get_map())  # type: ignore[attr-defined]
-            waiting = asyncio.ensure_future(app_connection._connect(sock, server.getsockname()))
+            waiting = asyncio.ensure_future(pod.connect_socket(sock, server.getsockname()))
             await asyncio.sleep(0)  # one turn: the task ran up to its end or its first wait
             assert waiting.done(), "a loopback connect waited for the event loop"
             await waiting
@@ -39,7 +39,7 @@ def test_a_closed_port_is_refused_as_connect_raises_it() -> None:
             probe.bind(("127.0.0.1", 0))
             closed = probe.getsockname()  # bound, not listening: a SYN there gets a RST
             with _nonblocking() as sock, pytest.raises(ConnectionRefusedError):
-                await app_connection._connect(sock, closed)
+                await pod.connect_socket(sock, closed)
 
     asyncio.run(main())
 
@@ -56,7 +56,7 @@ def test_a_connect_not_over_at_once_waits_until_it_is() -> None:
                     accepted: list[socket.socket] = []
                     loop.call_later(0.3, lambda: accepted.append(server.accept()[0]))
                     started = time.monotonic()
-                    await app_connection._connect(sock, server.getsockname())
+                    await pod.connect_socket(sock, server.getsockname())
                     waited = time.monotonic() - started
                     assert sock.getpeername() == server.getsockname()
                     assert waited >= 0.3, f"connected after {waited:.2f}s, with the queue full"
